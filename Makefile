@@ -1,0 +1,57 @@
+# zmachine-operator: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := .cache
+STAMP := $(VENV)/.installed
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@bash hack/install-system-deps.sh
+	@test -x $(BIN)/python || { echo "[venv] creating $(VENV)"; $(PY) -m venv $(VENV); }
+	@echo "[venv] installing Python packages (pinned by constraints.txt)"
+	@$(BIN)/pip install --progress-bar on -q --upgrade pip
+	@$(BIN)/pip install --progress-bar on -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv with the pinned dependencies
+
+lock: ## re-resolve Python dependencies into constraints.txt
+	@rm -rf $(CACHE)/lockvenv && $(PY) -m venv $(CACHE)/lockvenv
+	@$(CACHE)/lockvenv/bin/pip install -q '.[dev]'
+	@$(CACHE)/lockvenv/bin/pip freeze --exclude zmachine-operator | sort > constraints.txt
+	@echo "[lock] wrote constraints.txt"
+
+kube-assets: ## build kube-apiserver, etcd and kubectl (cached)
+	@bash hack/build-kube-assets.sh >/dev/null
+
+generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
+	@$(BIN)/python -m controller.api.crdgen --out crds
+	@bash hack/gen-proto.sh
+
+lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
+	$(BIN)/ruff check controller tests
+	$(BIN)/ruff format --check controller tests
+	$(BIN)/mypy
+	$(BIN)/python -m controller.api.crdgen --out crds --check
+
+test: $(STAMP) kube-assets lint ## the whole test suite (what CI runs)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
+	$(BIN)/python -m tests.bench
+
+run: $(STAMP) kube-assets ## local control plane, CRDs, agent, controller, examples/
+	@$(BIN)/python -m hack.devenv up
+
+down: ## stop everything `make run` started
+	@test -x $(BIN)/python && $(BIN)/python -m hack.devenv down || true
+
+clean: down ## remove the venv and local caches (not the Go-built binaries)
+	rm -rf $(VENV) $(CACHE)
+
+.PHONY: help venv lock kube-assets generate lint test bench run down clean

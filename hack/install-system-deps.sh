@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs (idempotent: only missing
+# packages are fetched). Run as root; CI and `make run`/`make test` call it.
+set -euo pipefail
+packages=(
+  pkg-config libfuse3-dev fuse3          # pyfuse3 build and the FUSE mounts
+  qemu-system-x86 qemu-utils             # guests under TCG, virtiofsd (qemu-system-common)
+  busybox-static linux-image-amd64       # container-mode initramfs and kernel
+  dosfstools mtools                      # the cidata seed disk (vfat)
+  iproute2 bridge-utils                  # bridges, taps and test namespaces
+  chromium chromium-driver               # web console browser tests
+  cpio zstd xz-utils kmod                # initramfs packing and kernel modules
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} == 0)); then
+  echo "[system-deps] all ${#packages[@]} Debian packages present" >&2
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "[system-deps] missing packages: ${missing[*]}; rerun as root" >&2
+  exit 1
+fi
+echo "[system-deps] installing: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >&2
+apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
