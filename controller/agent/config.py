@@ -1,0 +1,139 @@
+"""Agent configuration from CLI flags, each with a ZMACHINE_AGENT_* environment fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from controller.agent.errors import InvalidSpec
+from controller.agent.tls import ServerTLS
+
+HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
+AccelChoice = Literal["auto", "kvm", "tcg"]
+ENV_PREFIX = "ZMACHINE_AGENT_"
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """Restart rules: exponential backoff, and a crash loop ends in FAILED."""
+
+    interval: float = 2.0  # seconds between liveness checks of every VMM
+    backoff_base: float = 2.0  # first restart delay; doubles per consecutive crash
+    backoff_max: float = 60.0
+    crash_loop_limit: int = 5  # consecutive quick exits before giving up
+    healthy_after: float = 60.0  # a VMM up this long resets the crash counter
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: str
+    state_dir: Path
+    node_name: str
+    bridge: str
+    netns: str | None
+    cidr: str
+    metrics_port: int
+    tls: ServerTLS | None  # None only with --insecure-dev
+    hypervisor: HypervisorChoice
+    accel: AccelChoice
+    guest_kernel_dir: Path | None
+    supervision: Supervision
+    log_rotate_bytes: int = 8 << 20
+
+    @property
+    def flist_cache(self) -> Path:
+        return self.state_dir / "cache"
+
+    @property
+    def machines_dir(self) -> Path:
+        return self.state_dir / "machines"
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_")) or None
+
+
+def _env_str(flag: str, default: str) -> str:
+    return _env(flag) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zmachine-agent serve",
+        description="Run the Zmachine node agent (gRPC API + Prometheus metrics).",
+    )
+    p.add_argument("--listen", default=_env_str("listen", "0.0.0.0:7443"), help="gRPC host:port")
+    p.add_argument("--state-dir", default=_env_str("state-dir", "/var/lib/zmachine-agent"))
+    p.add_argument("--node-name", default=_env_str("node-name", socket.gethostname()))
+    p.add_argument("--bridge", default=_env_str("bridge", "zmbr0"), help="bridge the taps join")
+    p.add_argument("--netns", default=_env("netns"), help="network namespace of bridge and taps")
+    p.add_argument("--cidr", default=_env_str("cidr", "10.200.0.0/24"), help="node-local guest IPs")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env_str("metrics-port", "9464")),
+        help="Prometheus port on the listen host; 0 disables",
+    )
+    p.add_argument("--tls-ca", default=_env("tls-ca"), help="CA that signs client certs")
+    p.add_argument("--tls-cert", default=_env("tls-cert"), help="server certificate")
+    p.add_argument("--tls-key", default=_env("tls-key"), help="server key")
+    p.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        default=_env_str("insecure-dev", "") in ("1", "true", "yes"),
+        help="serve plaintext gRPC (loopback development only)",
+    )
+    p.add_argument(
+        "--hypervisor",
+        choices=["auto", "cloud-hypervisor", "qemu"],
+        default=_env_str("hypervisor", "auto"),
+    )
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default=_env_str("accel", "auto"))
+    p.add_argument(
+        "--guest-kernel-dir",
+        default=_env("guest-kernel-dir"),
+        help="dir with vmlinuz + initramfs.img for container mode (hack/build-guest-kernel.sh)",
+    )
+    p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
+    p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
+    p.add_argument(
+        "--monitor-interval", type=float, default=float(_env_str("monitor-interval", "2"))
+    )
+    return p
+
+
+def parse_config(argv: Sequence[str]) -> AgentConfig:
+    a = build_parser().parse_args(argv)
+    tls: ServerTLS | None = None
+    if not a.insecure_dev:
+        missing = [f for f in ("tls_ca", "tls_cert", "tls_key") if not getattr(a, f)]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise InvalidSpec(
+                f"mutual TLS needs {flags} (write a dev set with `zmachine-agent certs DIR`), "
+                "or pass --insecure-dev for plaintext on loopback"
+            )
+        tls = ServerTLS(Path(a.tls_ca), Path(a.tls_cert), Path(a.tls_key))
+    return AgentConfig(
+        listen=a.listen,
+        state_dir=Path(a.state_dir).resolve(),
+        node_name=a.node_name,
+        bridge=a.bridge,
+        netns=a.netns or None,
+        cidr=a.cidr,
+        metrics_port=a.metrics_port,
+        tls=tls,
+        hypervisor=a.hypervisor,
+        accel=a.accel,
+        guest_kernel_dir=Path(a.guest_kernel_dir) if a.guest_kernel_dir else None,
+        supervision=Supervision(
+            interval=a.monitor_interval,
+            backoff_base=a.restart_backoff,
+            crash_loop_limit=a.crash_loop_limit,
+        ),
+    )

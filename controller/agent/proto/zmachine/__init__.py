@@ -1,0 +1,1 @@
+"""Generated gRPC code of the agent API; regenerate with hack/gen-proto.sh."""
