@@ -197,7 +197,7 @@ class Volume(_message.Message):
     """[a-z0-9_-]{1,36}; also the virtio-fs tag of shares"""
     kind: Global___VolumeKind.ValueType
     size_bytes: _builtins.int
-    """disks only"""
+    """disk file size; for shares a quota hint (not enforced)"""
     def __init__(
         self,
         *,

@@ -1,0 +1,84 @@
+"""Typed async client of the node agent (what the controller uses).
+
+gRPC errors surface as ``grpc.aio.AioRpcError`` with the agent's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import grpc
+
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
+from controller.agent.tls import ClientTLS, channel_credentials
+
+
+class AgentClient:
+    """``AgentClient("host:port", ClientTLS(...))``; ``tls=None`` means plaintext
+    (only accepted by an agent started with ``--insecure-dev``)."""
+
+    def __init__(self, address: str, tls: ClientTLS | None, timeout: float = 120.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(address)
+        else:
+            options = []
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.aio.secure_channel(address, channel_credentials(tls), options)
+        self._stub = pb_grpc.AgentServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def deploy(
+        self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec
+    ) -> pb.DeployResponse:
+        request = pb.DeployRequest(ref=ref, generation=generation, spec=spec)
+        return await self._stub.Deploy(request, timeout=self.timeout)
+
+    async def get(self, uid: str) -> pb.Machine:
+        return await self._stub.Get(pb.GetRequest(uid=uid), timeout=self.timeout)
+
+    async def list(self) -> list[pb.Machine]:
+        response = await self._stub.List(pb.ListRequest(), timeout=self.timeout)
+        return list(response.machines)
+
+    async def delete(self, uid: str) -> bool:
+        response = await self._stub.Delete(pb.DeleteRequest(uid=uid), timeout=self.timeout)
+        return response.existed
+
+    async def pause(self, uid: str) -> pb.Machine:
+        return await self._stub.Pause(pb.MachineRequest(uid=uid), timeout=self.timeout)
+
+    async def resume(self, uid: str) -> pb.Machine:
+        return await self._stub.Resume(pb.MachineRequest(uid=uid), timeout=self.timeout)
+
+    async def restart(self, uid: str) -> pb.Machine:
+        return await self._stub.Restart(pb.MachineRequest(uid=uid), timeout=self.timeout)
+
+    async def node_info(self) -> pb.NodeInfoResponse:
+        return await self._stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout)
+
+    async def stats(self, uid: str) -> pb.MachineStats:
+        return await self._stub.Stats(pb.MachineRequest(uid=uid), timeout=self.timeout)
+
+    async def watch_events(self, uid: str = "") -> AsyncIterator[pb.Event]:
+        """Events from now on, for one machine or (uid "") all; runs until cancelled."""
+        call = self._stub.WatchEvents(pb.WatchEventsRequest(uid=uid))
+        async for event in call:
+            yield event

@@ -1,0 +1,111 @@
+"""Conversion between the wire messages (zmachine.agent.v1) and the agent's own model."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controller.agent.events import Event, EventType
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.spec import (
+    Interface,
+    MachineSpec,
+    Mount,
+    Ref,
+    RestartPolicy,
+    Volume,
+    VolumeKind,
+)
+from controller.agent.state import MachineRecord, State
+
+_POLICY = {
+    pb.RESTART_POLICY_UNSPECIFIED: RestartPolicy.ALWAYS,
+    pb.RESTART_POLICY_ALWAYS: RestartPolicy.ALWAYS,
+    pb.RESTART_POLICY_ON_FAILURE: RestartPolicy.ON_FAILURE,
+    pb.RESTART_POLICY_NEVER: RestartPolicy.NEVER,
+}
+_KIND = {pb.VOLUME_KIND_DISK: VolumeKind.DISK, pb.VOLUME_KIND_SHARE: VolumeKind.SHARE}
+_STATE = {
+    State.PROVISIONING: pb.MACHINE_STATE_PROVISIONING,
+    State.RUNNING: pb.MACHINE_STATE_RUNNING,
+    State.PAUSED: pb.MACHINE_STATE_PAUSED,
+    State.RESTARTING: pb.MACHINE_STATE_RESTARTING,
+    State.SUCCEEDED: pb.MACHINE_STATE_SUCCEEDED,
+    State.FAILED: pb.MACHINE_STATE_FAILED,
+}
+_BOOT = {"container": pb.BOOT_MODE_CONTAINER, "vm": pb.BOOT_MODE_VM, "image": pb.BOOT_MODE_IMAGE}
+_EVENT = {t: getattr(pb, f"EVENT_TYPE_{t.name}") for t in EventType}
+
+
+class UnknownVolumeKind(ValueError):
+    pass
+
+
+def ref_from_pb(ref: pb.ZmachineRef) -> Ref:
+    return Ref(namespace=ref.namespace, name=ref.name, uid=ref.uid)
+
+
+def ref_to_pb(ref: Ref) -> pb.ZmachineRef:
+    return pb.ZmachineRef(namespace=ref.namespace, name=ref.name, uid=ref.uid)
+
+
+def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
+    """Raises UnknownVolumeKind for a volume without a kind (the caller names the field)."""
+    volumes = []
+    for i, v in enumerate(spec.volumes):
+        if v.kind not in _KIND:
+            raise UnknownVolumeKind(f"spec.volumes[{i}].kind must be DISK or SHARE")
+        volumes.append(Volume(v.name, _KIND[v.kind], v.size_bytes))
+    return MachineSpec(
+        flist=spec.flist,
+        cpu=spec.cpu,
+        memory_bytes=spec.memory_bytes,
+        size_bytes=spec.size_bytes,
+        entrypoint=spec.entrypoint,
+        env=dict(sorted(spec.env.items())),
+        volumes=tuple(volumes),
+        mounts=tuple(Mount(m.name, m.mountpoint) for m in spec.mounts),
+        interfaces=tuple(Interface(n.network, n.ip) for n in spec.interfaces),
+        restart_policy=_POLICY.get(spec.restart_policy, RestartPolicy.ALWAYS),
+        paused=spec.paused,
+        hostname=spec.hostname,
+        ssh_keys=tuple(spec.ssh_keys),
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def machine_to_pb(rec: MachineRecord) -> pb.Machine:
+    alive = rec.vmm is not None and rec.vmm.alive()
+    return pb.Machine(
+        ref=ref_to_pb(rec.ref),
+        generation=rec.generation,
+        state=_STATE[rec.state],
+        reason=rec.reason,
+        message=rec.message,
+        boot_mode=_BOOT.get(rec.boot_mode, pb.BOOT_MODE_UNSPECIFIED),
+        interfaces=[
+            pb.InterfaceStatus(network=n.network, ip=n.ip, mac=n.mac, tap=n.tap) for n in rec.nics
+        ],
+        restarts=rec.restarts,
+        pid=rec.vmm.pid if alive and rec.vmm else 0,
+        hypervisor=rec.hypervisor,
+        started_at=_timestamp(rec.started_at) if rec.started_at else None,
+        boot_duration_seconds=rec.boot_duration,
+        log_tail=rec.log_tail,
+    )
+
+
+def event_to_pb(event: Event) -> pb.Event:
+    return pb.Event(
+        type=_EVENT[event.type],
+        ref=ref_to_pb(event.ref),
+        generation=event.generation,
+        state=_STATE[event.state],
+        reason=event.reason,
+        message=event.message,
+        time=_timestamp(event.time),
+    )

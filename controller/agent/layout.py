@@ -1,0 +1,69 @@
+"""Where a Zmachine's files live under the agent's state dir.
+
+Every host path the agent creates for a VM is derived here from the (validated) uid and
+volume names, and checked to stay inside the state dir, so no spec can make the agent
+write elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.agent.errors import InvalidSpec
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    root: Path  # <state>/vms/<uid>
+
+    @classmethod
+    def for_uid(cls, state_dir: Path, uid: str) -> VMPaths:
+        vms = (state_dir / "vms").resolve()
+        root = (vms / uid).resolve()
+        if root.parent != vms:
+            raise InvalidSpec(f"uid {uid!r} would place files outside {vms}")
+        return cls(root)
+
+    @property
+    def lower(self) -> Path:  # the flist, read-only FUSE mount
+        return self.root / "lower"
+
+    @property
+    def upper(self) -> Path:  # persistent writable layer
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def rootfs(self) -> Path:  # overlay: the guest's /
+        return self.root / "rootfs"
+
+    @property
+    def run(self) -> Path:  # sockets
+        return self.root / "run"
+
+    @property
+    def seed(self) -> Path:
+        return self.root / "seed.img"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.root / "vmm.log"
+
+    @property
+    def mount_log(self) -> Path:
+        return self.root / "mount.log"
+
+    def volume(self, name: str, disk: bool) -> Path:
+        base = self.root / ("disks" if disk else "shares")
+        path = (base / (f"{name}.img" if disk else name)).resolve()
+        if path.parent != base.resolve():
+            raise InvalidSpec(f"volume name {name!r} would place files outside {base}")
+        return path

@@ -1,0 +1,154 @@
+"""The gRPC servicer: decodes requests, calls Machines, maps typed errors to status codes.
+
+This is the only place where AgentError becomes a gRPC status; everything below raises
+typed exceptions, and anything untyped is reported as INTERNAL with its message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from controller.agent import __version__
+from controller.agent.convert import (
+    UnknownVolumeKind,
+    event_to_pb,
+    machine_to_pb,
+    ref_from_pb,
+    spec_from_pb,
+)
+from controller.agent.errors import AgentError, InvalidSpec
+from controller.agent.events import EventBus
+from controller.agent.machines import Machines, host_memory
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
+from controller.agent.provision import Provisioner
+
+log = structlog.get_logger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def mapped(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn AgentError into its gRPC status code, with the error's message as details."""
+
+    @functools.wraps(fn)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except AgentError as exc:
+            log.info("request refused", method=fn.__name__, code=exc.code.name, error=str(exc))
+            await context.abort(exc.code, str(exc))
+        except Exception as exc:
+            log.exception("request failed", method=fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("context.abort returned")  # abort always raises
+
+    return wrapper
+
+
+class AgentService(pb_grpc.AgentServiceServicer):
+    def __init__(self, machines: Machines, bus: EventBus, node_name: str) -> None:
+        self.machines = machines
+        self.bus = bus
+        self.node_name = node_name
+
+    @property
+    def prov(self) -> Provisioner:
+        return self.machines.prov
+
+    @mapped
+    async def Deploy(self, request: pb.DeployRequest, context: Any) -> pb.DeployResponse:
+        try:
+            spec = spec_from_pb(request.spec)
+        except UnknownVolumeKind as exc:
+            raise InvalidSpec(
+                f"zmachine {request.ref.namespace}/{request.ref.name}: {exc}"
+            ) from exc
+        rec, changed = await self.machines.deploy(
+            ref_from_pb(request.ref), request.generation, spec
+        )
+        return pb.DeployResponse(machine=self._machine(rec.ref.uid), changed=changed)
+
+    def _machine(self, uid: str) -> pb.Machine:
+        rec = self.machines.get(uid)
+        msg = machine_to_pb(rec)
+        msg.console_log = str(self.prov.paths(rec).console_log)
+        return msg
+
+    @mapped
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.Machine:
+        return self._machine(request.uid)
+
+    @mapped
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        return pb.ListResponse(machines=[self._machine(uid) for uid in list(self.machines.records)])
+
+    @mapped
+    async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        return pb.DeleteResponse(existed=await self.machines.delete(request.uid))
+
+    @mapped
+    async def Pause(self, request: pb.MachineRequest, context: Any) -> pb.Machine:
+        await self.machines.pause(request.uid)
+        return self._machine(request.uid)
+
+    @mapped
+    async def Resume(self, request: pb.MachineRequest, context: Any) -> pb.Machine:
+        await self.machines.resume(request.uid)
+        return self._machine(request.uid)
+
+    @mapped
+    async def Restart(self, request: pb.MachineRequest, context: Any) -> pb.Machine:
+        await self.machines.restart(request.uid)
+        return self._machine(request.uid)
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: Any
+    ) -> AsyncIterator[pb.Event]:
+        async for event in self.bus.subscribe(request.uid):
+            yield event_to_pb(event)
+
+    @mapped
+    async def NodeInfo(self, request: pb.NodeInfoRequest, context: Any) -> pb.NodeInfoResponse:
+        cpus = os.cpu_count() or 1
+        memory = host_memory()
+        used_cpu = sum(r.spec.cpu for r in self.machines.records.values())
+        hv = self.prov.hypervisor_info()
+        return pb.NodeInfoResponse(
+            node_name=self.node_name,
+            capacity=pb.Resources(cpu=cpus, memory_bytes=memory),
+            allocatable=pb.Resources(
+                cpu=max(cpus - used_cpu, 0),
+                memory_bytes=max(memory - self.machines.reserved_memory(), 0),
+            ),
+            hypervisor=hv.name,
+            hypervisor_version=hv.version,
+            hardware_acceleration=hv.accelerated,
+            agent_version=__version__,
+            machines=len(self.machines.records),
+        )
+
+    @mapped
+    async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:
+        rec = self.machines.get(request.uid)
+        s = await self.prov.stats(rec)
+        return pb.MachineStats(
+            uid=rec.ref.uid,
+            vcpu_seconds=s.vcpu_seconds,
+            vmm_rss_bytes=s.vmm_rss_bytes,
+            net_rx_bytes=s.net_rx_bytes,
+            net_tx_bytes=s.net_tx_bytes,
+            block_read_bytes=s.block_read_bytes,
+            block_write_bytes=s.block_write_bytes,
+            restarts=rec.restarts,
+            boot_duration_seconds=rec.boot_duration,
+        )

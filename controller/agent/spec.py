@@ -1,0 +1,190 @@
+"""The agent's own model of a Zmachine spec: validated once, then plain dataclasses.
+
+Validation here is about what the *node* must refuse: names that become host paths,
+values no VMM can run. Everything the agent later writes lives under its state dir, so
+every name that turns into a path component is checked against a strict pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlparse
+
+from controller.agent.errors import InvalidSpec
+
+MIN_MEMORY = 128 << 20
+_UID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
+_VOLUME = re.compile(r"^[a-z0-9_-]{1,36}$")
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_NETWORK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FLIST_SCHEMES = ("http", "https", "file")
+
+
+class RestartPolicy(StrEnum):
+    ALWAYS = "Always"
+    ON_FAILURE = "OnFailure"
+    NEVER = "Never"
+
+
+class VolumeKind(StrEnum):
+    DISK = "disk"
+    SHARE = "share"
+
+
+@dataclass(frozen=True)
+class Ref:
+    namespace: str
+    name: str
+    uid: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name} (uid {self.uid})"
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    kind: VolumeKind
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Mount:
+    name: str
+    mountpoint: str
+
+
+@dataclass(frozen=True)
+class Interface:
+    network: str
+    ip: str = ""
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    flist: str
+    cpu: int
+    memory_bytes: int
+    size_bytes: int = 0
+    entrypoint: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[Volume, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    interfaces: tuple[Interface, ...] = ()
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    paused: bool = False
+    hostname: str = ""
+    ssh_keys: tuple[str, ...] = ()
+
+    def boot_hash(self) -> str:
+        """Digest of everything that needs a new VM to change (all but ``paused``)."""
+        data = dataclasses.asdict(dataclasses.replace(self, paused=False))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MachineSpec:
+        return cls(
+            **{
+                **data,
+                "volumes": tuple(
+                    Volume(v["name"], VolumeKind(v["kind"]), v["size_bytes"])
+                    for v in data["volumes"]
+                ),
+                "mounts": tuple(Mount(**m) for m in data["mounts"]),
+                "interfaces": tuple(Interface(**i) for i in data["interfaces"]),
+                "restart_policy": RestartPolicy(data["restart_policy"]),
+                "ssh_keys": tuple(data["ssh_keys"]),
+            }
+        )
+
+
+def validate_ref(ref: Ref) -> None:
+    if not _UID.match(ref.uid):
+        raise InvalidSpec(f"ref.uid {ref.uid!r}: must be a Kubernetes UID ([a-z0-9-], ≤64 chars)")
+    if not ref.name or not ref.namespace:
+        raise InvalidSpec(f"zmachine {ref}: ref.namespace and ref.name are required")
+
+
+def validate_spec(ref: Ref, spec: MachineSpec) -> None:
+    """Raise InvalidSpec naming the first offending field."""
+    where = f"zmachine {ref.namespace}/{ref.name}"
+    url = urlparse(spec.flist)
+    if url.scheme not in FLIST_SCHEMES or not (url.netloc or url.path):
+        raise InvalidSpec(
+            f"{where}: spec.flist {spec.flist!r} must be an {'/'.join(FLIST_SCHEMES)} URL"
+        )
+    if url.scheme == "file" and ".." in url.path.split("/"):
+        raise InvalidSpec(f"{where}: spec.flist {spec.flist!r} must not contain '..'")
+    host_cpus = os.cpu_count() or 1
+    if not 1 <= spec.cpu <= host_cpus:
+        raise InvalidSpec(f"{where}: spec.cpu {spec.cpu} must be between 1 and {host_cpus}")
+    if spec.memory_bytes < MIN_MEMORY:
+        raise InvalidSpec(
+            f"{where}: spec.memory {spec.memory_bytes} bytes is below {MIN_MEMORY >> 20} MiB"
+        )
+    if spec.hostname and not _HOSTNAME.match(spec.hostname):
+        raise InvalidSpec(f"{where}: spec.hostname {spec.hostname!r} is not a DNS label")
+    for key in spec.env:
+        if not _ENV_KEY.match(key):
+            raise InvalidSpec(f"{where}: spec.env key {key!r} is not a valid variable name")
+    for i, k in enumerate(spec.ssh_keys):
+        if "\n" in k or not k.strip():
+            raise InvalidSpec(f"{where}: spec.sshKeys[{i}] must be one non-empty line")
+    _validate_storage(where, spec)
+    _validate_network(where, spec)
+
+
+def _validate_storage(where: str, spec: MachineSpec) -> None:
+    names: set[str] = set()
+    for i, v in enumerate(spec.volumes):
+        # Volume names become file names under the state dir and virtio-fs tags (≤36).
+        if not _VOLUME.match(v.name):
+            raise InvalidSpec(
+                f"{where}: spec.volumes[{i}].name {v.name!r} must match [a-z0-9_-]{{1,36}} "
+                "(it names a file under the agent's state dir)"
+            )
+        if v.name in names or v.name == "vroot":
+            raise InvalidSpec(f"{where}: spec.volumes[{i}].name {v.name!r} is duplicate/reserved")
+        if v.kind is VolumeKind.DISK and v.size_bytes <= 0:
+            raise InvalidSpec(f"{where}: spec.volumes[{i}] is a disk and needs sizeBytes > 0")
+        names.add(v.name)
+    targets: set[str] = set()
+    for i, m in enumerate(spec.mounts):
+        if m.name not in names:
+            raise InvalidSpec(f"{where}: spec.mounts[{i}].name {m.name!r} is not a volume")
+        path = os.path.normpath(m.mountpoint)
+        if not m.mountpoint.startswith("/") or path == "/" or path in targets:
+            raise InvalidSpec(
+                f"{where}: spec.mounts[{i}].mountpoint {m.mountpoint!r} must be an absolute "
+                "guest path other than '/', used once"
+            )
+        targets.add(path)
+
+
+def _validate_network(where: str, spec: MachineSpec) -> None:
+    if len(spec.interfaces) > 1:
+        raise InvalidSpec(f"{where}: spec.network.interfaces: at most one interface is supported")
+    for i, nic in enumerate(spec.interfaces):
+        if not _NETWORK.match(nic.network):
+            raise InvalidSpec(
+                f"{where}: spec.network.interfaces[{i}].network {nic.network!r} must be a DNS label"
+            )
+        if nic.ip:
+            try:
+                ipaddress.IPv4Address(nic.ip)
+            except ValueError as exc:
+                raise InvalidSpec(
+                    f"{where}: spec.network.interfaces[{i}].ip {nic.ip!r} is not IPv4"
+                ) from exc

@@ -1,0 +1,107 @@
+"""Keeps every VM in the state its restart policy asks for.
+
+Rules (docs/agent.md "Supervision"):
+* a VMM that exits is restarted per restartPolicy: Always restarts on any exit, OnFailure
+  only when the exit was not a clean guest power-off (exit status 0), Never never;
+* restarts wait an exponential backoff (base * 2^(streak-1), capped);
+* more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
+  and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
+* an exit whose status is unknown (the VMM was adopted from a previous agent, so it is
+  not our child) counts as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from controller.agent.config import Supervision
+from controller.agent.events import EventType
+from controller.agent.machines import Machines
+from controller.agent.procs import exit_code
+from controller.agent.spec import RestartPolicy
+from controller.agent.state import MachineRecord, State
+
+log = structlog.get_logger(__name__)
+
+
+class Supervisor:
+    def __init__(self, machines: Machines, rules: Supervision) -> None:
+        self.machines = machines
+        self.rules = rules
+        self._next_start: dict[str, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            for uid in list(self.machines.records):
+                try:
+                    await self.check(uid)
+                except Exception:
+                    log.exception("supervision step failed", uid=uid)
+            await asyncio.sleep(self.rules.interval)
+
+    async def check(self, uid: str) -> None:
+        async with self.machines.locked(uid):
+            rec = self.machines.records.get(uid)
+            if rec is None:
+                return
+            if rec.state in (State.RUNNING, State.PAUSED):
+                await self._watch(rec)
+            elif rec.state is State.RESTARTING and time.monotonic() >= self._next_start.get(uid, 0):
+                await self._relaunch(rec)
+
+    async def _watch(self, rec: MachineRecord) -> None:
+        prov = self.machines.prov
+        assert rec.vmm is not None
+        if rec.vmm.alive():
+            prov.observe(rec)
+            if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
+                rec.crash_streak = 0
+                self.machines.store.save(rec)
+            return
+        code = exit_code(rec.vmm)
+        bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
+        bind.info("vmm exited", exit_code=code, policy=rec.spec.restart_policy.value)
+        await prov.stop(rec)
+        clean = code == 0
+        policy = rec.spec.restart_policy
+        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
+            rec.state = State.SUCCEEDED if clean else State.FAILED
+            rec.reason = "PoweredOff" if clean else "VMMExited"
+            rec.message = f"the VMM exited with status {code}; restartPolicy is {policy.value}"
+            rec.log_tail = prov.log_tail(rec)
+            self.machines.emit(rec, EventType.EXITED)
+            return
+        rec.crash_streak += 1
+        if rec.crash_streak > self.rules.crash_loop_limit:
+            self._fail(
+                rec, f"the VMM exited {rec.crash_streak} times in a row (last status {code})"
+            )
+            return
+        delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
+        self._next_start[rec.ref.uid] = time.monotonic() + delay
+        rec.state, rec.reason = State.RESTARTING, "BackOff"
+        rec.message = f"the VMM exited with status {code}; restarting in {delay:.0f}s"
+        self.machines.emit(rec, EventType.EXITED)
+
+    async def _relaunch(self, rec: MachineRecord) -> None:
+        try:
+            await self.machines.prov.launch(rec)
+        except Exception as exc:
+            rec.crash_streak += 1
+            if rec.crash_streak > self.rules.crash_loop_limit:
+                self._fail(rec, f"restart failed: {exc}")
+            else:
+                self._next_start[rec.ref.uid] = time.monotonic() + self.rules.backoff_base
+                rec.message = f"restart failed, retrying: {exc}"
+                self.machines.store.save(rec)
+            return
+        rec.restarts += 1
+        self.machines.emit(rec, EventType.RESTARTED)
+
+    def _fail(self, rec: MachineRecord, why: str) -> None:
+        rec.state, rec.reason, rec.message = State.FAILED, "CrashLoop", why
+        rec.log_tail = self.machines.prov.log_tail(rec)
+        self.machines.emit(rec, EventType.FAILED)
