@@ -1,0 +1,279 @@
+"""A real local Kubernetes control plane (etcd + kube-apiserver) on loopback.
+
+Used by the test suite and by `make run`. Binaries come from KUBEBUILDER_ASSETS when set
+(as with controller-runtime's envtest), otherwise from hack/build-kube-assets.sh, which
+builds them once from their Go modules into a cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+HACK = Path(__file__).resolve().parent
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be built or started."""
+
+
+def kube_assets() -> Path:
+    env = os.environ.get("KUBEBUILDER_ASSETS")
+    if env:
+        path = Path(env)
+        for binary in ("kube-apiserver", "etcd", "kubectl"):
+            if not (path / binary).is_file():
+                raise ControlPlaneError(f"KUBEBUILDER_ASSETS={path} has no {binary}")
+        return path
+    result = subprocess.run(
+        ["bash", str(HACK / "build-kube-assets.sh")], stdout=subprocess.PIPE, text=True
+    )
+    if result.returncode != 0:
+        raise ControlPlaneError("hack/build-kube-assets.sh failed; see its output above")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@dataclass
+class ControlPlane:
+    """etcd and kube-apiserver under `workdir`; `kubeconfig` is the cluster-admin config."""
+
+    workdir: Path
+    assets: Path = field(default_factory=kube_assets)
+    port: int = field(default_factory=free_port)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._make_pki()
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self._spawn(
+            "etcd",
+            [
+                str(self.assets / "etcd"),
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+        pki = self.pki
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(self.assets / "kube-apiserver"),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                # Loopback cannot back the `kubernetes` Service endpoints; none are needed.
+                "--endpoint-reconciler-type=none",
+                f"--secure-port={self.port}",
+                f"--cert-dir={self.workdir / 'serving'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                # Addresses are bookkeeping only: nothing here routes to this range.
+                "--service-cluster-ip-range=10.96.0.0/24",
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--v=1",
+            ],
+        )
+        self._write_kubeconfig(self.kubeconfig, "admin", ["system:masters"])
+        self._wait_ready(timeout)
+        log.info("control plane ready", url=self.url, kubeconfig=str(self.kubeconfig))
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+    def user_kubeconfig(self, user: str, groups: list[str]) -> Path:
+        """A kubeconfig authenticating as `user` in `groups` via a client certificate."""
+        path = self.workdir / f"kubeconfig-{user}"
+        self._write_kubeconfig(path, user, groups)
+        return path
+
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        check: bool = True,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.assets / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+        )
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        logfile = (self.workdir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._procs.append(proc)
+
+    def _make_pki(self) -> None:
+        pki = self.pki
+        if (pki / "ca.crt").exists():
+            return
+        pki.mkdir(parents=True, exist_ok=True)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "365",
+            "-subj",
+            "/CN=zmachine-local-ca",
+            cwd=pki,
+        )
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+    def _client_cert(self, user: str, groups: list[str]) -> tuple[Path, Path]:
+        pki = self.pki
+        subject = "/" + "/".join([*(f"O={g}" for g in groups), f"CN={user}"])
+        key, csr, crt = f"{user}.key", f"{user}.csr", f"{user}.crt"
+        if not (pki / crt).exists():
+            _openssl(
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                csr,
+                "-subj",
+                subject,
+                cwd=pki,
+            )
+            _openssl(
+                "x509",
+                "-req",
+                "-in",
+                csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                crt,
+                "-days",
+                "365",
+                cwd=pki,
+            )
+        return pki / crt, pki / key
+
+    def _write_kubeconfig(self, path: Path, user: str, groups: list[str]) -> None:
+        crt, key = self._client_cert(user, groups)
+        # The serving certificate is self-signed by kube-apiserver at start-up; the
+        # cluster CA file is only known after that, so trust it by file once it exists.
+        path.write_text(
+            f"""apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: {self.url}
+    certificate-authority: {self.workdir / "serving" / "apiserver.crt"}
+users:
+- name: {user}
+  user:
+    client-certificate: {crt}
+    client-key: {key}
+contexts:
+- name: local
+  context: {{cluster: local, user: {user}, namespace: default}}
+current-context: local
+"""
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        crt, key = self._client_cert("admin", ["system:masters"])
+        last = "not started"
+        while time.monotonic() < deadline:
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise ControlPlaneError(
+                        f"{proc.args[0]} exited with {proc.returncode}; see {self.workdir}/*.log"
+                    )
+            serving = self.workdir / "serving" / "apiserver.crt"
+            if serving.exists():
+                ctx = ssl.create_default_context(cafile=str(serving))
+                ctx.load_cert_chain(str(crt), str(key))
+                try:
+                    with urllib.request.urlopen(f"{self.url}/readyz", context=ctx, timeout=5) as r:
+                        if r.status == 200:
+                            return
+                except OSError as exc:
+                    last = str(exc)
+            time.sleep(0.5)
+        self.stop()
+        raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+
+
+def clean(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
