@@ -1,0 +1,136 @@
+"""Block fetching with an rfs-layout plaintext cache: ``<cache>/<hex[0:2]>/<hex[2:4]>/<hex id>``.
+
+Every chunk is checked against its key whether it comes from a store or from the cache (a
+truncated or damaged cache file is dropped and fetched again). Concurrent readers of the same
+block share one download. A small in-memory LRU serves the repeated FUSE reads of one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from controller.flist import chunks
+from controller.flist.chunks import CHUNK_SIZE, BlockRef
+from controller.flist.errors import BlockError, StoreError
+from controller.flist.stores import Router, write_atomic
+
+log = structlog.get_logger(__name__)
+
+
+class BlockCache:
+    def __init__(
+        self, router: Router, cache_dir: Path | None, label: str, memory_chunks: int = 16
+    ) -> None:
+        self.router = router
+        self.cache_dir = cache_dir
+        self.label = label
+        self.memory_chunks = memory_chunks
+        self._memory: OrderedDict[bytes, bytes] = OrderedDict()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flist-prefetch")
+        self.fetched = 0  # blocks that came from a store (for tests and stats)
+
+    def path_for(self, ref: BlockRef) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        name = ref.id.hex()
+        return self.cache_dir / name[:2] / name[2:4] / name
+
+    def get(self, ref: BlockRef, path: str | None = None) -> bytes:
+        """Plaintext of one chunk; :class:`BlockError` if no store serves a valid copy."""
+        with self._lock:
+            data = self._memory.get(ref.id)
+            if data is not None:
+                self._memory.move_to_end(ref.id)
+                return data
+            future = self._inflight.get(ref.id)
+            owner = future is None
+            if future is None:
+                future = self._inflight[ref.id] = Future()
+        if not owner:
+            return future.result()
+        try:
+            data = self._load(ref, path)
+        except BaseException as exc:
+            future.set_exception(exc)
+            with self._lock:
+                del self._inflight[ref.id]
+            raise
+        future.set_result(data)
+        with self._lock:
+            del self._inflight[ref.id]
+            self._memory[ref.id] = data
+            while len(self._memory) > self.memory_chunks:
+                self._memory.popitem(last=False)
+        return data
+
+    def _load(self, ref: BlockRef, path: str | None) -> bytes:
+        cached = self.path_for(ref)
+        if cached is not None:
+            try:
+                data = cached.read_bytes()
+            except OSError:
+                data = None
+            if data is not None:
+                if chunks.key_matches(data, ref.key):
+                    return data
+                log.warning("dropping damaged cache file", block=ref.id.hex(), flist=self.label)
+                cached.unlink(missing_ok=True)
+        stored = self.router.get(ref.id, path)
+        try:
+            data = chunks.decode(stored, ref)
+        except BlockError as exc:
+            raise type(exc)(exc.reason, flist=self.label, path=path) from None
+        self.fetched += 1
+        if cached is not None:
+            try:
+                write_atomic(cached, data)
+            except StoreError as exc:  # a full or read-only cache must not fail the read
+                log.warning("cannot cache block", error=str(exc), flist=self.label)
+        return data
+
+    def prefetch(self, ref: BlockRef, path: str | None = None) -> None:
+        """Start fetching a block in the background (errors surface on the real read)."""
+        with self._lock:
+            if ref.id in self._memory or ref.id in self._inflight:
+                return
+        self._prefetcher.submit(self._quiet_get, ref, path)
+
+    def _quiet_get(self, ref: BlockRef, path: str | None) -> None:
+        with contextlib.suppress(BlockError):
+            self.get(ref, path)
+
+    def read(
+        self, refs: list[BlockRef], size: int, offset: int, length: int, path: str | None = None
+    ) -> bytes:
+        """Bytes [offset, offset+length) of a file made of ``refs`` with total ``size``."""
+        end = min(size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        parts = []
+        for index in range(first, last + 1):
+            data = self.get(refs[index], path)
+            expected = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+            if len(data) != expected:
+                raise BlockError(
+                    f"block {index} holds {len(data)} bytes, expected {expected}",
+                    flist=self.label,
+                    path=path,
+                )
+            base = index * CHUNK_SIZE
+            parts.append(data[max(offset - base, 0) : end - base])
+        if last + 1 < len(refs):
+            self.prefetch(refs[last + 1], path)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self.router.close()

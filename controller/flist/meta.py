@@ -1,0 +1,393 @@
+"""Reading flist metadata: one model (the rfs v2 tables) for ``.fl`` and converted v1 flists."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from controller.flist import pathres
+from controller.flist.chunks import CHUNK_SIZE, V1_HASH_SIZE, V2_HASH_SIZE, BlockRef
+from controller.flist.errors import (
+    FlistError,
+    FlistFormatError,
+    FlistLimitError,
+    FlistNameError,
+    FlistNotADirectoryError,
+    FlistNotFoundError,
+)
+from controller.flist.schema import HARDLINK_TABLE
+
+SQLITE_MAGIC = b"SQLite format 3\0"
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_FILE_SIZE = 1 << 40  # 1 TiB: beyond any root filesystem file we would serve
+MAX_LINK_TARGET = 4095
+MAX_DEPTH = 4096
+FILE_TYPES = frozenset(
+    {stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR, stat.S_IFIFO}
+    | {stat.S_IFSOCK}
+)
+
+_SELECT = (
+    "SELECT inode.ino, inode.parent, inode.name, inode.size, inode.uid, inode.gid, inode.mode,"
+    " inode.rdev, inode.ctime, inode.mtime, extra.data"
+    " FROM inode LEFT JOIN extra ON extra.ino = inode.ino"
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One filesystem entry as stored in the flist."""
+
+    ino: int
+    parent: int
+    name: str
+    size: int
+    uid: int
+    gid: int
+    mode: int
+    rdev: int
+    ctime: int
+    mtime: int
+    target: bytes | None  # symlink target, verbatim
+
+    @property
+    def kind(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == stat.S_IFREG
+
+    @property
+    def is_link(self) -> bool:
+        return self.kind == stat.S_IFLNK
+
+
+@dataclass(frozen=True)
+class Route:
+    start: int
+    end: int
+    url: str
+
+
+def _name(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"name of type {type(value).__name__}")
+
+
+class Flist:
+    """An open flist. Thread-safe: queries are serialised on one SQLite connection."""
+
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, version: int, backends: list[str]
+    ) -> None:
+        self.path = path
+        self.label = str(path)
+        self.version = version
+        self.backends = backends  # v1: stores named by the flist's own metadata
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.hash_size = V2_HASH_SIZE if version == 2 else V1_HASH_SIZE
+        self.root = self._find_root()
+        self.hardlinks: dict[int, int] = {}
+        self.link_counts: dict[int, int] = {}
+
+    # -- low level ----------------------------------------------------------------------------
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise FlistFormatError(f"database error: {exc}", flist=self.label) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Flist:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        ino, parent, name, size, uid, gid, mode, rdev, ctime, mtime, data = row
+        try:
+            entry = Entry(
+                ino=int(ino),
+                parent=int(parent),
+                name=_name(name),
+                size=int(size),
+                uid=int(uid),
+                gid=int(gid),
+                mode=int(mode),
+                rdev=int(rdev or 0),
+                ctime=int(ctime or 0),
+                mtime=int(mtime or 0),
+                target=data.encode() if isinstance(data, str) else data,
+            )
+        except (TypeError, ValueError) as exc:
+            raise FlistFormatError(f"bad inode row {ino!r}: {exc}", flist=self.label) from None
+        if entry.kind not in FILE_TYPES:
+            raise FlistFormatError(
+                f"unknown file type in mode {entry.mode:o}", flist=self.label, path=entry.name
+            )
+        if entry.is_link and (entry.target is None or len(entry.target) > MAX_LINK_TARGET):
+            raise FlistFormatError(
+                "symlink without a valid target", flist=self.label, path=self.path_of(entry.ino)
+            )
+        return entry
+
+    def _one(self, where: str, args: tuple[Any, ...]) -> Entry | None:
+        rows = self.query(f"{_SELECT} WHERE {where} LIMIT 1", args)
+        return self._entry(rows[0]) if rows else None
+
+    # -- validation ---------------------------------------------------------------------------
+    def _find_root(self) -> Entry:
+        root = self._one("inode.parent = 0 ORDER BY inode.ino", ())
+        if root is None:
+            raise FlistFormatError("no root inode (parent 0)", flist=self.label)
+        if not root.is_dir:
+            raise FlistFormatError("root inode is not a directory", flist=self.label)
+        return root
+
+    def validate(self, deep: bool = False) -> None:
+        """Reject what could be served wrongly: bad names, duplicates, absurd sizes."""
+        if deep:
+            rows = self.query("PRAGMA quick_check")
+            if rows != [("ok",)]:
+                raise FlistFormatError(f"integrity check failed: {rows[:3]}", flist=self.label)
+        bad = self.query(
+            "SELECT ino, parent, name FROM inode WHERE parent != 0 AND (name IS NULL OR name = ''"
+            " OR name = '.' OR name = '..' OR instr(name, '/') > 0 OR instr(name, char(0)) > 0)"
+            " LIMIT 1"
+        )
+        if bad:
+            _, parent, name = bad[0]
+            raise FlistNameError(
+                f"invalid entry name {name!r}", flist=self.label, path=self.path_of(int(parent))
+            )
+        dup = self.query(
+            "SELECT parent, name FROM inode GROUP BY parent, name HAVING COUNT(*) > 1 LIMIT 1"
+        )
+        if dup:
+            parent, name = dup[0]
+            raise FlistNameError(
+                f"duplicate entry name {_name(name)!r}",
+                flist=self.label,
+                path=self.path_of(int(parent)),
+            )
+        huge = self.query(
+            "SELECT ino, size FROM inode WHERE typeof(size) != 'integer' OR size < 0 OR size > ?"
+            " LIMIT 1",
+            (MAX_FILE_SIZE,),
+        )
+        if huge:
+            raise FlistLimitError(
+                f"entry size {huge[0][1]!r} is out of range",
+                flist=self.label,
+                path=self.path_of(int(huge[0][0])),
+            )
+        if self.version == 2 and self.query(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (HARDLINK_TABLE,)
+        ):
+            self._load_hardlinks()
+
+    def _load_hardlinks(self) -> None:
+        for ino, target in self.query(f"SELECT ino, target FROM {HARDLINK_TABLE}"):
+            primary = self.get(int(target))
+            if not primary.is_file or int(target) in self.hardlinks or ino == target:
+                raise FlistFormatError(f"bad hard link {ino} -> {target}", flist=self.label)
+            self.hardlinks[int(ino)] = int(target)
+        for target in self.hardlinks.values():
+            self.link_counts[target] = self.link_counts.get(target, 1) + 1
+
+    # -- navigation ---------------------------------------------------------------------------
+    def get(self, ino: int) -> Entry:
+        entry = self._one("inode.ino = ?", (ino,))
+        if entry is None:
+            raise FlistNotFoundError(f"no inode {ino}", flist=self.label)
+        return entry
+
+    def path_of(self, ino: int) -> str:
+        """Best-effort path of an inode, for messages (bounded; never raises)."""
+        parts: list[str] = []
+        for _ in range(MAX_DEPTH):
+            try:
+                rows = self.query("SELECT parent, name FROM inode WHERE ino = ?", (ino,))
+            except FlistError:
+                break
+            if not rows or int(rows[0][0] or 0) == 0:
+                break
+            ino = int(rows[0][0])
+            parts.append(_name(rows[0][1]))
+        return "/" + "/".join(reversed(parts))
+
+    def lookup(self, parent: int, name: str) -> Entry | None:
+        return self._one("inode.parent = ? AND inode.name = ?", (parent, name))
+
+    def children(self, ino: int) -> list[Entry]:
+        rows = self.query(f"{_SELECT} WHERE inode.parent = ? ORDER BY inode.ino", (ino,))
+        return [self._entry(row) for row in rows if int(row[0]) != int(row[1])]
+
+    def walk(self) -> Iterator[tuple[str, Entry]]:
+        """Every entry reachable from the root, depth first, as ("/path", entry)."""
+        yield "/", self.root
+        stack: list[tuple[str, Entry]] = [("", self.root)]
+        while stack:
+            prefix, directory = stack.pop()
+            later = []
+            for child in self.children(directory.ino):
+                path = f"{prefix}/{child.name}"
+                yield path, child
+                if child.is_dir:
+                    later.append((path, child))
+            stack.extend(reversed(later))
+
+    def entry_at(self, parts: pathres.Parts) -> Entry | None:
+        """The entry at already-resolved components (no link following), or None."""
+        entry = self.root
+        for i, part in enumerate(parts):
+            if not entry.is_dir:
+                raise FlistNotADirectoryError(
+                    f"{pathres.show(parts[:i])} is not a directory", flist=self.label
+                )
+            found = self.lookup(entry.ino, part)
+            if found is None:
+                return None
+            entry = found
+        return entry
+
+    def lstat_kind(self, parts: pathres.Parts) -> int | None:
+        entry = self.entry_at(parts)
+        return None if entry is None else entry.kind
+
+    def readlink(self, parts: pathres.Parts) -> str:
+        entry = self.entry_at(parts)
+        if entry is None or entry.target is None:
+            raise FlistNotFoundError("not a symlink", flist=self.label, path=pathres.show(parts))
+        return entry.target.decode("utf-8", "surrogateescape")
+
+    def resolve(self, path: str, *, follow: bool = True) -> tuple[str, Entry]:
+        """Resolve ``path`` (links followed inside the flist root); returns (real path, entry)."""
+        parts = pathres.resolve(self, path, follow_final=follow)
+        entry = self.entry_at(parts)
+        if entry is None:
+            raise FlistNotFoundError("does not exist", flist=self.label, path=path)
+        return pathres.show(parts), entry
+
+    # -- data ---------------------------------------------------------------------------------
+    def blocks(self, entry: Entry) -> list[BlockRef]:
+        """The ordered chunks of a regular file, checked against its size."""
+        path = self.path_of(entry.ino)
+        refs = []
+        for block_id, key in self.query(
+            "SELECT id, key FROM block WHERE ino = ? ORDER BY rowid", (entry.ino,)
+        ):
+            if not (
+                isinstance(block_id, bytes)
+                and isinstance(key, bytes)
+                and len(block_id) == len(key) == self.hash_size
+            ):
+                raise FlistFormatError(
+                    f"block row with id/key that are not {self.hash_size}-byte blobs",
+                    flist=self.label,
+                    path=path,
+                )
+            refs.append(BlockRef(block_id, key))
+        expected = -(-entry.size // CHUNK_SIZE)
+        if len(refs) != expected:
+            raise FlistFormatError(
+                f"file of {entry.size} bytes needs {expected} blocks, flist has {len(refs)}",
+                flist=self.label,
+                path=path,
+            )
+        return refs
+
+    def routes(self) -> list[Route]:
+        if self.version != 2:
+            return []
+        rows = self.query("SELECT start, end, url FROM route ORDER BY rowid")
+        try:
+            return [Route(int(s), int(e), str(u)) for s, e, u in rows]
+        except (TypeError, ValueError) as exc:
+            raise FlistFormatError(f"bad route row: {exc}", flist=self.label) from None
+
+    def tags(self) -> dict[str, str]:
+        if self.version != 2:
+            return {}
+        return {str(k): str(v) for k, v in self.query("SELECT key, value FROM tag")}
+
+    def store_specs(self) -> list[str]:
+        """Store specs (``xx-yy=url``) this flist names for its blocks."""
+        specs = [f"{r.start:02x}-{r.end:02x}={r.url}" for r in self.routes()]
+        return specs or list(self.backends)
+
+    def count(self) -> int:
+        return int(self.query("SELECT COUNT(*) FROM inode")[0][0])
+
+    def total_size(self) -> int:
+        rows = self.query(
+            "SELECT COALESCE(SUM(size), 0) FROM inode WHERE (mode & ?) = ?",
+            (0o170000, stat.S_IFREG),
+        )
+        return int(rows[0][0])
+
+
+def _open_sqlite(path: Path) -> sqlite3.Connection:
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+
+def open_flist(path: Path, *, deep_check: bool = False) -> Flist:
+    """Open and validate a ``.fl`` (SQLite) or ``.flist`` (gzip'd tar) file.
+
+    ``deep_check`` adds SQLite's page-level integrity check (done once when fetching).
+    """
+    from controller.flist import v1  # v1 needs meta's types; import here to avoid a cycle
+
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise FlistFormatError(f"cannot read: {exc.strerror}", flist=path) from None
+    if magic.startswith(GZIP_MAGIC):
+        conn, backends = v1.load_archive(path)
+        flist = Flist(path, conn, 1, backends)
+    elif magic == SQLITE_MAGIC:
+        conn = _open_sqlite(path)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.Error as exc:
+            conn.close()
+            raise FlistFormatError(f"database error: {exc}", flist=path) from None
+        if {"inode", "block"} <= tables:
+            flist = Flist(path, conn, 2, [])
+        elif "entries" in tables:
+            mem, backends = v1.convert(conn, path)
+            conn.close()
+            flist = Flist(path, mem, 1, backends)
+        else:
+            conn.close()
+            raise FlistFormatError("SQLite file without flist tables", flist=path)
+    else:
+        raise FlistFormatError("not an flist (neither SQLite nor gzip data)", flist=path)
+    try:
+        flist.validate(deep=deep_check)
+    except FlistError:
+        flist.close()
+        raise
+    return flist

@@ -1,0 +1,276 @@
+"""Block stores (``dir://``, ``http(s)://``, ``zdb://``) and the router that shards over them."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from controller.flist.chunks import MAX_STORED_BLOCK
+from controller.flist.errors import BlockMissingError, StoreError
+from controller.flist.resp import RespConnection, RespError
+
+DEFAULT_ZDB_PORT = 9900
+TIMEOUT = 30.0
+_SPEC = re.compile(r"^(?:([0-9a-fA-F]{2})-([0-9a-fA-F]{2})=)?(.+)$")
+
+
+class Store(Protocol):
+    url: str
+
+    def get(self, block_id: bytes) -> bytes | None:
+        """The stored bytes, or None if this store does not have the block."""
+
+    def exists(self, block_id: bytes) -> bool: ...
+
+    def set(self, block_id: bytes, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def strip_password(url: str) -> str:
+    """The URL without its password (the user name is kept), as rfs records routes."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class DirStore:
+    """``dir:///root``: block at ``root/<hex[:2]>/<hex>`` (reads also try ``root/<hex>``)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.netloc or not parts.path.startswith("/"):
+            raise StoreError("dir store needs an absolute path: dir:///path", flist=None, path=url)
+        self.url = url
+        self.root = Path(unquote(parts.path))
+
+    def _path(self, block_id: bytes) -> Path:
+        name = block_id.hex()
+        return self.root / name[:2] / name
+
+    def get(self, block_id: bytes) -> bytes | None:
+        name = block_id.hex()
+        for path in (self._path(block_id), self.root / name):
+            try:
+                with path.open("rb") as handle:
+                    return handle.read(MAX_STORED_BLOCK + 1)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot read {path}: {exc.strerror}", path=self.url) from None
+        return None
+
+    def exists(self, block_id: bytes) -> bool:
+        return self._path(block_id).exists() or (self.root / block_id.hex()).exists()
+
+    def set(self, block_id: bytes, data: bytes) -> None:
+        write_atomic(self._path(block_id), data)
+
+    def close(self) -> None:
+        pass
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so readers never see a partial block."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class HttpStore:
+    """``http(s)://host/prefix``, read-only.
+
+    GET ``prefix/<hex[:2]>/<hex>``, then ``prefix/<hex>`` (an http server in front of a dir store).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.base = url.rstrip("/")
+
+    def _fetch(self, address: str) -> bytes | None:
+        try:
+            with urllib.request.urlopen(address, timeout=TIMEOUT) as response:
+                data: bytes = response.read(MAX_STORED_BLOCK + 1)
+                return data
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise StoreError(f"GET {address}: HTTP {exc.code}", path=self.url) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise StoreError(f"GET {address}: {exc}", path=self.url) from None
+
+    def get(self, block_id: bytes) -> bytes | None:
+        name = block_id.hex()
+        found = self._fetch(f"{self.base}/{name[:2]}/{name}")
+        return found if found is not None else self._fetch(f"{self.base}/{name}")
+
+    def exists(self, block_id: bytes) -> bool:
+        return self.get(block_id) is not None
+
+    def set(self, block_id: bytes, data: bytes) -> None:
+        raise StoreError("http stores are read-only", path=self.url)
+
+    def close(self) -> None:
+        pass
+
+
+class ZdbStore:
+    """``zdb://[user[:pass]@]host[:port][/namespace]`` (or ``zdb:///unix/socket``): 0-db in user
+    mode, keys are the raw block ids. Connections are pooled; each selects the namespace."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.unix_path: str | None = None
+        self.namespace: str | None = None
+        if parts.hostname:
+            self.host, self.port = parts.hostname, parts.port or DEFAULT_ZDB_PORT
+            ns = unquote(parts.path.strip("/"))
+            self.namespace = ns if ns and ns != "default" else None
+        elif parts.path:
+            self.host, self.port, self.unix_path = "", 0, unquote(parts.path)
+        else:
+            raise StoreError("zdb store needs a host or a socket path", path=strip_password(url))
+        self.password = unquote(parts.password) if parts.password else None
+        self._idle: list[RespConnection] = []
+        self._lock = threading.Lock()
+
+    def _call(self, *args: bytes | str) -> object:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                conn = RespConnection.connect(self.host, self.port, self.unix_path, TIMEOUT)
+                if self.namespace:
+                    extra = [self.password] if self.password else []
+                    conn.command("SELECT", self.namespace, *extra)
+            result = conn.command(*args)
+        except RespError as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(f"{args[0]!s}: {exc}", path=strip_password(self.url)) from None
+        with self._lock:
+            self._idle.append(conn)
+        return result
+
+    def get(self, block_id: bytes) -> bytes | None:
+        result = self._call("GET", block_id)
+        return result if isinstance(result, bytes) else None
+
+    def exists(self, block_id: bytes) -> bool:
+        return self._call("EXISTS", block_id) == 1
+
+    def set(self, block_id: bytes, data: bytes) -> None:
+        self._call("SET", block_id, data)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def open_store(url: str) -> Store:
+    scheme = urlsplit(url).scheme
+    if scheme == "dir":
+        return DirStore(url)
+    if scheme in ("http", "https"):
+        return HttpStore(url)
+    if scheme == "zdb":
+        return ZdbStore(url)
+    raise StoreError(f"unsupported store scheme {scheme!r}", path=strip_password(url))
+
+
+@dataclass(frozen=True)
+class StoreRoute:
+    start: int
+    end: int
+    store: Store
+
+
+def parse_spec(spec: str) -> tuple[int, int, str]:
+    """``[xx-yy=]url`` -> (start, end, url); no range means 00-ff."""
+    match = _SPEC.match(spec)
+    if match is None:
+        raise StoreError("bad store spec, expected [xx-yy=]url", path=spec)
+    start, end, url = match.groups()
+    first, last = (int(start, 16), int(end, 16)) if start else (0, 255)
+    if first > last:
+        raise StoreError(f"empty range {start}-{end}", path=strip_password(url))
+    return first, last, url
+
+
+class Router:
+    """Writes a block to every store whose range covers ``id[0]``; reads from the first that has
+    it."""
+
+    def __init__(self, routes: list[StoreRoute], label: str | None = None) -> None:
+        self.routes = routes
+        self.label = label
+
+    @classmethod
+    def from_specs(cls, specs: list[str] | tuple[str, ...], label: str | None = None) -> Router:
+        routes = []
+        for spec in specs:
+            start, end, url = parse_spec(spec)
+            routes.append(StoreRoute(start, end, open_store(url)))
+        return cls(routes, label)
+
+    def _matching(self, block_id: bytes) -> list[Store]:
+        return [r.store for r in self.routes if r.start <= block_id[0] <= r.end]
+
+    def get(self, block_id: bytes, path: str | None = None) -> bytes:
+        failures = []
+        for store in self._matching(block_id):
+            try:
+                data = store.get(block_id)
+            except StoreError as exc:
+                failures.append(f"{strip_password(store.url)}: {exc.reason}")
+                continue
+            if data is not None:
+                return data
+            failures.append(f"{strip_password(store.url)}: not found")
+        detail = "; ".join(failures) or "no store covers it"
+        raise BlockMissingError(
+            f"block {block_id.hex()} missing ({detail})", flist=self.label, path=path
+        )
+
+    def put(self, block_id: bytes, data: bytes) -> int:
+        """Store the block where it is missing; returns how many stores were written."""
+        stores = self._matching(block_id)
+        if not stores:
+            raise StoreError(f"no store covers block {block_id.hex()}", flist=self.label)
+        written = 0
+        for store in stores:
+            if not store.exists(block_id):
+                store.set(block_id, data)
+                written += 1
+        return written
+
+    def close(self) -> None:
+        for route in self.routes:
+            route.store.close()
