@@ -55,7 +55,10 @@ class Provisioner:
         return self.host.info()
 
     def _log(self, rec: MachineRecord) -> structlog.stdlib.BoundLogger:
-        return log.bind(  # type: ignore[no-any-return]zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
+        bound: structlog.stdlib.BoundLogger = log.bind(
+            zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid
+        )
+        return bound
 
     # ----------------------------------------------------------------- provision
 
@@ -79,7 +82,12 @@ class Provisioner:
                     key.unlink()
             step = "boot mode"
             info = bootmode.detect_boot_mode(p.rootfs)
-            rec.boot_mode = info.mode.name.lower()
+            if info.mode is bootmode.BootMode.IMAGE:
+                raise InvalidSpec(
+                    f"zmachine {rec.ref}: spec.flist {rec.spec.flist} is a disk image "
+                    "(/image.raw); image mode is not supported by this agent yet"
+                )
+            rec.boot_mode = info.mode.value
             step = "volumes"
             self._volumes(rec)
             step = "network"
@@ -89,7 +97,7 @@ class Provisioner:
             step = "seed"
             await self.host.write_seed(rec, p)
             step = "launch"
-            await self.launch(rec, info)
+            await self.launch(rec)
         except AgentError:
             raise
         except Exception as exc:
@@ -120,16 +128,14 @@ class Provisioner:
             else:
                 path.mkdir(exist_ok=True, mode=0o755)
 
-    async def launch(self, rec: MachineRecord, info: bootmode.BootInfo | None = None) -> None:
+    async def launch(self, rec: MachineRecord) -> None:
         """Start virtiofsd(s) and the VMM; used by provision and by every restart."""
         p = self.paths(rec)
-        if info is None:
-            info = bootmode.detect_boot_mode(p.rootfs)
         rec.helpers = [h for h in rec.helpers if h.marker == str(p.lower)]
         rec.helpers += await self.host.start_shares(rec, p)
         rec.started_at = time.time()
         rec.boot_duration = 0.0
-        rec.vmm = await self.host.start_vmm(rec, p, info)
+        rec.vmm = await self.host.start_vmm(rec, p)
         rec.hypervisor = self.host.info().name
         rec.state, rec.reason, rec.message, rec.log_tail = State.RUNNING, "", "", ""
         if rec.spec.paused:

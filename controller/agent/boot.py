@@ -1,0 +1,204 @@
+"""Glue between a MachineRecord and the guest-boot building blocks (seed, virtiofs,
+network, hypervisor drivers): what the agent asks of them, in its own terms."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.agent import hypervisor, network, seed, virtiofs, vmconfig
+from controller.agent.config import AgentConfig
+from controller.agent.errors import InvalidSpec
+from controller.agent.hypervisor.qemu import QemuVM
+from controller.agent.layout import VMPaths
+from controller.agent.procs import ProcessRef
+from controller.agent.spec import VolumeKind
+from controller.agent.state import MachineRecord, NicStatus
+
+NAMESERVERS = ("8.8.8.8", "1.1.1.1")
+
+
+@dataclass(frozen=True)
+class HypervisorInfo:
+    name: str
+    version: str
+    accelerated: bool
+
+
+@dataclass(frozen=True)
+class VMStats:
+    vcpu_seconds: float = 0.0
+    vmm_rss_bytes: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+    block_read_bytes: int = 0
+    block_write_bytes: int = 0
+
+
+class HostBoot:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.ipam = network.IPAllocator(config.cidr, config.state_dir / "ipam.json")
+        self.driver = hypervisor.select_hypervisor(
+            config.hypervisor, config.accel, config.guest_kernel_dir
+        )
+
+    def info(self) -> HypervisorInfo:
+        return HypervisorInfo(
+            self.driver.name, self.driver.version(), self.driver.acceleration() == "kvm"
+        )
+
+    # ----------------------------------------------------------------- network
+
+    async def create_nics(self, rec: MachineRecord) -> list[NicStatus]:
+        nics = []
+        for i, nic in enumerate(rec.spec.interfaces):
+            try:
+                ip = (
+                    self.ipam.reserve(rec.ref.uid, nic.ip)
+                    if nic.ip
+                    else self.ipam.allocate(rec.ref.uid)
+                )
+            except ValueError as exc:
+                raise InvalidSpec(
+                    f"zmachine {rec.ref}: spec.network.interfaces[{i}].ip: {exc}"
+                ) from exc
+            tap = network.tap_name(rec.ref.uid, i)
+            await asyncio.to_thread(network.create_tap, tap, self.config.bridge, self.config.netns)
+            nics.append(NicStatus(nic.network, str(ip), network.mac_address(rec.ref.uid, i), tap))
+        return nics
+
+    async def delete_nics(self, rec: MachineRecord) -> None:
+        for i in range(len(rec.spec.interfaces)):
+            tap = network.tap_name(rec.ref.uid, i)
+            await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
+        self.ipam.release(rec.ref.uid)
+
+    # ----------------------------------------------------------------- seed
+
+    async def write_seed(self, rec: MachineRecord, p: VMPaths) -> None:
+        disks = [v for v in rec.spec.volumes if v.kind is VolumeKind.DISK]
+        mounts = []
+        for m in rec.spec.mounts:
+            vol = next(v for v in rec.spec.volumes if v.name == m.name)
+            if vol.kind is VolumeKind.DISK:
+                # Disks follow the order of spec.volumes: vda, vdb, ... (the seed is last).
+                dev = "vd" + chr(ord("a") + disks.index(vol))
+                mounts.append(seed.Mount(dev, m.mountpoint))
+            else:
+                mounts.append(seed.Mount(vol.name, m.mountpoint, fstype="virtiofs"))
+        gateway = str(self.ipam.gateway)
+        interfaces = [
+            seed.Interface(
+                mac=n.mac,
+                addresses=[str(self.ipam.interface(ipaddress.IPv4Address(n.ip)))],
+                gateway4=gateway,
+            )
+            for n in rec.nics
+        ]
+        config = seed.SeedConfig(
+            instance_id=rec.ref.uid,
+            hostname=rec.spec.hostname or rec.ref.name.lower()[:63],
+            interfaces=interfaces,
+            nameservers=NAMESERVERS if interfaces else (),
+            ssh_keys=rec.spec.ssh_keys,
+            mounts=mounts,
+            env=rec.spec.env,
+            entrypoint=rec.spec.entrypoint,
+        )
+        await asyncio.to_thread(seed.write_seed, config, p.seed)
+
+    # ----------------------------------------------------------------- processes
+
+    def vm_config(self, rec: MachineRecord, p: VMPaths) -> vmconfig.VMConfig:
+        assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
+        shares = [vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs)]
+        disks = []
+        for v in rec.spec.volumes:
+            path = p.volume(v.name, v.kind is VolumeKind.DISK)
+            if v.kind is VolumeKind.DISK:
+                disks.append(vmconfig.Disk(path))
+            else:
+                shares.append(vmconfig.FsShare(v.name, p.run / f"vfs-{v.name}.sock", path))
+        disks.append(vmconfig.Disk(p.seed, readonly=True))
+        return vmconfig.VMConfig(
+            vm_id=rec.ref.uid,
+            cpus=rec.spec.cpu,
+            memory_mib=rec.spec.memory_bytes >> 20,
+            kernel=assets.kernel,
+            initrd=assets.initrd,
+            cmdline=vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint),
+            shares=shares,
+            disks=disks,
+            nics=[vmconfig.Nic(n.tap, n.mac) for n in rec.nics],
+            serial_log=p.console_log,
+            api_socket=p.run / "vmm.sock",
+            state_dir=p.root,
+            netns=self.config.netns,
+        )
+
+    def _guest_dir(self) -> Path:
+        if self.config.guest_kernel_dir is None:
+            return self.config.state_dir / "guest"  # detect_boot names what is missing
+        return self.config.guest_kernel_dir
+
+    async def start_shares(self, rec: MachineRecord, p: VMPaths) -> list[ProcessRef]:
+        refs = []
+        for share in self.vm_config(rec, p).shares:
+            refs.append(
+                await virtiofs.start_virtiofsd(share, p.root / f"virtiofsd-{share.tag}.log")
+            )
+        return refs
+
+    async def start_vmm(self, rec: MachineRecord, p: VMPaths) -> ProcessRef:
+        vm = await self.driver.start(self.vm_config(rec, p))
+        return vm.ref
+
+    def _vm(self, rec: MachineRecord, p: VMPaths) -> hypervisor.VM:
+        if rec.vmm is None:
+            raise InvalidSpec(f"zmachine {rec.ref} has no VMM process")
+        return self.driver.attach(self.vm_config(rec, p), rec.vmm)
+
+    async def stop_vmm(self, rec: MachineRecord, p: VMPaths) -> None:
+        # Short graces: a container entrypoint as PID 1 usually ignores the power button.
+        if rec.vmm is not None and rec.vmm.alive():
+            await self._vm(rec, p).stop(grace=2.0, hard_grace=3.0)
+
+    async def pause(self, rec: MachineRecord, p: VMPaths) -> None:
+        await self._vm(rec, p).pause()
+
+    async def resume(self, rec: MachineRecord, p: VMPaths) -> None:
+        await self._vm(rec, p).resume()
+
+    async def stats(self, rec: MachineRecord, p: VMPaths) -> VMStats:
+        vm = self._vm(rec, p)
+        s = await vm.stats()
+        read = written = 0
+        if isinstance(vm, QemuVM):
+            for dev in await vm.qmp.execute("query-blockstats"):
+                read += int(dev.get("stats", {}).get("rd_bytes", 0))
+                written += int(dev.get("stats", {}).get("wr_bytes", 0))
+        else:
+            for counters in s.counters.values():
+                read += counters.get("read_bytes", 0)
+                written += counters.get("write_bytes", 0)
+        rx = tx = 0
+        for n in rec.nics:
+            # The tap's transmit is the guest's receive.
+            tap_rx, tap_tx = await asyncio.to_thread(_link_bytes, n.tap, self.config.netns)
+            rx, tx = rx + tap_tx, tx + tap_rx
+        return VMStats(s.cpu_seconds, s.rss_bytes, rx, tx, read, written)
+
+
+def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
+    """(rx, tx) byte counters of a link, read with iproute2 so a netns needs no setns."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-s", "-j", "link", "show", "dev", name]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if out.returncode != 0:
+        return 0, 0
+    stats = json.loads(out.stdout)[0].get("stats64", {})
+    return int(stats.get("rx", {}).get("bytes", 0)), int(stats.get("tx", {}).get("bytes", 0))

@@ -1,0 +1,112 @@
+"""Runs the real zmachine-agent as a subprocess on a loopback port (test helper)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controller.agent.client import AgentClient
+from controller.agent.tls import ClientTLS, channel_credentials
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AgentProcess:
+    """One agent: fixed state dir and port, so a restart finds what the last one left."""
+
+    def __init__(self, state_dir: Path, pki: Path, extra: list[str]) -> None:
+        self.state_dir = state_dir
+        self.pki = pki
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.extra = extra
+        self.log = state_dir.parent / f"{state_dir.name}-agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tls(self) -> ClientTLS:
+        return ClientTLS.from_dir(self.pki)
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "controller.agent.main", "serve",
+            "--listen", self.address, "--state-dir", str(self.state_dir),
+            "--metrics-port", str(self.metrics_port),
+            "--tls-ca", str(self.pki / "ca.crt"),
+            "--tls-cert", str(self.pki / "server.crt"),
+            "--tls-key", str(self.pki / "server.key"),
+            "--hypervisor", "qemu", "--accel", "tcg",
+            "--monitor-interval", "0.5", "--restart-backoff", "1",
+            *self.extra,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 60.0) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log_text()}")
+            if self._serving():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"agent not serving after {timeout}s:\n{self.log_text()}")
+
+    def _serving(self) -> bool:
+        creds = channel_credentials(self.tls)
+        with grpc.secure_channel(self.address, creds) as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1
+                )
+            except grpc.RpcError:
+                return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def kill(self) -> None:
+        """SIGKILL: the harshest agent crash; its VMs must survive it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.address, self.tls, timeout=180)
+
+    def call(self, fn_name: str, *args: object) -> object:
+        """Run one client call to completion from synchronous test code."""
+
+        async def go() -> object:
+            async with self.client() as c:
+                return await getattr(c, fn_name)(*args)
+
+        return asyncio.run(go())

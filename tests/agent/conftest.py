@@ -1,0 +1,134 @@
+"""Fixtures of tests/agent. The agent engineer's are prefixed ``agent_``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.agent.tls import write_dev_pki
+from tests.agent.agent_harness import ROOT, AgentProcess
+
+AGENT_GREETING_VAR = "ZM_GREETING"
+# The entrypoint prints the env var given in the spec, then idles as the guest's PID 1.
+AGENT_ENTRYPOINT = (
+    "/bin/sh -c 'echo zm-test-entry $" + AGENT_GREETING_VAR + "; while :; do sleep 3600; done'"
+)
+
+
+@pytest.fixture(scope="session")
+def agent_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("agent-pki")
+    write_dev_pki(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def agent_guest_dir() -> Path:
+    """vmlinuz + initramfs.img for container mode, built (cached) from Debian packages."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "hack/build-guest-kernel.sh")],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A container-mode .fl built from Debian's busybox-static, blocks in a dir:// store."""
+    from controller.flist.pack import pack
+
+    base = tmp_path_factory.mktemp("agent-flist")
+    root = base / "rootfs"
+    for d in ("bin", "etc/ssh", "tmp", "root"):
+        (root / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    for applet in ("sh", "echo", "sleep", "cat", "ls", "poweroff"):
+        (root / "bin" / applet).symlink_to("busybox")
+    # A host key as if the image shipped one: the agent must drop it on first creation.
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("not a real key\n")
+    flist = base / "busybox.fl"
+    pack(root, flist, [f"dir://{base / 'store'}"])
+    return flist
+
+
+@pytest.fixture(scope="module")
+def agent_netns() -> Iterator[str]:
+    """A network namespace with bridge zmbr0 (10.231.0.1/24): taps and guests live there."""
+    name = f"zmagent{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["link", "add", "zmbr0", "type", "bridge"],
+            ["addr", "add", "10.231.0.1/24", "dev", "zmbr0"],
+            ["link", "set", "zmbr0", "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def agent_state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def agent_process(
+    state: Path, pki: Path, netns: str | None, guest_dir: Path | None
+) -> AgentProcess:
+    extra = ["--node-name", "test-node", "--cidr", "10.231.0.0/24", "--bridge", "zmbr0"]
+    if netns:
+        extra += ["--netns", netns]
+    if guest_dir:
+        extra += ["--guest-kernel-dir", str(guest_dir)]
+    return AgentProcess(state, pki, extra)
+
+
+# --- guest boot layer (prefix guest_) --------------------------------------------------
+
+GUEST_APPLETS = ("sh", "echo", "cat", "sleep", "poweroff", "ping", "hostname", "uname", "ls")
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> Path:
+    """vmlinuz + initramfs.img from hack/build-guest-kernel.sh (cached across runs)."""
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        ["bash", str(repo / "hack/build-guest-kernel.sh")],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def guest_busybox_root(root: Path) -> Path:
+    """A container root: Debian's static busybox with a few applet links."""
+    for d in ("bin", "etc", "root", "proc", "sys", "dev", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    for applet in GUEST_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
+@pytest.fixture(scope="module")
+def guest_netns() -> Iterator[tuple[str, str, str]]:
+    """(netns, bridge, bridge IP/24): a namespace of the test's own for taps and guests."""
+    name, bridge, cidr = f"zmguest{os.getpid() % 100000}", "zmgbr0", "10.232.0.1/24"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["link", "add", bridge, "type", "bridge"],
+            ["addr", "add", cidr, "dev", bridge],
+            ["link", "set", bridge, "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        yield name, bridge, cidr
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -1,0 +1,132 @@
+"""The agent's gRPC edge without booting a guest: mTLS, status codes, failed-Deploy cleanup.
+
+Runs the real agent as a subprocess on a loopback port with its own state dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controller.agent.client import AgentClient
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.tls import ClientTLS, write_dev_pki
+from tests.agent.agent_harness import AgentProcess
+from tests.agent.conftest import agent_process
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory: pytest.TempPathFactory, agent_pki: Path, agent_guest_dir: Path
+) -> Iterator[AgentProcess]:
+    proc = agent_process(tmp_path_factory.mktemp("api") / "state", agent_pki, None, agent_guest_dir)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def _node_info(address: str, tls: ClientTLS | None) -> pb.NodeInfoResponse:
+    async def go() -> pb.NodeInfoResponse:
+        async with AgentClient(address, tls, timeout=5) as c:
+            return await c.node_info()
+
+    return asyncio.run(go())
+
+
+def test_mtls_client_with_ca_signed_cert_gets_node_info(agent: AgentProcess) -> None:
+    info = _node_info(agent.address, agent.tls)
+    assert info.node_name == "test-node"
+    assert info.hypervisor == "qemu"
+    assert info.hypervisor_version and info.agent_version
+    assert not info.hardware_acceleration  # forced TCG
+    assert info.capacity.cpu >= 1 and info.capacity.memory_bytes > 0
+    assert info.allocatable.memory_bytes == info.capacity.memory_bytes  # nothing deployed
+
+
+def test_client_without_cert_is_refused(agent: AgentProcess, tmp_path: Path) -> None:
+    # Trusts the server but presents no certificate of its own.
+    creds = grpc.ssl_channel_credentials(root_certificates=(agent.pki / "ca.crt").read_bytes())
+
+    async def go() -> None:
+        async with grpc.aio.secure_channel(agent.address, creds) as ch:
+            await ch.unary_unary(
+                "/zmachine.agent.v1.AgentService/NodeInfo",
+                request_serializer=pb.NodeInfoRequest.SerializeToString,
+                response_deserializer=pb.NodeInfoResponse.FromString,
+            )(pb.NodeInfoRequest(), timeout=5)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(go())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_cert_from_another_ca_is_refused(agent: AgentProcess, tmp_path: Path) -> None:
+    write_dev_pki(tmp_path)  # a different CA with its own client cert
+    rogue = ClientTLS(agent.pki / "ca.crt", tmp_path / "client.crt", tmp_path / "client.key")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _node_info(agent.address, rogue)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_client_is_refused(agent: AgentProcess) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _node_info(agent.address, None)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _spec(**overrides: object) -> pb.ZmachineSpec:
+    spec = pb.ZmachineSpec(flist="file:///nonexistent/x.fl", cpu=1, memory_bytes=256 << 20)
+    for key, value in overrides.items():
+        if key == "volumes":
+            spec.volumes.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(spec, key, value)
+    return spec
+
+
+def _deploy(agent: AgentProcess, uid: str, spec: pb.ZmachineSpec) -> grpc.aio.AioRpcError:
+    ref = pb.ZmachineRef(namespace="default", name="bad", uid=uid)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        agent.call("deploy", ref, 1, spec)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    ("uid", "spec", "field"),
+    [
+        ("../../etc", _spec(), "ref.uid"),
+        ("u1", _spec(flist="ftp://hub/x.fl"), "spec.flist"),
+        ("u2", _spec(volumes=[pb.Volume(name="../x", kind=pb.VOLUME_KIND_SHARE)]), "volumes[0]"),
+        ("u3", _spec(memory_bytes=1 << 20), "spec.memory"),
+        ("u4", _spec(cpu=0), "spec.cpu"),
+    ],
+)
+def test_invalid_specs_are_refused_naming_the_field(
+    agent: AgentProcess, uid: str, spec: pb.ZmachineSpec, field: str
+) -> None:
+    err = _deploy(agent, uid, spec)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.details() or "")
+    assert not (agent.state_dir / "vms" / uid).exists()
+
+
+def test_failed_deploy_leaves_nothing_behind(agent: AgentProcess) -> None:
+    err = _deploy(agent, "u-missing-flist", _spec())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "flist" in (err.details() or "")
+    assert not (agent.state_dir / "vms" / "u-missing-flist").exists()
+    assert not (agent.state_dir / "machines" / "u-missing-flist.json").exists()
+    assert agent.call("list") == []
+
+
+def test_unknown_uid_is_not_found(agent: AgentProcess) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        agent.call("get", "no-such-uid")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert agent.call("delete", "no-such-uid") is False
