@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import stat
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import structlog
 
 from controller.flist import bootmode, mount
 from controller.flist.cache import BlockCache
@@ -21,6 +18,7 @@ from controller.flist.meta import Entry, Flist, open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import Router
 from controller.flist.unpack import unpack
+from controller.logs import configure_logging
 
 DEFAULT_CACHE = Path(os.environ.get("ZMACHINE_FLIST_CACHE", "/var/cache/zmachine-flist"))
 
@@ -198,11 +196,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # stdout may carry file data (cat): logs go to stderr.
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
+    # Logs go to stderr (stdout may carry file data); the mount server logs JSON for the agent.
+    serving = args.command == "mount"
+    configure_logging("INFO" if serving else "WARNING", json=serving)
     try:
         args.func(args)
     except FlistError as exc:
