@@ -1,0 +1,184 @@
+"""One real container-mode VM (busybox flist, real FUSE, QEMU under TCG) through its
+whole life on a real agent process: boot + env, idempotent Deploy, agent SIGKILL and
+adoption, VMM crash and restart, Delete leaving nothing behind.
+
+The tests share one VM and run in file order (each builds on the previous state), to
+keep guest boots at two: the first boot and the supervisor's restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.procs import cmdline
+from tests.agent.agent_harness import AgentProcess
+from tests.agent.conftest import AGENT_ENTRYPOINT, AGENT_GREETING_VAR, agent_process
+
+pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
+
+UID = "0b4c5f0e-agent-vm-test"
+REF = pb.ZmachineRef(namespace="default", name="busybox", uid=UID)
+GREETING = "hello-from-the-agent-test"
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def vm_processes() -> list[int]:
+    """Every process on the host whose command line names this VM (VMM, virtiofsd, FUSE)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and any(UID in arg for arg in cmdline(int(entry.name))):
+            pids.append(int(entry.name))
+    return pids
+
+
+def qemu_pids() -> list[int]:
+    return [p for p in vm_processes() if "qemu-system" in (cmdline(p) or [""])[0]]
+
+
+def mounts_under(path: Path) -> list[str]:
+    text = Path("/proc/self/mountinfo").read_text()
+    return [line.split()[4] for line in text.splitlines() if line.split()[4].startswith(str(path))]
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_guest_dir: Path,
+    agent_netns: str,
+) -> Iterator[AgentProcess]:
+    state = tmp_path_factory.mktemp("vm") / "state"
+    proc = agent_process(state, agent_pki, agent_netns, agent_guest_dir)
+    proc.start()
+    yield proc
+    try:
+        proc.call("delete", UID)
+    finally:
+        proc.stop()
+        print(proc.log_text())
+
+
+@pytest.fixture(scope="module")
+def spec(agent_busybox_flist: Path) -> pb.ZmachineSpec:
+    return pb.ZmachineSpec(
+        flist=f"file://{agent_busybox_flist}",
+        cpu=1,
+        memory_bytes=256 << 20,
+        entrypoint=AGENT_ENTRYPOINT,
+        env={AGENT_GREETING_VAR: GREETING},
+        interfaces=[pb.NetworkInterface(network="lan")],
+        restart_policy=pb.RESTART_POLICY_ALWAYS,
+    )
+
+
+def machine(agent: AgentProcess) -> pb.Machine:
+    m = agent.call("get", UID)
+    assert isinstance(m, pb.Machine)
+    return m
+
+
+def test_container_vm_boots_and_entrypoint_sees_env(
+    agent: AgentProcess, spec: pb.ZmachineSpec
+) -> None:
+    resp = agent.call("deploy", REF, 1, spec)
+    assert isinstance(resp, pb.DeployResponse) and resp.changed
+    m = resp.machine
+    assert m.state == pb.MACHINE_STATE_RUNNING and m.pid > 0
+    assert m.boot_mode == pb.BOOT_MODE_CONTAINER
+    assert m.interfaces[0].ip.startswith("10.231.0.")
+    console = Path(m.console_log)
+    wait_for(
+        "the entrypoint's output on the serial log",
+        lambda: f"zm-test-entry {GREETING}" in console.read_text(errors="replace"),
+        timeout=150,
+    )
+    rootfs = agent.state_dir / "vms" / UID / "upper"
+    # The image's SSH host key was dropped from the VM's writable layer on first creation.
+    assert not (agent.state_dir / "vms" / UID / "rootfs/etc/ssh/ssh_host_ed25519_key").exists()
+    assert rootfs.is_dir()
+    wait_for("boot duration", lambda: machine(agent).boot_duration_seconds > 0, timeout=10)
+
+
+def test_second_identical_deploy_is_a_noop(agent: AgentProcess, spec: pb.ZmachineSpec) -> None:
+    before = machine(agent).pid
+    resp = agent.call("deploy", REF, 1, spec)
+    assert isinstance(resp, pb.DeployResponse)
+    assert not resp.changed
+    assert resp.machine.pid == before
+    assert qemu_pids() == [before]
+    assert len(agent.call("list")) == 1  # type: ignore[arg-type]
+
+
+def test_stats_and_metrics_report_the_vm(agent: AgentProcess) -> None:
+    stats = agent.call("stats", UID)
+    assert isinstance(stats, pb.MachineStats)
+    assert stats.vcpu_seconds > 0 and stats.vmm_rss_bytes > 0
+    assert stats.block_read_bytes > 0  # the initramfs read the seed disk
+    body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10)
+    text = body.read().decode()
+    assert f'zmachine_vcpu_seconds_total{{name="busybox",namespace="default",uid="{UID}"}}' in text
+    assert "zmachine_boot_duration_seconds{" in text
+
+
+def test_agent_sigkill_then_restart_adopts_the_running_vm(agent: AgentProcess) -> None:
+    pid = machine(agent).pid
+    agent.kill()
+    assert qemu_pids() == [pid], "the VM must outlive the agent"
+    agent.start()
+    m = machine(agent)
+    assert m.pid == pid and m.state == pb.MACHINE_STATE_RUNNING
+    time.sleep(2)  # a few supervisor rounds: still no second VM, no restart
+    assert qemu_pids() == [pid]
+    assert machine(agent).restarts == 0
+
+
+def test_vmm_killed_from_outside_is_restarted_and_counted(agent: AgentProcess) -> None:
+    # The agent was restarted above, so this VMM is adopted (not its child): the exit
+    # status is unknown and counts as a failure; policy Always restarts it anyway.
+    old = machine(agent).pid
+    os.kill(old, signal.SIGKILL)
+    m = wait_for(
+        "the supervisor's restart",
+        lambda: (x := machine(agent)).restarts == 1 and x.pid not in (0, old) and x,
+        timeout=60,
+    )
+    assert m.state == pb.MACHINE_STATE_RUNNING
+    assert qemu_pids() == [m.pid]
+
+
+def test_delete_leaves_no_process_mount_tap_or_file(
+    agent: AgentProcess, agent_netns: str
+) -> None:
+    m = machine(agent)
+    tap = m.interfaces[0].tap
+    assert subprocess.run(["ip", "-n", agent_netns, "link", "show", tap]).returncode == 0
+    assert vm_processes() and mounts_under(agent.state_dir / "vms" / UID)
+    assert agent.call("delete", UID) is True
+    assert vm_processes() == [], [cmdline(p) for p in vm_processes()]
+    assert mounts_under(agent.state_dir) == []
+    link = subprocess.run(["ip", "-n", agent_netns, "link", "show", tap], capture_output=True)
+    assert link.returncode != 0, "tap still exists"
+    assert not (agent.state_dir / "vms" / UID).exists()
+    assert not (agent.state_dir / "machines" / f"{UID}.json").exists()
+    assert UID not in (agent.state_dir / "ipam.json").read_text()
+    assert agent.call("list") == []
