@@ -10,6 +10,7 @@ packages=(
   iproute2 bridge-utils                  # bridges, taps and test namespaces
   chromium chromium-driver               # web console browser tests
   cpio zstd xz-utils kmod                # initramfs packing and kernel modules
+  capnproto                              # capnp encode: builds v1 flists in tests/flist
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -212,7 +212,7 @@ class _Converter:
             ino = self.insert(parent, name, stat.S_IFREG, acl, size, times)
             self.dst.executemany(
                 "INSERT INTO block (ino, id, key) VALUES (?, ?, ?)",
-                [(ino, b.data(0), b.data(1)) for b in attr.struct_list(1)],
+                [(ino, b.data(0), b.data(1)) for b in attr.struct_list(0)],
             )
         elif which == _WHICH_LINK:
             target = (attr.text(0) or "").encode("utf-8", "surrogateescape")
@@ -220,7 +220,7 @@ class _Converter:
             self.dst.execute("INSERT INTO extra (ino, data) VALUES (?, ?)", (ino, target))
         elif which == _WHICH_SPECIAL and attr.uint16(0) in _SPECIAL_TYPES:
             kind = _SPECIAL_TYPES[attr.uint16(0)]
-            rdev = _device(attr.data(1)) if kind in (stat.S_IFBLK, stat.S_IFCHR) else 0
+            rdev = _device(attr.data(0)) if kind in (stat.S_IFBLK, stat.S_IFCHR) else 0
             self.insert(parent, name, kind, acl, 0, times, rdev)
         else:
             raise self.fail(f"unsupported inode kind {which}", path)
