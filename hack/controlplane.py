@@ -62,6 +62,7 @@ class ControlPlane:
     assets: Path = field(default_factory=kube_assets)
     port: int = field(default_factory=free_port)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _names: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -133,6 +134,10 @@ class ControlPlane:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+        self._names.clear()
+
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in zip(self._names, self._procs, strict=True)}
 
     def user_kubeconfig(self, user: str, groups: list[str]) -> Path:
         """A kubeconfig authenticating as `user` in `groups` via a client certificate."""
@@ -157,6 +162,7 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = (self.workdir / f"{name}.log").open("ab")
+        self._names.append(name)
         proc = subprocess.Popen(
             argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -255,10 +261,11 @@ current-context: local
         crt, key = self._client_cert("admin", ["system:masters"])
         last = "not started"
         while time.monotonic() < deadline:
-            for proc in self._procs:
+            for name, proc in zip(self._names, self._procs, strict=True):
                 if proc.poll() is not None:
+                    self.stop()
                     raise ControlPlaneError(
-                        f"{proc.args[0]} exited with {proc.returncode}; see {self.workdir}/*.log"
+                        f"{name} exited with {proc.returncode}; see {self.workdir}/{name}.log"
                     )
             serving = self.workdir / "serving" / "apiserver.crt"
             if serving.exists():

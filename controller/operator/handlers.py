@@ -14,7 +14,7 @@ import structlog
 from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase, ZmachineSpec
 from controller.operator import conditions, metrics
 
-log = structlog.get_logger(__name__)
+log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 FINALIZER = f"{GROUP}/finalizer"
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
+        namespaces=args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
     )
     return 0
