@@ -83,9 +83,8 @@ class BlockCache:
                     return data
                 log.warning("dropping damaged cache file", block=ref.id.hex(), flist=self.label)
                 cached.unlink(missing_ok=True)
-        stored = self.router.get(ref.id, path)
         try:
-            data = chunks.decode(stored, ref)
+            data = chunks.decode(self.router.get(ref.id, path), ref)
         except BlockError as exc:
             raise type(exc)(exc.reason, flist=self.label, path=path) from None
         self.fetched += 1

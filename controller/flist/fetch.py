@@ -7,11 +7,13 @@ URL>`` (which file a URL gave last time; http URLs are not downloaded again whil
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -32,12 +34,16 @@ def _suffix(url: str, head: bytes) -> str:
     return ".fl"
 
 
-def _copy_limited(source: object, dest: Path, url: str) -> tuple[str, int, bytes]:
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _copy_limited(source: _Readable, dest: Path, url: str) -> tuple[str, int, bytes]:
     digest = hashlib.sha256()
     size = 0
     head = b""
     with dest.open("wb") as out:
-        while chunk := source.read(_READ):  # type: ignore[attr-defined]
+        while chunk := source.read(_READ):
             size += len(chunk)
             if size > MAX_FLIST_BYTES:
                 raise FlistFetchError(f"larger than {MAX_FLIST_BYTES} bytes", flist=url)
@@ -64,7 +70,7 @@ def _download(url: str, dest: Path) -> tuple[str, int, bytes]:
                 return result
     except urllib.error.HTTPError as exc:
         raise FlistFetchError(f"HTTP {exc.code}", flist=url) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise FlistFetchError(f"download failed: {exc}", flist=url) from None
     raise FlistFetchError(f"unsupported URL scheme {scheme!r}", flist=url)
 

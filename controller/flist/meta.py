@@ -347,6 +347,24 @@ class Flist:
         return int(rows[0][0])
 
 
+def _check_sqlite_size(path: Path, header: bytes) -> None:
+    """A truncated database may still answer the queries that miss its lost pages: compare the
+    size the header records with the file's."""
+    if len(header) < 100:
+        raise FlistFormatError("truncated SQLite header", flist=path)
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_valid = header[24:28] == header[92:96] and pages > 0
+    actual = path.stat().st_size
+    if header_valid and actual < page_size * pages:
+        raise FlistFormatError(
+            f"truncated database: {actual} of {page_size * pages} bytes", flist=path
+        )
+    if actual % max(page_size, 1) or page_size < 512:
+        raise FlistFormatError(f"database size {actual} is not a whole number of pages", flist=path)
+
+
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     uri = f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
     return sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -361,13 +379,15 @@ def open_flist(path: Path, *, deep_check: bool = False) -> Flist:
 
     try:
         with path.open("rb") as handle:
-            magic = handle.read(len(SQLITE_MAGIC))
+            header = handle.read(100)
     except OSError as exc:
         raise FlistFormatError(f"cannot read: {exc.strerror}", flist=path) from None
+    magic = header[: len(SQLITE_MAGIC)]
     if magic.startswith(GZIP_MAGIC):
         conn, backends = v1.load_archive(path)
         flist = Flist(path, conn, 1, backends)
     elif magic == SQLITE_MAGIC:
+        _check_sqlite_size(path, header)
         conn = _open_sqlite(path)
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
