@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.agent.client import AgentClient
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.tls import ClientTLS, channel_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +112,33 @@ class AgentProcess:
                 return await getattr(c, fn_name)(*args)
 
         return asyncio.run(go())
+
+
+class EventRecorder:
+    """Collects WatchEvents in a background thread (its own event loop and channel)."""
+
+    def __init__(self, agent: AgentProcess, uid: str = "") -> None:
+        self.events: list[pb.Event] = []
+        self._agent, self._uid = agent, uid
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._task: asyncio.Future[None] | None = None
+
+    async def _watch(self) -> None:
+        async with self._agent.client() as c:
+            async for event in c.watch_events(self._uid):
+                self.events.append(event)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._task = asyncio.run_coroutine_threadsafe(self._watch(), self._loop)  # type: ignore[assignment]
+        time.sleep(0.5)  # the stream is open before the test acts
+
+    def types(self) -> list[str]:
+        return [pb.EventType.Name(e.type) for e in self.events]
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

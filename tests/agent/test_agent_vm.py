@@ -1,9 +1,9 @@
 """One real container-mode VM (busybox flist, real FUSE, QEMU under TCG) through its
-whole life on a real agent process: boot + env, idempotent Deploy, agent SIGKILL and
-adoption, VMM crash and restart, Delete leaving nothing behind.
+whole life on a real agent process: boot + env, idempotent Deploy, generations, pause,
+agent SIGKILL and adoption, VMM crash and restart, Delete leaving nothing behind.
 
 The tests share one VM and run in file order (each builds on the previous state), to
-keep guest boots at two: the first boot and the supervisor's restart.
+keep guest boots at three: the first boot, the supervisor's restart, the new generation.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import pytest
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.procs import cmdline
-from tests.agent.agent_harness import AgentProcess
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from tests.agent.agent_harness import AgentProcess, EventRecorder
 from tests.agent.conftest import AGENT_ENTRYPOINT, AGENT_GREETING_VAR, agent_process
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
@@ -66,9 +67,10 @@ def agent(
     agent_pki: Path,
     agent_guest_dir: Path,
     agent_netns: str,
+    agent_busybox_flist: Path,
 ) -> Iterator[AgentProcess]:
     state = tmp_path_factory.mktemp("vm") / "state"
-    proc = agent_process(state, agent_pki, agent_netns, agent_guest_dir)
+    proc = agent_process(state, agent_pki, agent_netns, agent_guest_dir, agent_busybox_flist.parent)
     proc.start()
     yield proc
     try:
@@ -97,8 +99,22 @@ def machine(agent: AgentProcess) -> pb.Machine:
     return m
 
 
+@pytest.fixture(scope="module")
+def events(agent: AgentProcess) -> Iterator[EventRecorder]:
+    recorder = EventRecorder(agent, UID)
+    recorder.start()
+    yield recorder
+    recorder.stop()
+
+
+def deploy_error(agent: AgentProcess, generation: int, spec: pb.ZmachineSpec) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        agent.call("deploy", REF, generation, spec)
+    return err.value.code()
+
+
 def test_container_vm_boots_and_entrypoint_sees_env(
-    agent: AgentProcess, spec: pb.ZmachineSpec
+    agent: AgentProcess, spec: pb.ZmachineSpec, events: EventRecorder
 ) -> None:
     resp = agent.call("deploy", REF, 1, spec)
     assert isinstance(resp, pb.DeployResponse) and resp.changed
@@ -127,6 +143,45 @@ def test_second_identical_deploy_is_a_noop(agent: AgentProcess, spec: pb.Zmachin
     assert resp.machine.pid == before
     assert qemu_pids() == [before]
     assert len(agent.call("list")) == 1  # type: ignore[arg-type]
+
+
+def test_stale_or_conflicting_generation_is_refused(
+    agent: AgentProcess, spec: pb.ZmachineSpec
+) -> None:
+    assert deploy_error(agent, 0, spec) == grpc.StatusCode.FAILED_PRECONDITION
+    changed = pb.ZmachineSpec()
+    changed.CopyFrom(spec)
+    changed.env[AGENT_GREETING_VAR] = "other"
+    assert deploy_error(agent, 1, changed) == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(qemu_pids()) == 1
+
+
+def test_pause_and_resume_by_rpc_and_by_generation(
+    agent: AgentProcess, spec: pb.ZmachineSpec, events: EventRecorder
+) -> None:
+    pid = machine(agent).pid
+    m = agent.call("pause", UID)
+    assert isinstance(m, pb.Machine) and m.state == pb.MACHINE_STATE_PAUSED
+    m = agent.call("resume", UID)
+    assert isinstance(m, pb.Machine) and m.state == pb.MACHINE_STATE_RUNNING
+    paused = pb.ZmachineSpec()
+    paused.CopyFrom(spec)
+    paused.paused = True
+    resp = agent.call("deploy", REF, 2, paused)
+    assert isinstance(resp, pb.DeployResponse) and resp.changed
+    assert resp.machine.state == pb.MACHINE_STATE_PAUSED and resp.machine.generation == 2
+    resp = agent.call("deploy", REF, 3, spec)
+    assert isinstance(resp, pb.DeployResponse)
+    assert resp.machine.state == pb.MACHINE_STATE_RUNNING
+    assert resp.machine.pid == pid, "pausing must not replace the VM"
+    wait_for("events", lambda: len(events.types()) >= 5, timeout=10)
+    assert events.types() == [
+        "EVENT_TYPE_DEPLOYED",
+        "EVENT_TYPE_PAUSED",
+        "EVENT_TYPE_RESUMED",
+        "EVENT_TYPE_UPDATED",  # generation 2: paused
+        "EVENT_TYPE_UPDATED",  # generation 3: running again
+    ]
 
 
 def test_stats_and_metrics_report_the_vm(agent: AgentProcess) -> None:
@@ -166,9 +221,26 @@ def test_vmm_killed_from_outside_is_restarted_and_counted(agent: AgentProcess) -
     assert qemu_pids() == [m.pid]
 
 
-def test_delete_leaves_no_process_mount_tap_or_file(
-    agent: AgentProcess, agent_netns: str
+def test_new_generation_replaces_the_vm_with_the_new_spec(
+    agent: AgentProcess, spec: pb.ZmachineSpec
 ) -> None:
+    old = machine(agent).pid
+    changed = pb.ZmachineSpec()
+    changed.CopyFrom(spec)
+    changed.env[AGENT_GREETING_VAR] = "second-generation"
+    resp = agent.call("deploy", REF, 4, changed)
+    assert isinstance(resp, pb.DeployResponse) and resp.changed
+    m = resp.machine
+    assert m.generation == 4 and m.pid not in (0, old) and m.restarts == 0
+    assert qemu_pids() == [m.pid]
+    wait_for(
+        "the new generation's output",
+        lambda: "zm-test-entry second-generation" in Path(m.console_log).read_text(),
+        timeout=150,
+    )
+
+
+def test_delete_leaves_no_process_mount_tap_or_file(agent: AgentProcess, agent_netns: str) -> None:
     m = machine(agent)
     tap = m.interfaces[0].tap
     assert subprocess.run(["ip", "-n", agent_netns, "link", "show", tap]).returncode == 0
