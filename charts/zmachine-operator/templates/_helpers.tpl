@@ -1,0 +1,137 @@
+{{/* Names, labels and shared snippets. */}}
+
+{{- define "zmachine.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "zmachine.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels on every object; "component" is controller, agent or tls. */}}
+{{- define "zmachine.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: zmachine-operator
+{{ include "zmachine.selectorLabels" . }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "zmachine.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "zmachine.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "zmachine.controller.serviceAccountName" -}}
+{{- default (printf "%s-controller" (include "zmachine.fullname" .)) .Values.controller.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "zmachine.agent.serviceAccountName" -}}
+{{- default (printf "%s-agent" (include "zmachine.fullname" .)) .Values.agent.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "zmachine.tls.secretName" -}}
+{{- default (printf "%s-tls" (include "zmachine.fullname" .)) .Values.tls.existingSecret -}}
+{{- end -}}
+
+{{/* image: repository:tag, tag defaulting to the appVersion. Argument: .image values. */}}
+{{- define "zmachine.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "zmachine.podNamespaceEnv" -}}
+# Leases (leader election, agent heartbeats) live in the release namespace.
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef: {fieldPath: metadata.namespace}
+{{- end -}}
+
+{{/*
+The mTLS material as JSON: kept from the Secret already in the cluster (so upgrades keep the
+CA), generated otherwise or when tls.regenerate is set. Memoized in .Values because every
+genCA call makes a new CA, and the Secret and the pods' checksum must see the same one.
+*/}}
+{{- define "zmachine.tls.material" -}}
+{{- if not (hasKey .Values.tls "_material") -}}
+{{- $keys := list "ca.crt" "server.crt" "server.key" "client.crt" "client.key" -}}
+{{- $found := (lookup "v1" "Secret" .Release.Namespace (include "zmachine.tls.secretName" .)).data | default dict -}}
+{{- $material := dict -}}
+{{- $complete := true -}}
+{{- range $keys -}}
+{{- if not (hasKey $found .) }}{{ $complete = false }}{{ end -}}
+{{- end -}}
+{{- if and $complete (not .Values.tls.regenerate) -}}
+{{- range $keys }}{{ $_ := set $material . (get $found . | b64dec) }}{{ end -}}
+{{- else -}}
+{{- $days := int .Values.tls.validityDays -}}
+{{- $ca := genCA (printf "%s-ca" (include "zmachine.fullname" .)) $days -}}
+{{- $names := .Values.tls.agentServerNames -}}
+{{- $server := genSignedCert (first $names) .Values.tls.agentServerIPs $names $days $ca -}}
+{{- $client := genSignedCert "zmachine-controller" nil nil $days $ca -}}
+{{- $material = dict "ca.crt" $ca.Cert "server.crt" $server.Cert "server.key" $server.Key "client.crt" $client.Cert "client.key" $client.Key -}}
+{{- end -}}
+{{- $_ := set .Values.tls "_material" $material -}}
+{{- end -}}
+{{- toJson (get .Values.tls "_material") -}}
+{{- end -}}
+
+{{/* Pod annotation that rolls the pods when generated certificates change. */}}
+{{- define "zmachine.tls.checksum" -}}
+{{- if not .Values.tls.existingSecret -}}
+checksum/tls: {{ include "zmachine.tls.material" . | sha256sum }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+ClusterRoleBinding for the component's ClusterRole, plus a Role on Leases in the release
+namespace and its RoleBinding. Arguments: root, component, leaseVerbs.
+*/}}
+{{- define "zmachine.rbac.bindings" -}}
+{{- $root := .root -}}
+{{- $name := printf "%s-%s" (include "zmachine.fullname" $root) .component -}}
+{{- $labels := include "zmachine.labels" . -}}
+{{- $subject := dict "kind" "ServiceAccount" "name" (include (printf "zmachine.%s.serviceAccountName" .component) $root) "namespace" $root.Release.Namespace -}}
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- $labels | nindent 4 }}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {{ $name }}}
+subjects: [{{ toJson $subject }}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {{ $name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- $labels | nindent 4 }}
+rules:
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    verbs: {{ toJson .leaseVerbs }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {{ $name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- $labels | nindent 4 }}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: {{ $name }}}
+subjects: [{{ toJson $subject }}]
+{{- end -}}
