@@ -19,6 +19,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane.start()
     try:
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        plane.kubectl("create", "namespace", "zmachine-system")
         plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         yield plane
     finally:

@@ -1,7 +1,9 @@
-"""kopf handlers for Zmachines: admission already checked the spec, these drive it to reality."""
+"""kopf handlers: Zmachines are converged on every change and every few seconds; nodes are
+watched for liveness. Admission already checked the spec."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -11,12 +13,18 @@ import kopf
 import pydantic
 import structlog
 
-from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase, ZmachineSpec
-from controller.operator import conditions, metrics
+from controller.api import conditions as cond
+from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
+from controller.api.zmachinenode import PLURAL as NODE_PLURAL
+from controller.operator import metrics, nodes
+from controller.operator.errors import ControllerError
+from controller.operator.reconcile import Runtime, Target, converge, release
+from controller.operator.status import StatusWriter
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 FINALIZER = f"{GROUP}/finalizer"
+RESYNC_SECONDS = 5.0
 
 
 @kopf.on.startup()
@@ -33,14 +41,75 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
 
 
-def _bound(meta: Mapping[str, Any]) -> structlog.stdlib.BoundLogger:
-    return log.bind(namespace=meta.get("namespace"), name=meta.get("name"), uid=meta.get("uid"))
+def _runtime(memo: kopf.Memo) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+async def _converge(
+    memo: kopf.Memo,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    trigger: str,
+) -> None:
+    if meta.get("deletionTimestamp"):
+        return
+    started = time.monotonic()
+    target = Target.of(meta)
+    out = StatusWriter(body, status, patch, target.generation)
+    result = "ok"
+    try:
+        await converge(_runtime(memo), target, spec, out)
+    except pydantic.ValidationError as exc:
+        message = f"spec is invalid: {_first_error(exc)}"
+        out.condition(cond.READY, False, "InvalidSpec", message)
+        out.phase_to(Phase.FAILED, "InvalidSpec", message)
+        result = "invalid"
+    except ControllerError as exc:
+        out.set("message", str(exc))
+        result = "error"
+    finally:
+        metrics.RECONCILES.labels(result=result).inc()
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    log.debug(
+        "reconciled",
+        namespace=target.namespace,
+        name=target.name,
+        uid=target.uid,
+        trigger=trigger,
+        phase=out.phase,
+    )
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def reconcile(
+async def on_change(
+    memo: kopf.Memo,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    reason: str,
+    **_: Any,
+) -> None:
+    log.info(
+        "reconciled",
+        namespace=meta.get("namespace"),
+        name=meta.get("name"),
+        uid=meta.get("uid"),
+        trigger=str(reason),
+    )
+    await _converge(memo, spec, status, meta, body, patch, str(reason))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync(
+    memo: kopf.Memo,
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     meta: Mapping[str, Any],
@@ -48,63 +117,91 @@ def reconcile(
     patch: kopf.Patch,
     **_: Any,
 ) -> None:
-    started = time.monotonic()
-    logger = _bound(meta)
-    generation = meta.get("generation")
-    existing = list(status.get("conditions") or [])
-    try:
-        ZmachineSpec.model_validate(dict(spec))
-    except pydantic.ValidationError as exc:
-        message = f"spec is invalid: {_first_error(exc)}"
-        logger.warning("invalid spec", error=message)
-        _set_phase(patch, body, status, Phase.FAILED, "InvalidSpec", message)
-        patch.status["conditions"] = conditions.set_condition(
-            existing, conditions.READY, False, "InvalidSpec", message, generation
-        )
-        metrics.RECONCILES.labels(result="invalid").inc()
-        raise kopf.PermanentError(message) from exc
-
-    # No node agent is wired in yet: accept the object and say what it waits for.
-    message = "accepted; waiting for a node agent to schedule it"
-    patch.status["conditions"] = conditions.set_condition(
-        existing, conditions.SCHEDULED, False, "NoNodes", message, generation
-    )
-    patch.status["observedGeneration"] = generation
-    _set_phase(patch, body, status, Phase.PENDING, "Accepted", message)
-    logger.info("reconciled", phase=Phase.PENDING.value)
-    metrics.RECONCILES.labels(result="ok").inc()
-    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    """Compare desired and reported state even when nothing in Kubernetes changed."""
+    await _converge(memo, spec, status, meta, body, patch, "resync")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def release(meta: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
-    _bound(meta).info("released")
-    kopf.event(body, type="Normal", reason="Deleted", message="Zmachine released")
+async def on_delete(
+    memo: kopf.Memo,
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    target = Target.of(meta)
+    out = StatusWriter(body, status, patch, target.generation)
+    out.set("phase", Phase.TERMINATING.value)
+    try:
+        await release(_runtime(memo), target, status, meta, out)
+    except ControllerError as exc:
+        out.set("message", str(exc))
+        raise kopf.TemporaryError(str(exc), delay=RESYNC_SECONDS) from exc
+    log.info("released", namespace=target.namespace, name=target.name, uid=target.uid)
+    out.event("Deleted", "everything on the node is gone")
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def track_phase(event: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> None:
+def track_zmachine(
+    memo: kopf.Memo,
+    event: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    **_: Any,
+) -> None:
     uid = str(meta.get("uid"))
     if event.get("type") == "DELETED":
         metrics.PHASES.observe(uid, None)
+        _runtime(memo).inventory.forget_zmachine(uid)
         return
-    obj = event.get("object") or {}
-    metrics.PHASES.observe(uid, (obj.get("status") or {}).get("phase"))
+    metrics.PHASES.observe(uid, status.get("phase"))
+    _runtime(memo).inventory.observe_zmachine(uid, meta, spec, status.get("nodeName"))
 
 
-def _set_phase(
-    patch: kopf.Patch,
-    body: kopf.Body,
+@kopf.on.event(GROUP, VERSION, NODE_PLURAL)
+def track_node(
+    memo: kopf.Memo,
+    event: Mapping[str, Any],
+    name: str,
+    spec: Mapping[str, Any],
     status: Mapping[str, Any],
-    phase: Phase,
-    reason: str,
-    message: str,
+    **_: Any,
 ) -> None:
-    patch.status["phase"] = phase.value
-    patch.status["message"] = message
-    if status.get("phase") != phase.value:
-        kind = "Warning" if phase in (Phase.FAILED, Phase.UNKNOWN) else "Normal"
-        kopf.event(body, type=kind, reason=reason, message=f"{phase.value}: {message}")
+    inventory = _runtime(memo).inventory
+    if event.get("type") == "DELETED":
+        inventory.forget_node(name)
+    else:
+        inventory.observe_node(name, spec, status)
+
+
+@kopf.timer(GROUP, VERSION, NODE_PLURAL, interval=RESYNC_SECONDS)
+async def watch_node(
+    memo: kopf.Memo,
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Judge liveness from the Lease and publish what is placed on the node."""
+    runtime = _runtime(memo)
+    fresh = await asyncio.to_thread(nodes.lease_fresh, memo["coordination"], name, spec)
+    new_conditions = nodes.readiness_patch(name, status, fresh, body)
+    if new_conditions is not None:
+        patch.status["conditions"] = new_conditions
+        node = runtime.inventory.nodes.get(name)
+        if node is not None:
+            node.ready = False
+    used = runtime.inventory.used(name)
+    published = {"cpu": used.cpu, "memory": f"{used.memory // (1024 * 1024)}Mi"}
+    if status.get("used") != published:
+        patch.status["used"] = published
+    count = len(runtime.inventory.machines_on(name))
+    if status.get("machines") != count:
+        patch.status["machines"] = count
 
 
 def _first_error(exc: pydantic.ValidationError) -> str:

@@ -1,14 +1,65 @@
-"""zmachine-controller: the kopf operator that reconciles Zmachines."""
+"""zmachine-controller: the kopf operator that reconciles Zmachines onto node agents."""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 import kopf
+from kubernetes import client
 
+from controller.api.zmachine import GROUP, PLURAL, VERSION
+from controller.api.zmachinenode import LEASE_NAMESPACE_DEFAULT
+from controller.kube import ApiException, api_client, get_object
 from controller.logs import configure_logging
 from controller.operator import handlers, metrics
+from controller.operator.agents import AgentPool
+from controller.operator.inventory import Inventory, Placement, request_of
+from controller.operator.leader import LeaderElector
+from controller.operator.reconcile import Runtime
+
+
+def _secret_reader(core: client.CoreV1Api) -> Any:
+    def read(namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            secret = core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = {k: str(v) for k, v in (secret.data or {}).items()}
+        data.update(
+            {
+                k: base64.b64encode(v.encode()).decode()
+                for k, v in (secret.string_data or {}).items()
+            }
+        )
+        return data
+
+    return read
+
+
+def _placement_lister(custom: client.CustomObjectsApi) -> Any:
+    def list_placements() -> list[tuple[str, Placement]]:
+        found = get_object(custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
+        result = []
+        for item in found.get("items", []):
+            node = (item.get("status") or {}).get("nodeName")
+            if node:
+                meta = item["metadata"]
+                result.append(
+                    (
+                        meta["uid"],
+                        Placement(node, request_of(item["spec"]), meta["namespace"], meta["name"]),
+                    )
+                )
+        return result
+
+    return list_placements
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +74,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--health-port", type=int, default=8080)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "console"], default="json")
+    parser.add_argument("--kubeconfig", default=None)
+    parser.add_argument(
+        "--lease-namespace",
+        default=LEASE_NAMESPACE_DEFAULT,
+        help="namespace of the leader-election Lease",
+    )
+    parser.add_argument("--no-leader-election", action="store_true")
+    tls = parser.add_mutually_exclusive_group(required=True)
+    tls.add_argument(
+        "--agent-tls-dir",
+        type=Path,
+        help="directory with ca.crt, client.crt and client.key for agent mTLS",
+    )
+    tls.add_argument(
+        "--agent-insecure-dev",
+        action="store_true",
+        help="plaintext gRPC to agents: development on loopback only",
+    )
+    parser.add_argument(
+        "--delete-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for an unreachable node before releasing a deleted Zmachine anyway",
+    )
     args = parser.parse_args(argv)
 
     configure_logging(args.log_level, json=args.log_format == "json")
+    # kopf reports every handler run at INFO; our own lines already say what happened.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    api = api_client(args.kubeconfig)
+    if not args.no_leader_election:
+        elector = LeaderElector(api, args.lease_namespace)
+        elector.acquire()
+        elector.keep()
     metrics.serve(args.metrics_port)
+    runtime = Runtime(
+        inventory=Inventory(),
+        agents=AgentPool(None if args.agent_insecure_dev else args.agent_tls_dir),
+        read_secret=_secret_reader(client.CoreV1Api(api)),
+        list_placements=_placement_lister(client.CustomObjectsApi(api)),
+        delete_timeout=args.delete_timeout,
+    )
     assert handlers.FINALIZER  # the import registers the handlers with kopf
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        memo=kopf.Memo(runtime=runtime, coordination=client.CoordinationV1Api(api)),
     )
     return 0
 

@@ -40,6 +40,7 @@ def controller(
                 sys.executable,
                 "-m",
                 "controller.operator.main",
+                "--agent-insecure-dev",
                 "--metrics-port",
                 str(metrics_port),
                 "--health-port",

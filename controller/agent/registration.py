@@ -1,0 +1,135 @@
+"""The agent registers its node as a ZmachineNode and renews a Lease as its heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from kubernetes import client
+
+from controller.api.conditions import set_condition
+from controller.api.zmachinenode import PLURAL
+from controller.kube import GROUP, VERSION, ApiException, api_client, get_object, utcnow
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
+
+NodeInfoFn = Callable[[], Awaitable[Any]]  # returns a zmachine.agent.v1 NodeInfoResponse
+
+
+@dataclass(frozen=True)
+class Registration:
+    node_name: str
+    address: str
+    lease_namespace: str
+    kubeconfig: str | None = None
+    interval: float = 10.0
+    lease_seconds: int = 20
+
+
+def lease_name(node: str) -> str:
+    return f"zmachine-node-{node}"
+
+
+class Registrar:
+    def __init__(self, reg: Registration, node_info: NodeInfoFn) -> None:
+        self.reg = reg
+        self.node_info = node_info
+        api = api_client(reg.kubeconfig)
+        self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.log = log.bind(node=reg.node_name)
+
+    async def run(self) -> None:
+        """Heartbeat until cancelled; API errors are logged and retried, never fatal."""
+        while True:
+            try:
+                info = await self.node_info()
+                await asyncio.to_thread(self.beat, info)
+            except (ApiException, OSError) as exc:
+                self.log.warning("registration failed; retrying", error=str(exc))
+            await asyncio.sleep(self.reg.interval)
+
+    def beat(self, info: Any) -> None:
+        self._ensure_node()
+        self._patch_status(info)
+        self._renew_lease()
+
+    def _ensure_node(self) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ZmachineNode",
+            "metadata": {"name": self.reg.node_name},
+            "spec": {"address": self.reg.address, "leaseNamespace": self.reg.lease_namespace},
+        }
+        try:
+            current = get_object(
+                self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.reg.node_name)
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+            self.log.info("registered ZmachineNode", address=self.reg.address)
+            return
+        if current.get("spec") != body["spec"]:
+            self.custom.patch_cluster_custom_object(
+                GROUP, VERSION, PLURAL, self.reg.node_name, {"spec": body["spec"]}
+            )
+
+    def _labels(self) -> dict[str, str]:
+        try:
+            node = self.core.read_node(self.reg.node_name)
+        except ApiException as exc:
+            if exc.status in (403, 404):  # no Kubernetes node of that name (local runs)
+                return {}
+            raise
+        return dict((node.metadata.labels if node.metadata else None) or {})
+
+    def _patch_status(self, info: Any) -> None:
+        current = get_object(
+            self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.reg.node_name)
+        )
+        existing = (current.get("status") or {}).get("conditions") or []
+        status = {
+            "capacity": {"cpu": info.capacity.cpu, "memory": _mi(info.capacity.memory_bytes)},
+            "allocatable": {
+                "cpu": info.capacity.cpu,
+                "memory": _mi(info.capacity.memory_bytes),
+            },
+            "hypervisor": info.hypervisor,
+            "hypervisorVersion": info.hypervisor_version,
+            "hardwareAcceleration": info.hardware_acceleration,
+            "agentVersion": info.agent_version,
+            "labels": self._labels(),
+            "conditions": set_condition(
+                existing, "Ready", True, "AgentReady", "agent answers and renews its Lease", None
+            ),
+        }
+        self.custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, PLURAL, self.reg.node_name, {"status": status}
+        )
+
+    def _renew_lease(self) -> None:
+        name, ns = lease_name(self.reg.node_name), self.reg.lease_namespace
+        # MicroTime wants exactly six fractional digits, which isoformat() may omit.
+        now = utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        spec = {
+            "holderIdentity": self.reg.node_name,
+            "leaseDurationSeconds": self.reg.lease_seconds,
+            "renewTime": now,
+        }
+        try:
+            self.coordination.patch_namespaced_lease(name, ns, {"spec": spec})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {"metadata": {"name": name}, "spec": spec | {"acquireTime": now}}
+            self.coordination.create_namespaced_lease(ns, body)  # type: ignore[arg-type]
+
+
+def _mi(nbytes: int) -> str:
+    return f"{nbytes // (1024 * 1024)}Mi"

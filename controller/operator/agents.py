@@ -1,0 +1,86 @@
+"""Calls to node agents: one client per address, with latency metrics and typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from controller.agent.client import AgentClient
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.tls import ClientTLS
+from controller.operator import metrics
+from controller.operator.errors import AgentRejected, AgentUnavailable, MachineNotFound
+
+T = TypeVar("T")
+
+_REJECTED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+@dataclass
+class AgentPool:
+    """Clients by agent address; `tls_dir` holds ca.crt, client.crt, client.key."""
+
+    tls_dir: Path | None
+    timeout: float = 60.0
+    _clients: dict[str, AgentClient] = field(default_factory=dict)
+
+    def client(self, address: str) -> Agent:
+        if address not in self._clients:
+            tls = ClientTLS.from_dir(self.tls_dir) if self.tls_dir else None
+            self._clients[address] = AgentClient(address, tls, timeout=self.timeout)
+        return Agent(address, self._clients[address])
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+@dataclass
+class Agent:
+    address: str
+    raw: AgentClient
+
+    async def _call(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            metrics.AGENT_CALL_ERRORS.labels(method=method, code=code.name).inc()
+            detail = f"agent {self.address} {method}: {exc.details() or code.name}"
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise MachineNotFound(detail) from exc
+            if code in _REJECTED:
+                raise AgentRejected(detail) from exc
+            raise AgentUnavailable(detail) from exc
+        finally:
+            metrics.AGENT_CALL_SECONDS.labels(method=method).observe(time.monotonic() - started)
+
+    async def deploy(
+        self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec
+    ) -> pb.DeployResponse:
+        return await self._call("Deploy", lambda: self.raw.deploy(ref, generation, spec))
+
+    async def get(self, uid: str) -> pb.Machine | None:
+        try:
+            return await self._call("Get", lambda: self.raw.get(uid))
+        except MachineNotFound:
+            return None
+
+    async def delete(self, uid: str) -> bool:
+        return await self._call("Delete", lambda: self.raw.delete(uid))
+
+    async def stats(self, uid: str) -> pb.MachineStats:
+        return await self._call("Stats", lambda: self.raw.stats(uid))

@@ -1,0 +1,31 @@
+"""Typed errors of the controller, mapped once to conditions and events in reconcile."""
+
+from __future__ import annotations
+
+
+class ControllerError(Exception):
+    """Base class; `reason` is the CamelCase word shown in conditions and events."""
+
+    reason = "Error"
+
+
+class AgentUnavailable(ControllerError):
+    """The node agent did not answer; worth retrying."""
+
+    reason = "AgentUnavailable"
+
+
+class AgentRejected(ControllerError):
+    """The node agent refused the request; retrying the same spec will not help."""
+
+    reason = "AgentRejected"
+
+
+class MachineNotFound(ControllerError):
+    reason = "MachineNotFound"
+
+
+class SecretUnavailable(ControllerError):
+    """A Secret named by spec.env[].valueFrom is missing or lacks the key."""
+
+    reason = "SecretNotFound"

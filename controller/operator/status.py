@@ -1,0 +1,55 @@
+"""Writing a Zmachine's status: only what changed, events on phase transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from controller.api import conditions
+from controller.api.zmachine import Phase
+
+_WARNING_PHASES = (Phase.FAILED, Phase.UNKNOWN)
+
+
+class StatusWriter:
+    """Accumulates status changes into kopf's patch, skipping values that are already set."""
+
+    def __init__(
+        self, body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, generation: int | None
+    ) -> None:
+        self.body = body
+        self.current = status
+        self.patch = patch
+        self.generation = generation
+        self.conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
+
+    @property
+    def phase(self) -> str | None:
+        value = self.patch.status.get("phase", self.current.get("phase"))
+        return None if value is None else str(value)
+
+    def set(self, key: str, value: Any) -> None:
+        if self.current.get(key) != value:
+            self.patch.status[key] = value
+
+    def condition(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
+        self.conditions = conditions.set_condition(
+            self.conditions, type_, ok, reason, message, self.generation
+        )
+        if self.conditions != list(self.current.get("conditions") or []):
+            self.patch.status["conditions"] = self.conditions
+
+    def phase_to(self, phase: Phase, reason: str, message: str) -> None:
+        previous = self.phase
+        self.set("phase", phase.value)
+        self.set("message", message)
+        if previous != phase.value:
+            kind = "Warning" if phase in _WARNING_PHASES else "Normal"
+            kopf.event(self.body, type=kind, reason=reason, message=f"{phase.value}: {message}")
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        kopf.event(
+            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
+        )

@@ -1,0 +1,67 @@
+"""From a Zmachine's spec to the agent's DeployRequest spec (secrets resolved here)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.api.zmachine import RestartPolicy, ZmachineSpec
+from controller.operator.errors import SecretUnavailable
+from controller.operator.inventory import quantity_bytes
+
+# (namespace, secret name) -> the Secret's data (base64 values), or None when absent.
+SecretReader = Callable[[str, str], dict[str, str] | None]
+
+_POLICY = {
+    RestartPolicy.ALWAYS: pb.RESTART_POLICY_ALWAYS,
+    RestartPolicy.ON_FAILURE: pb.RESTART_POLICY_ON_FAILURE,
+    RestartPolicy.NEVER: pb.RESTART_POLICY_NEVER,
+}
+
+
+def resolve_env(spec: ZmachineSpec, namespace: str, read_secret: SecretReader) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for i, var in enumerate(spec.env):
+        if var.value is not None:
+            env[var.name] = var.value
+            continue
+        assert var.value_from is not None  # admission: exactly one of the two
+        ref = var.value_from.secret_key_ref
+        data = read_secret(namespace, ref.name)
+        where = f"spec.env[{i}].valueFrom.secretKeyRef"
+        if data is None:
+            raise SecretUnavailable(f"{where}: Secret {namespace}/{ref.name} does not exist")
+        if ref.key not in data:
+            raise SecretUnavailable(f"{where}: Secret {namespace}/{ref.name} has no key {ref.key}")
+        env[var.name] = base64.b64decode(data[ref.key]).decode()
+    return env
+
+
+def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.ZmachineSpec:
+    volumes = [
+        pb.Volume(
+            name=v.name,
+            kind=pb.VOLUME_KIND_DISK if v.disk else pb.VOLUME_KIND_SHARE,
+            size_bytes=quantity_bytes((v.disk or v.volume).size),  # type: ignore[union-attr]
+        )
+        for v in spec.volumes
+    ]
+    interfaces = spec.network.interfaces if spec.network else []
+    ssh_keys = [k.strip() for k in re.split(r"[\n,]", env.get("SSH_KEY", "")) if k.strip()]
+    return pb.ZmachineSpec(
+        flist=spec.flist,
+        cpu=spec.compute_capacity.cpu,
+        memory_bytes=quantity_bytes(spec.compute_capacity.memory),
+        size_bytes=quantity_bytes(spec.size or 0),
+        entrypoint=spec.entrypoint or "",
+        env=env,
+        volumes=volumes,
+        mounts=[pb.Mount(name=m.name, mountpoint=m.mount_point) for m in spec.mounts],
+        interfaces=[pb.NetworkInterface(network=i.network, ip=i.ip or "") for i in interfaces],
+        restart_policy=_POLICY[spec.restart_policy],
+        paused=spec.paused,
+        hostname=name,
+        ssh_keys=ssh_keys,
+    )
