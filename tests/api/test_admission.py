@@ -100,7 +100,7 @@ def _drop(path: str) -> Callable[[Manifest], None]:
 
 
 # (mutation, text kubectl must show, naming the field and the rule)
-REJECTIONS: dict[str, tuple[Callable[[Manifest], None], list[str]]] = {
+REJECTIONS: dict[str, tuple[Callable[[Manifest], object], list[str]]] = {
     "flist missing": (_drop("flist"), ["spec.flist", "Required value"]),
     "flist bad scheme": (_set("flist", "ftp://hub/x.fl"), ["spec.flist", "should match"]),
     "flist bad extension": (_set("flist", "https://hub/x.tar"), ["spec.flist", "should match"]),
