@@ -55,6 +55,66 @@ def _spawn(name: str, argv: list[str], env: dict[str, str]) -> int:
     return proc.pid
 
 
+EXAMPLES = Path("/var/lib/zmachine-operator/examples")
+NETNS = "zmrun"
+BRIDGE_CIDR = "10.234.0.1/24"
+AGENT_CIDR = "10.234.0.0/24"
+
+
+def _example_flist() -> Path:
+    """The busybox root filesystem that examples/busybox.yaml boots, packed as an rfs flist."""
+    from controller.flist.pack import pack
+
+    flist = EXAMPLES / "busybox.fl"
+    if flist.exists():
+        return flist
+    say(f"packing the example flist {flist}")
+    root = CACHE / "example-root"
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "etc", "root", "tmp", "proc", "sys", "dev"):
+        (root / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    for applet in ("sh", "echo", "cat", "ls", "sleep", "ip", "ping", "hostname", "poweroff"):
+        (root / "bin" / applet).symlink_to("busybox")
+    EXAMPLES.mkdir(parents=True, exist_ok=True)
+    pack(root, flist, [f"dir://{EXAMPLES / 'store'}"], progress=True)
+    return flist
+
+
+def _network() -> None:
+    """Guests live on a bridge inside a namespace of their own, never on the host's."""
+    if subprocess.run(["ip", "netns", "exec", NETNS, "true"], capture_output=True).returncode == 0:
+        return
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    for cmd in (
+        ["link", "add", "zmbr0", "type", "bridge"],
+        ["addr", "add", BRIDGE_CIDR, "dev", "zmbr0"],
+        ["link", "set", "zmbr0", "up"],
+        ["link", "set", "lo", "up"],
+    ):
+        subprocess.run(["ip", "-n", NETNS, *cmd], check=True)
+
+
+def _guest_kernel() -> Path:
+    say("building the container-mode guest kernel and initramfs (cached)")
+    out = subprocess.run(
+        ["bash", str(REPO / "hack/build-guest-kernel.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def _pki() -> Path:
+    pki = CACHE / "pki"
+    if not (pki / "ca.crt").exists():
+        from controller.agent.tls import write_dev_pki
+
+        write_dev_pki(pki)
+    return pki
+
+
 def up() -> int:
     PIDS.mkdir(parents=True, exist_ok=True)
     if {"etcd", "kube-apiserver"} <= _running().keys() and KUBECONFIG.exists():
@@ -97,32 +157,36 @@ def up() -> int:
         )
     say("applying examples/")
     subprocess.run([*kubectl, "apply", "-f", str(REPO / "examples")], check=True)
-    return _wait_accepted(kubectl)
+    return _wait_running(kubectl)
 
 
-def _wait_accepted(kubectl: list[str]) -> int:
-    deadline = time.monotonic() + 120
+def _wait_running(kubectl: list[str]) -> int:
+    say("waiting for the examples to be Running (a TCG guest boots in about 15 s)")
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         out = subprocess.run(
             [*kubectl, "get", "zm", "-o", "json"], capture_output=True, text=True, check=True
         ).stdout
         items = json.loads(out)["items"]
         phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}
-        if items and all(phases.values()):
-            say(
-                "controller running, Zmachines accepted: "
-                + ", ".join(f"{n}={p}" for n, p in phases.items())
-            )
+        if any(p == "Failed" for p in phases.values()):
+            say("a Zmachine failed; `kubectl describe zm` says why")
+            return 1
+        if items and all(p == "Running" for p in phases.values()):
+            ips = {i["metadata"]["name"]: i["status"].get("ip") for i in items}
+            say("Running: " + ", ".join(f"{n} ({ips[n]})" for n in phases))
             print(f"""
 Next:
   export KUBECONFIG={KUBECONFIG} PATH={BIN}:$PATH
   kubectl get zm              # phase, node, mode, IP
   kubectl describe zm hello   # conditions and events
-  make down                   # stop everything
+  cat .cache/agent/vms/*/console.log        # the serial console of the guests
+  ip netns exec {NETNS} ping <IP>            # the guests' bridge lives in netns {NETNS}
+  make down                   # delete the examples and stop everything
 """)
             return 0
         time.sleep(1)
-    say("the controller did not pick up the examples; see .cache/logs/controller.log")
+    say("the examples are not Running yet; see kubectl describe zm and .cache/logs/")
     return 1
 
 
@@ -134,6 +198,21 @@ def _kubectl() -> Path:
 
 def down(quiet: bool = False) -> int:
     running = _running()
+    if {"controller", "agent", "kube-apiserver"} <= running.keys():
+        say("deleting the Zmachines so the agent removes their VMs")
+        subprocess.run(
+            [
+                str(_kubectl()),
+                f"--kubeconfig={KUBECONFIG}",
+                "delete",
+                "zm",
+                "--all",
+                "--all-namespaces",
+                "--wait=true",
+                "--timeout=120s",
+            ],
+            check=False,
+        )
     for name, pid in running.items():
         if not quiet:
             say(f"stopping {name} ({pid})")
@@ -145,6 +224,7 @@ def down(quiet: bool = False) -> int:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(PIDS, ignore_errors=True)
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
     shutil.rmtree(CACHE / "cluster", ignore_errors=True)
     KUBECONFIG.unlink(missing_ok=True)
     return 0

@@ -1,0 +1,102 @@
+"""End to end: the real API server, the controller and two agents booting QEMU/TCG guests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hack.controlplane import ControlPlane, free_port
+from tests.agent.agent_harness import AgentProcess
+from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
+
+__all__ = ["agent_busybox_flist", "agent_guest_dir", "agent_pki"]
+
+NODES = {"node-a": "10.233.1.0/24", "node-b": "10.233.2.0/24"}
+
+
+@pytest.fixture(scope="module")
+def e2e_netns() -> Iterator[str]:
+    """One namespace with one bridge; each node hands out addresses from its own /24."""
+    name = f"zme2e{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["link", "add", "zmbr0", "type", "bridge"],
+            ["addr", "add", "10.233.0.1/16", "dev", "zmbr0"],
+            ["link", "set", "zmbr0", "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            subprocess.run(["ip", "-n", name, *cmd], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@dataclass
+class Fleet:
+    cluster: ControlPlane
+    agents: dict[str, AgentProcess]
+    controller: subprocess.Popen[bytes]
+    controller_log: Path
+    flist: Path
+
+
+def node_agent(
+    name: str,
+    cluster: ControlPlane,
+    base: Path,
+    pki: Path,
+    netns: str,
+    guest_dir: Path,
+    flist_dir: Path,
+) -> AgentProcess:
+    agent = AgentProcess(base / name, pki, [])
+    agent.extra = [
+        "--node-name", name, "--cidr", NODES[name], "--bridge", "zmbr0", "--netns", netns,
+        "--guest-kernel-dir", str(guest_dir), "--flist-dir", str(flist_dir),
+        "--kubeconfig", str(cluster.kubeconfig), "--advertise-address", agent.address,
+        "--lease-namespace", "zmachine-system",
+    ]  # fmt: skip
+    return agent
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    cluster: ControlPlane,
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_guest_dir: Path,
+    agent_busybox_flist: Path,
+    e2e_netns: str,
+) -> Iterator[Fleet]:
+    base = tmp_path_factory.mktemp("e2e")
+    agents = {
+        name: node_agent(
+            name, cluster, base, agent_pki, e2e_netns, agent_guest_dir, agent_busybox_flist.parent
+        )
+        for name in NODES
+    }
+    log = base / "controller.log"
+    with log.open("wb") as out:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "controller.operator.main",
+             "--agent-tls-dir", str(agent_pki), "--metrics-port", str(free_port()),
+             "--health-port", str(free_port()), "--delete-timeout", "60"],
+            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        for agent in agents.values():
+            agent.start()
+        yield Fleet(cluster, agents, controller, log, agent_busybox_flist)
+    finally:
+        controller.terminate()
+        controller.wait(30)
+        for agent in agents.values():
+            agent.stop()
