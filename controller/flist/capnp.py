@@ -160,7 +160,7 @@ class Struct:
             return None
         if not raw.endswith(b"\0"):
             raise CapnpError("text is not NUL-terminated")
-        return raw[:-1].decode("utf-8", "surrogateescape")
+        return raw[:-1].decode("utf-8", "replace")
 
     def struct_list(self, index: int) -> list[Struct]:
         found = self._pointer(index)

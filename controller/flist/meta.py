@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from controller.flist import pathres
+from controller.flist import pathres, v1
 from controller.flist.chunks import CHUNK_SIZE, V1_HASH_SIZE, V2_HASH_SIZE, BlockRef
 from controller.flist.errors import (
     FlistError,
@@ -21,7 +21,7 @@ from controller.flist.errors import (
     FlistNotADirectoryError,
     FlistNotFoundError,
 )
-from controller.flist.schema import HARDLINK_TABLE
+from controller.flist.schema import HARDLINK_TABLE, lossy_text
 
 SQLITE_MAGIC = b"SQLite format 3\0"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -33,6 +33,16 @@ FILE_TYPES = frozenset(
     | {stat.S_IFSOCK}
 )
 
+_TIME_LIMIT = 1 << 33  # seconds, ~year 2242; keeps nanoseconds within int64
+_RANGES = (
+    ("size", 0, MAX_FILE_SIZE),
+    ("mode", 0, 0o177777),
+    ("uid", 0, 2**32 - 1),
+    ("gid", 0, 2**32 - 1),
+    ("rdev", 0, 2**64 - 1),
+    ("mtime", -_TIME_LIMIT, _TIME_LIMIT),
+    ("ctime", -_TIME_LIMIT, _TIME_LIMIT),
+)
 _SELECT = (
     "SELECT inode.ino, inode.parent, inode.name, inode.size, inode.uid, inode.gid, inode.mode,"
     " inode.rdev, inode.ctime, inode.mtime, extra.data"
@@ -110,7 +120,7 @@ class Flist:
         try:
             with self._lock:
                 return self._conn.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError, OverflowError) as exc:  # ValueError: bad text
             raise FlistFormatError(f"database error: {exc}", flist=self.label) from None
 
     def close(self) -> None:
@@ -141,6 +151,13 @@ class Flist:
             )
         except (TypeError, ValueError) as exc:
             raise FlistFormatError(f"bad inode row {ino!r}: {exc}", flist=self.label) from None
+        for field, low, high in _RANGES:
+            if not low <= getattr(entry, field) <= high:
+                raise FlistLimitError(
+                    f"{field} {getattr(entry, field)} out of range",
+                    flist=self.label,
+                    path=self.path_of(entry.ino),
+                )
         if entry.kind not in FILE_TYPES:
             raise FlistFormatError(
                 f"unknown file type in mode {entry.mode:o}", flist=self.label, path=entry.name
@@ -178,7 +195,7 @@ class Flist:
         if bad:
             _, parent, name = bad[0]
             raise FlistNameError(
-                f"invalid entry name {name!r}", flist=self.label, path=self.path_of(int(parent))
+                f"invalid entry name {name!r}", flist=self.label, path=self.path_of(parent)
             )
         dup = self.query(
             "SELECT parent, name FROM inode GROUP BY parent, name HAVING COUNT(*) > 1 LIMIT 1"
@@ -188,7 +205,7 @@ class Flist:
             raise FlistNameError(
                 f"duplicate entry name {_name(name)!r}",
                 flist=self.label,
-                path=self.path_of(int(parent)),
+                path=self.path_of(parent),
             )
         huge = self.query(
             "SELECT ino, size FROM inode WHERE typeof(size) != 'integer' OR size < 0 OR size > ?"
@@ -199,7 +216,7 @@ class Flist:
             raise FlistLimitError(
                 f"entry size {huge[0][1]!r} is out of range",
                 flist=self.label,
-                path=self.path_of(int(huge[0][0])),
+                path=self.path_of(huge[0][0]),
             )
         if self.version == 2 and self.query(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (HARDLINK_TABLE,)
@@ -208,10 +225,11 @@ class Flist:
 
     def _load_hardlinks(self) -> None:
         for ino, target in self.query(f"SELECT ino, target FROM {HARDLINK_TABLE}"):
-            primary = self.get(int(target))
-            if not primary.is_file or int(target) in self.hardlinks or ino == target:
+            if not (isinstance(ino, int) and isinstance(target, int)) or ino == target:
+                raise FlistFormatError(f"bad hard link {ino!r} -> {target!r}", flist=self.label)
+            if not self.get(target).is_file or target in self.hardlinks:
                 raise FlistFormatError(f"bad hard link {ino} -> {target}", flist=self.label)
-            self.hardlinks[int(ino)] = int(target)
+            self.hardlinks[ino] = target
         for target in self.hardlinks.values():
             self.link_counts[target] = self.link_counts.get(target, 1) + 1
 
@@ -222,18 +240,18 @@ class Flist:
             raise FlistNotFoundError(f"no inode {ino}", flist=self.label)
         return entry
 
-    def path_of(self, ino: int) -> str:
+    def path_of(self, ino: Any) -> str:
         """Best-effort path of an inode, for messages (bounded; never raises)."""
         parts: list[str] = []
         for _ in range(MAX_DEPTH):
             try:
                 rows = self.query("SELECT parent, name FROM inode WHERE ino = ?", (ino,))
-            except FlistError:
+                if not rows or not rows[0][0]:
+                    break
+                ino = int(rows[0][0])
+                parts.append(_name(rows[0][1]))
+            except (FlistError, TypeError, ValueError):
                 break
-            if not rows or int(rows[0][0] or 0) == 0:
-                break
-            ino = int(rows[0][0])
-            parts.append(_name(rows[0][1]))
         return "/" + "/".join(reversed(parts))
 
     def lookup(self, parent: int, name: str) -> Entry | None:
@@ -241,7 +259,8 @@ class Flist:
 
     def children(self, ino: int) -> list[Entry]:
         rows = self.query(f"{_SELECT} WHERE inode.parent = ? ORDER BY inode.ino", (ino,))
-        return [self._entry(row) for row in rows if int(row[0]) != int(row[1])]
+        entries = [self._entry(row) for row in rows]
+        return [entry for entry in entries if entry.ino != entry.parent]
 
     def walk(self) -> Iterator[tuple[str, Entry]]:
         """Every entry reachable from the root, depth first, as ("/path", entry)."""
@@ -367,7 +386,9 @@ def _check_sqlite_size(path: Path, header: bytes) -> None:
 
 def _open_sqlite(path: Path) -> sqlite3.Connection:
     uri = f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
-    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn.text_factory = lossy_text
+    return conn
 
 
 def open_flist(path: Path, *, deep_check: bool = False) -> Flist:
@@ -375,8 +396,6 @@ def open_flist(path: Path, *, deep_check: bool = False) -> Flist:
 
     ``deep_check`` adds SQLite's page-level integrity check (done once when fetching).
     """
-    from controller.flist import v1  # v1 needs meta's types; import here to avoid a cycle
-
     try:
         with path.open("rb") as handle:
             header = handle.read(100)
@@ -391,7 +410,7 @@ def open_flist(path: Path, *, deep_check: bool = False) -> Flist:
         conn = _open_sqlite(path)
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: undecodable error text
             conn.close()
             raise FlistFormatError(f"database error: {exc}", flist=path) from None
         if {"inode", "block"} <= tables:

@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS {HARDLINK_TABLE} (
 """
 
 
+def lossy_text(raw: bytes) -> str:
+    """SQLite text as rfs treats names: lossy UTF-8 (corrupt bytes must not raise on read)."""
+    return raw.decode("utf-8", "replace")
+
+
 def create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(RFS_SCHEMA + HARDLINK_SCHEMA)
 

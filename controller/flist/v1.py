@@ -23,7 +23,7 @@ from typing import Any
 
 from controller.flist.capnp import CapnpError, Message, Struct
 from controller.flist.errors import FlistFormatError, FlistLimitError
-from controller.flist.schema import INODE_INSERT, create_schema
+from controller.flist.schema import INODE_INSERT, create_schema, lossy_text
 
 DB_MEMBER = "flistdb.sqlite3"
 MAX_DB_SIZE = 1 << 30
@@ -61,10 +61,11 @@ def load_archive(path: Path) -> tuple[sqlite3.Connection, list[str]]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise FlistFormatError(f"bad v1 archive: {exc}", flist=path) from None
     src = sqlite3.connect(":memory:")
+    src.text_factory = lossy_text
     try:
         src.deserialize(data)
         return convert(src, path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:  # ValueError: undecodable error text
         raise FlistFormatError(f"database error: {exc}", flist=path) from None
     finally:
         src.close()
@@ -118,17 +119,24 @@ class _Converter:
 
     def value(self, key: str) -> bytes | None:
         row = self.src.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        if not isinstance(row[0], bytes):
+            raise self.fail(f"entry {key} is not a blob", "")
+        return row[0]
 
-    def root_key(self) -> str:
+    def root_object(self) -> tuple[str, bytes]:
         key = dir_key("")
-        if self.value(key) is not None:
-            return key
+        raw = self.value(key)
+        if raw is not None:
+            return key, raw
         # Jumpscale-era flists key directories differently; the root is the one with no location.
         for row_key, value in self.src.execute("SELECT key, value FROM entries"):
+            if not isinstance(value, bytes):
+                continue
             with contextlib.suppress(CapnpError):
-                if Message(bytes(value)).root().text(_DIR_LOCATION) == "":
-                    return str(row_key)
+                if Message(value).root().text(_DIR_LOCATION) == "":
+                    return str(row_key), value
         raise self.fail("no root directory object", "/")
 
     def acl(self, key: str | None) -> _Acl:
@@ -165,9 +173,7 @@ class _Converter:
         return cursor.lastrowid
 
     def run(self) -> sqlite3.Connection:
-        root_key = self.root_key()
-        root_raw = self.value(root_key)
-        assert root_raw is not None
+        root_key, root_raw = self.root_object()
         root = Message(root_raw).root()
         root_ino = self.insert(
             0,
@@ -251,7 +257,7 @@ def convert(src: sqlite3.Connection, label: Path) -> tuple[sqlite3.Connection, l
     except CapnpError as exc:
         converter.dst.close()
         raise FlistFormatError(f"bad directory object: {exc}", flist=label) from None
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError, OverflowError) as exc:  # e.g. undecodable text, huge ints
         converter.dst.close()
         raise FlistFormatError(f"database error: {exc}", flist=label) from None
     except FlistFormatError:

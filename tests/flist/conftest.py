@@ -86,8 +86,16 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
             elif kind == stat.S_IFLNK:
                 extra = os.readlink(path)
             size = None if kind == stat.S_IFDIR else st.st_size
-            result[rel] = (st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime), size, st.st_rdev,
-                           st.st_nlink if kind == stat.S_IFREG else None, extra)
+            result[rel] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                int(st.st_mtime),
+                size,
+                st.st_rdev,
+                st.st_nlink if kind == stat.S_IFREG else None,
+                extra,
+            )
     return result
 
 
@@ -122,13 +130,14 @@ def http_dir() -> Iterator[Callable[[Path], tuple[str, list[str]]]]:
     servers: list[http.server.ThreadingHTTPServer] = []
 
     def serve(directory: Path) -> tuple[str, list[str]]:
-        handler = type("Handler", (_QuietHandler,), {"requests": []})
+        requests: list[str] = []
+        handler = type("Handler", (_QuietHandler,), {"requests": requests})
         server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
         )
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+        return f"http://127.0.0.1:{server.server_address[1]}", requests
 
     yield serve
     for server in servers:

@@ -53,7 +53,8 @@ def test_container_mode(detect: Detect, tmp_path: Path) -> None:
 
 def test_vm_mode_with_linked_kernel(detect: Detect, tmp_path: Path) -> None:
     root = tree(
-        tmp_path, "vm",
+        tmp_path,
+        "vm",
         {"boot/vmlinuz": "/boot/vmlinuz-6.1.0", "boot/initrd.img": "initrd.img-6.1.0"},
         ("boot/vmlinuz-6.1.0", "boot/initrd.img-6.1.0"),
     )
@@ -79,15 +80,23 @@ def test_image_mode_wins(detect: Detect, tmp_path: Path) -> None:
     ("links", "files", "error", "message"),
     [
         ({"boot/vmlinuz": "../../../../etc/hostname"}, (), FlistLinkError, "above the root"),
-        ({"boot/vmlinuz": "vmlinuz2", "boot/vmlinuz2": "vmlinuz"}, (), FlistLinkError,
-         "too many levels"),
+        (
+            {"boot/vmlinuz": "vmlinuz2", "boot/vmlinuz2": "vmlinuz"},
+            (),
+            FlistLinkError,
+            "too many levels",
+        ),
         ({"boot/vmlinuz": "/usr"}, ("usr/x",), BootModeError, "directory"),
         ({"image.raw": "nowhere"}, (), FlistError, "does not exist"),
     ],
 )
 def test_bad_boot_links_are_refused(
-    detect: Detect, tmp_path: Path, links: dict[str, str], files: tuple[str, ...],
-    error: type[Exception], message: str,
+    detect: Detect,
+    tmp_path: Path,
+    links: dict[str, str],
+    files: tuple[str, ...],
+    error: type[Exception],
+    message: str,
 ) -> None:
     with pytest.raises(error, match=message):
         detect(tree(tmp_path, "bad", links, files))

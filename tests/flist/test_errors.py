@@ -68,7 +68,7 @@ def read_everything(path: Path, store: Path) -> None:
 def test_not_an_flist(tmp_path: Path) -> None:
     for content in (b"", b"hello world, not a database", b"\x1f\x8b garbage"):
         (tmp_path / "x.fl").write_bytes(content)
-        with pytest.raises(FlistFormatError, match="x.fl"):
+        with pytest.raises(FlistFormatError, match=r"x\.fl"):
             open_flist(tmp_path / "x.fl")
     with pytest.raises(FlistFormatError, match="cannot read"):
         open_flist(tmp_path / "missing.fl")
@@ -155,7 +155,7 @@ def test_block_failing_its_key_check() -> None:
 
 
 def test_damaged_cache_file_is_refetched(small: tuple[Path, Path], tmp_path: Path) -> None:
-    flist_path, store = small
+    flist_path, _store = small
     with open_flist(flist_path) as flist:
         entry = flist.resolve("/small")[1]
         (ref,) = flist.blocks(entry)
@@ -174,8 +174,11 @@ def test_v1_directory_cycle(tmp_path: Path) -> None:
     import io
     import tarfile
 
-    root = encode("Dir", f'(location = "", contents = [(name = "loop", attributes = (dir = '
-                         f'(key = "{dir_key("")}")))])')
+    root = encode(
+        "Dir",
+        f'(location = "", contents = [(name = "loop", attributes = (dir = '
+        f'(key = "{dir_key("")}")))])',
+    )
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE entries (key VARCHAR(64) PRIMARY KEY, value BLOB)")
     conn.execute("INSERT INTO entries VALUES (?, ?)", (dir_key(""), root))
@@ -191,8 +194,11 @@ def test_v1_directory_cycle(tmp_path: Path) -> None:
 def test_cli_reports_errors_without_traceback(small: tuple[Path, Path], tmp_path: Path) -> None:
     (tmp_path / "junk.fl").write_bytes(b"junk")
     cli = [sys.executable, "-m", "controller.flist.cli"]
-    for args in (["ls", str(tmp_path / "junk.fl")], ["cat", str(small[0]), "/loop-a"],
-                 ["cat", str(small[0]), "/d"]):
+    for args in (
+        ["ls", str(tmp_path / "junk.fl")],
+        ["cat", str(small[0]), "/loop-a"],
+        ["cat", str(small[0]), "/d"],
+    ):
         done = subprocess.run([*cli, *args], capture_output=True, text=True)
         assert done.returncode == 1
         assert "zmachine-flist: error: flist" in done.stderr

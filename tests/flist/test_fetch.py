@@ -79,5 +79,5 @@ def lying_server() -> Iterator[str]:
 
 
 def test_truncated_download(lying_server: str, tmp_path: Path) -> None:
-    with pytest.raises(FlistFetchError, match="flist http://127.0.0.1"):
+    with pytest.raises(FlistFetchError, match=r"flist http://127\.0\.0\.1"):
         fetch_flist(lying_server, tmp_path / "cache")

@@ -31,15 +31,17 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return source, base / "tree.fl", base / "store"
 
 
-def test_mount_round_trip_via_recorded_routes(packed: tuple[Path, Path, Path],
-                                              mount_flist: MountFn) -> None:
+def test_mount_round_trip_via_recorded_routes(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
     source, flist, _ = packed
     mounted = mount_flist(flist)  # no --store: blocks found through the flist's route table
     assert_same_tree(source, mounted.mountpoint)
 
 
-def test_errnos_and_kernel_facing_ops(packed: tuple[Path, Path, Path],
-                                      mount_flist: MountFn) -> None:
+def test_errnos_and_kernel_facing_ops(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
     root = mount_flist(packed[1]).mountpoint
 
     def code(call: Callable[[], object]) -> int:
@@ -50,8 +52,8 @@ def test_errnos_and_kernel_facing_ops(packed: tuple[Path, Path, Path],
     assert code(lambda: os.stat(root / "nope")) == errno.ENOENT
     assert code(lambda: os.stat(root / "empty" / "x")) == errno.ENOTDIR
     assert code(lambda: os.listdir(root / "empty")) == errno.ENOTDIR
-    assert code(lambda: open(root / "sub", "rb").read()) == errno.EISDIR
-    assert code(lambda: open(root / "empty", "wb")) == errno.EROFS
+    assert code(lambda: (root / "sub").read_bytes()) == errno.EISDIR
+    assert code(lambda: (root / "empty").write_bytes(b"x")) == errno.EROFS
     assert code(lambda: (root / "new").mkdir()) == errno.EROFS
     assert code(lambda: os.unlink(root / "empty")) == errno.EROFS
     assert code(lambda: os.getxattr(root / "empty", "trusted.overlay.opaque")) == errno.ENODATA
@@ -62,14 +64,16 @@ def test_errnos_and_kernel_facing_ops(packed: tuple[Path, Path, Path],
     # Reads at odd offsets across chunk boundaries.
     with open(root / "large0.bin", "rb") as handle:
         handle.seek(CHUNK_SIZE - 10)
-        assert handle.read(CHUNK_SIZE + 20) == (
-            (packed[0] / "large0.bin").read_bytes()[CHUNK_SIZE - 10 : 2 * CHUNK_SIZE + 10]
+        assert (
+            handle.read(CHUNK_SIZE + 20)
+            == ((packed[0] / "large0.bin").read_bytes()[CHUNK_SIZE - 10 : 2 * CHUNK_SIZE + 10])
         )
 
 
-def test_cache_layout_and_shared_downloads(packed: tuple[Path, Path, Path],
-                                           mount_flist: MountFn, tmp_path: Path) -> None:
-    source, flist, store = packed
+def test_cache_layout_and_shared_downloads(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
+) -> None:
+    source, flist, _store = packed
     cache = tmp_path / "blockcache"
     root = mount_flist(flist, cache=cache).mountpoint
     expected = (source / "large0.bin").read_bytes()
@@ -107,10 +111,11 @@ def test_missing_and_corrupt_blocks_read_as_eio(tmp_path: Path, mount_flist: Mou
     conn = sqlite3.connect(tmp_path / "t.fl")
 
     def block_file(name: str, index: int = 0) -> Path:
-        hexid = conn.execute(
+        rows = conn.execute(
             "SELECT id FROM block JOIN inode USING (ino) WHERE name = ? ORDER BY block.rowid",
             (name,),
-        ).fetchall()[index][0].hex()
+        ).fetchall()
+        hexid: str = rows[index][0].hex()
         return store / hexid[:2] / hexid
 
     block_file("gone", 1).unlink()
@@ -127,8 +132,9 @@ def test_missing_and_corrupt_blocks_read_as_eio(tmp_path: Path, mount_flist: Mou
         assert len(handle.read(CHUNK_SIZE)) == CHUNK_SIZE
 
 
-def test_overlay_gives_a_writable_root(packed: tuple[Path, Path, Path], mount_flist: MountFn,
-                                       tmp_path: Path) -> None:
+def test_overlay_gives_a_writable_root(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
+) -> None:
     lower = mount_flist(packed[1]).mountpoint
     target = tmp_path / "root"
     mount_overlay(lower, tmp_path / "vol" / "rw", tmp_path / "vol" / "wd", target)
@@ -146,8 +152,9 @@ def test_overlay_gives_a_writable_root(packed: tuple[Path, Path, Path], mount_fl
     assert not is_mounted(target)
 
 
-def test_sigterm_and_unmount_end_the_server(packed: tuple[Path, Path, Path],
-                                            mount_flist: MountFn) -> None:
+def test_sigterm_and_unmount_end_the_server(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
     first = mount_flist(packed[1])
     first.process.send_signal(signal.SIGTERM)
     assert first.process.wait(timeout=20) == 0
@@ -158,8 +165,9 @@ def test_sigterm_and_unmount_end_the_server(packed: tuple[Path, Path, Path],
     assert second.process.wait(timeout=20) == 0
 
 
-def test_mount_refuses_a_mountpoint_in_use(packed: tuple[Path, Path, Path],
-                                           mount_flist: MountFn) -> None:
+def test_mount_refuses_a_mountpoint_in_use(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
     mounted = mount_flist(packed[1])
     with pytest.raises(FlistMountError, match="already a mount point"):
         serve(packed[1], mounted.mountpoint, None)

@@ -34,7 +34,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def test_unpack_round_trip_is_exact(packed: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    source, flist_path, store = packed
+    source, flist_path, _store = packed
     with open_flist(flist_path) as flist:
         cache = BlockCache(Router.from_specs(flist.store_specs()), tmp_path / "cache", "t")
         unpack(flist, cache, tmp_path / "out")
@@ -59,14 +59,17 @@ def test_schema_matches_rfs(packed: tuple[Path, Path, Path]) -> None:
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"parents", "names", "block_ino"} <= indexes
     assert conn.execute("SELECT ino, parent, name FROM inode ORDER BY ino LIMIT 1").fetchone() == (
-        1, 0, "/"
+        1,
+        0,
+        "/",
     )
     link = conn.execute(
         "SELECT typeof(data), data FROM extra JOIN inode USING (ino) WHERE name = 'rel-link'"
     ).fetchone()
     assert link == ("blob", b"deep/data")
-    assert conn.execute("SELECT DISTINCT typeof(id), length(id), length(key) FROM block").fetchall() \
-        == [("blob", 32, 32)]
+    assert conn.execute(
+        "SELECT DISTINCT typeof(id), length(id), length(key) FROM block"
+    ).fetchall() == [("blob", 32, 32)]
 
 
 def test_blocks_are_rfs_chunks(packed: tuple[Path, Path, Path]) -> None:
@@ -106,9 +109,7 @@ def test_repack_writes_no_block_twice(packed: tuple[Path, Path, Path], tmp_path:
 def test_routes_shard_and_strip_passwords(tmp_path: Path) -> None:
     source = make_tree(tmp_path / "src", files=60, large=(CHUNK_SIZE * 3,))
     low, high = tmp_path / "low", tmp_path / "high"
-    stats = pack(
-        source, tmp_path / "t.fl", [f"00-7f=dir://{low}", f"80-ff=dir://{high}"]
-    )
+    stats = pack(source, tmp_path / "t.fl", [f"00-7f=dir://{low}", f"80-ff=dir://{high}"])
     low_ids = {p.name for p in low.rglob("*") if p.is_file()}
     high_ids = {p.name for p in high.rglob("*") if p.is_file()}
     assert low_ids and high_ids and len(low_ids) + len(high_ids) == stats.blocks_written
@@ -116,7 +117,8 @@ def test_routes_shard_and_strip_passwords(tmp_path: Path) -> None:
     assert all(int(name[:2], 16) >= 0x80 for name in high_ids)
     conn = sqlite3.connect(tmp_path / "t.fl")
     assert conn.execute("SELECT start, end, url FROM route").fetchall() == [
-        (0, 127, f"dir://{low}"), (128, 255, f"dir://{high}")
+        (0, 127, f"dir://{low}"),
+        (128, 255, f"dir://{high}"),
     ]
 
 
@@ -132,29 +134,53 @@ def test_unpack_refuses_non_empty_target(packed: tuple[Path, Path, Path], tmp_pa
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").touch()
     with open_flist(packed[1]) as flist, pytest.raises(FlistError, match="not empty"):
-        unpack(flist, BlockCache(Router.from_specs(flist.store_specs()), None, "t"),
-               tmp_path / "out")
+        unpack(
+            flist, BlockCache(Router.from_specs(flist.store_specs()), None, "t"), tmp_path / "out"
+        )
 
 
 def test_cli_pack_ls_cat_unpack(tmp_path: Path) -> None:
     source = make_tree(tmp_path / "src", files=30, large=(CHUNK_SIZE + 7,))
     cli = [sys.executable, "-m", "controller.flist.cli"]
     done = subprocess.run(
-        [*cli, "pack", str(source), "-o", str(tmp_path / "t.fl"), "--store",
-         f"dir://{tmp_path / 'store'}"], capture_output=True, text=True, check=True,
+        [
+            *cli,
+            "pack",
+            str(source),
+            "-o",
+            str(tmp_path / "t.fl"),
+            "--store",
+            f"dir://{tmp_path / 'store'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "packed" in done.stderr  # progress line
-    listing = subprocess.run([*cli, "ls", "-R", str(tmp_path / "t.fl")], capture_output=True,
-                             text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        [*cli, "ls", "-R", str(tmp_path / "t.fl")], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "/sub/deep/data" in listing and "/large0.bin" in listing
     cat = subprocess.run(
         [*cli, "cat", str(tmp_path / "t.fl"), "/sub/rel-link", "--cache", str(tmp_path / "c")],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     )
     assert cat.stdout == (source / "sub/deep/data").read_bytes()
-    subprocess.run([*cli, "unpack", str(tmp_path / "t.fl"), str(tmp_path / "out"), "--cache",
-                    str(tmp_path / "c")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "unpack",
+            str(tmp_path / "t.fl"),
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert_same_tree(source, tmp_path / "out")
-    inspect = subprocess.run([*cli, "inspect", str(tmp_path / "t.fl")], capture_output=True,
-                             text=True, check=True).stdout
+    inspect = subprocess.run(
+        [*cli, "inspect", str(tmp_path / "t.fl")], capture_output=True, text=True, check=True
+    ).stdout
     assert "v2 (rfs .fl)" in inspect and "boot mode: container" in inspect

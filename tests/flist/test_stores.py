@@ -81,7 +81,7 @@ def test_http_store_is_read_only_and_reports_errors(http_dir: HttpDir, tmp_path:
         router.routes[0].store.set(b"\0" * 32, b"x")
     with pytest.raises(BlockMissingError):
         router.get(b"\1" * 32)
-    with pytest.raises(BlockMissingError, match="127.0.0.1:1"):
+    with pytest.raises(BlockMissingError, match=r"127\.0\.0\.1:1"):
         Router.from_specs(["http://127.0.0.1:1"]).get(b"\1" * 32)
 
 

@@ -129,8 +129,9 @@ def test_v1_backend_metadata_names_the_zdb(fake_zdb: FakeZdb, tmp_path: Path) ->
 
 @pytest.mark.fuse
 @needs_fuse()
-def test_v1_mount_round_trip(v1_flist: tuple[Path, Path, Path],
-                             mount_flist: Callable[..., Mounted]) -> None:
+def test_v1_mount_round_trip(
+    v1_flist: tuple[Path, Path, Path], mount_flist: Callable[..., Mounted]
+) -> None:
     source, flist, store = v1_flist
     mounted = mount_flist(flist, stores=(f"dir://{store}",))
     assert_same_tree(source, mounted.mountpoint)

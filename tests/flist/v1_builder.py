@@ -20,14 +20,20 @@ from controller.flist.stores import Store
 
 SCHEMA = Path(__file__).parent / "data" / "flist.capnp"
 CAPNP = shutil.which("capnp")
-_SPECIAL = {stat.S_IFSOCK: "socket", stat.S_IFBLK: "block", stat.S_IFCHR: "chardev",
-            stat.S_IFIFO: "fifopipe"}
+_SPECIAL = {
+    stat.S_IFSOCK: "socket",
+    stat.S_IFBLK: "block",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFIFO: "fifopipe",
+}
 
 
 def encode(struct_name: str, text: str) -> bytes:
     assert CAPNP is not None
     return subprocess.run(
-        [CAPNP, "encode", str(SCHEMA), struct_name], input=text.encode(), capture_output=True,
+        [CAPNP, "encode", str(SCHEMA), struct_name],
+        input=text.encode(),
+        capture_output=True,
         check=True,
     ).stdout
 
@@ -50,16 +56,22 @@ class V1Builder:
         self.entries: dict[str, bytes] = {}
         self.unknown_owner = unknown_owner  # a file whose ACI says uid -1 + this user name
 
-    def acl(self, st: os.stat_result, uname: str = "", gname: str = "", uid: int | None = None,
-            ) -> str:
+    def acl(
+        self,
+        st: os.stat_result,
+        uname: str = "",
+        gname: str = "",
+        uid: int | None = None,
+    ) -> str:
         mode = stat.S_IMODE(st.st_mode)
         uid = st.st_uid if uid is None else uid
         gid = st.st_gid if uid >= 0 else -1
         text = f"user:{uname}\ngroup:{gname}\nmode:0o{mode:o}\nuid:{uid}\ngid:{gid}"
         key = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
         self.entries[key] = encode(
-            "ACI", f"(uname = {quote(uname)}, gname = {quote(gname)}, mode = {mode},"
-            f" uid = {uid}, gid = {gid})"
+            "ACI",
+            f"(uname = {quote(uname)}, gname = {quote(gname)}, mode = {mode},"
+            f" uid = {uid}, gid = {gid})",
         )
         return key
 
@@ -126,8 +138,13 @@ class V1Builder:
         return conn.serialize()
 
 
-def build_v1(source: Path, output: Path, store: Store, backend: dict[str, object] | None = None,
-             unknown_owner: str | None = None) -> Path:
+def build_v1(
+    source: Path,
+    output: Path,
+    store: Store,
+    backend: dict[str, object] | None = None,
+    unknown_owner: str | None = None,
+) -> Path:
     """Write ``output`` (.flist: tar.gz holding ./flistdb.sqlite3) for the tree at ``source``."""
     builder = V1Builder(store, unknown_owner)
     builder.add_dir(source, "")
