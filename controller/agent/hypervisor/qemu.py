@@ -1,0 +1,215 @@
+"""QEMU driver, for nodes without cloud-hypervisor (and for tests, under TCG).
+
+Same guest view as cloud-hypervisor: virtio-fs via vhost-user-fs-pci (guest RAM must be
+a shared memfd), virtio-blk disks, virtio-net taps, the serial console on ttyS0. Control
+goes over QMP on ``cfg.api_socket``.
+
+Acceleration: ``kvm`` only if KVM actually runs a Linux guest on this host (a probe boot
+of the guest kernel that must print a marker and power off), else ``tcg``. Nested KVM can
+expose /dev/kvm and still crash or hang every guest, so /dev/kvm alone proves nothing.
+The choice can be forced with ``accel=`` or the environment variable ``ZM_ACCEL``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import structlog
+
+from controller.agent.hypervisor.base import VM, Hypervisor, HypervisorError, version_output
+from controller.agent.hypervisor.qmp import QMP
+from controller.agent.procs import ProcessRef
+from controller.agent.vmconfig import VMConfig
+
+log = structlog.get_logger(__name__)
+
+ACCELS = ("auto", "kvm", "tcg")
+_PROBE_MARKER = "zm-kvm-probe-ok"
+
+
+class QemuVM(VM):
+    def __init__(self, cfg: VMConfig, ref: ProcessRef) -> None:
+        super().__init__(cfg, ref)
+        self.qmp = QMP(cfg.api_socket)
+
+    async def ready(self) -> bool:
+        try:
+            await self.qmp.execute("query-status")
+        except HypervisorError:
+            return False
+        return True
+
+    async def pause(self) -> None:
+        await self.qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self.qmp.execute("cont")
+
+    async def power_button(self) -> None:
+        await self.qmp.execute("system_powerdown")
+
+    async def hard_stop(self) -> None:
+        await self.qmp.execute("quit")
+
+    async def state(self) -> str:
+        status = await self.qmp.execute("query-status")
+        return str(status.get("status", "unknown"))
+
+    async def console_pty(self) -> str | None:
+        for dev in await self.qmp.execute("query-chardev"):
+            if dev.get("label") == "serial0" and str(dev.get("filename", "")).startswith("pty:"):
+                return str(dev["filename"])[len("pty:") :]
+        return None
+
+
+class Qemu(Hypervisor):
+    name = "qemu"
+
+    def __init__(
+        self,
+        binary: str = "qemu-system-x86_64",
+        accel: str = "auto",
+        probe_kernel: Path | None = None,
+        probe_initrd: Path | None = None,
+    ) -> None:
+        """``probe_kernel``/``probe_initrd``: the container-mode guest assets (the initrd
+        must have /bin/sh), booted once under KVM to decide ``auto``; without them
+        ``auto`` means TCG."""
+        super().__init__(binary)
+        if accel == "auto":
+            accel = os.environ.get("ZM_ACCEL", "auto") or "auto"
+        if accel not in ACCELS:
+            raise HypervisorError(f"qemu: accel {accel!r} is not one of {ACCELS}")
+        self._accel = accel
+        self.probe_kernel = probe_kernel
+        self.probe_initrd = probe_initrd
+
+    def version(self) -> str:
+        # "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)" -> "7.2.22"
+        words = version_output(self.binary).split()
+        return words[3] if len(words) > 3 else "unknown"
+
+    def acceleration(self) -> str:
+        """May boot a probe guest the first time (a few seconds, at most ~20 s)."""
+        if self._accel == "auto":
+            self._accel = (
+                "kvm"
+                if self.probe_kernel
+                and self.probe_initrd
+                and kvm_runs_guests(self.binary, self.probe_kernel, self.probe_initrd)
+                else "tcg"
+            )
+        return self._accel
+
+    def command(self, cfg: VMConfig) -> list[str]:
+        accel = self.acceleration()
+        mem = f"{cfg.memory_mib}M"
+        argv = [
+            self.binary,
+            "-name",
+            f"zm-{cfg.vm_id}",
+            "-machine",
+            f"q35,accel={accel},memory-backend=ram0",
+            "-cpu",
+            "host" if accel == "kvm" else "max",
+            "-smp",
+            str(cfg.cpus),
+            "-m",
+            mem,
+            # vhost-user (virtiofsd) maps guest RAM, so it must be a shared memfd.
+            "-object",
+            f"memory-backend-memfd,id=ram0,size={mem},share=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-kernel",
+            str(cfg.kernel),
+        ]
+        if cfg.initrd is not None:
+            argv += ["-initrd", str(cfg.initrd)]
+        argv += ["-append", cfg.cmdline]
+        for i, share in enumerate(cfg.shares):
+            argv += [
+                "-chardev",
+                f"socket,id=fs{i},path={share.socket}",
+                "-device",
+                f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}",
+            ]
+        for i, disk in enumerate(cfg.disks):
+            ro = "on" if disk.readonly else "off"
+            argv += [
+                "-drive",
+                f"file={disk.path},if=none,id=disk{i},format=raw,readonly={ro}",
+                "-device",
+                f"virtio-blk-pci,drive=disk{i}",
+            ]
+        for i, nic in enumerate(cfg.nics):
+            argv += [
+                "-netdev",
+                f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+                "-device",
+                f"virtio-net-pci,netdev=net{i},mac={nic.mac}",
+            ]
+        # The pty backend still logs everything to the serial log file.
+        backend = "pty" if cfg.serial_pty else "null"
+        argv += [
+            "-chardev",
+            f"{backend},id=serial0,logfile={cfg.serial_log},logappend=on",
+            "-serial",
+            "chardev:serial0",
+            "-qmp",
+            f"unix:{cfg.api_socket},server=on,wait=off",
+        ]
+        return argv
+
+    def attach(self, cfg: VMConfig, ref: ProcessRef) -> QemuVM:
+        return QemuVM(cfg, ref)
+
+
+@cache
+def kvm_runs_guests(binary: str, kernel: Path, initrd: Path, timeout: float = 20.0) -> bool:
+    """Boot ``kernel`` under KVM with a shell that prints a marker and powers off."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    with tempfile.TemporaryDirectory(prefix="zm-kvm-probe-") as tmp:
+        serial = Path(tmp, "serial.log")
+        argv = [
+            binary,
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            f'console=ttyS0 panic=-1 rdinit=/bin/sh -- -c "echo {_PROBE_MARKER}; poweroff -f"',
+            "-serial",
+            f"file:{serial}",
+        ]
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            log.warning("KVM probe guest hung; using TCG", timeout=timeout)
+            return False
+        ok = proc.returncode == 0 and _PROBE_MARKER in serial.read_text(errors="replace")
+        if not ok:
+            log.warning(
+                "KVM probe guest failed; using TCG",
+                returncode=proc.returncode,
+                stderr=proc.stderr.decode(errors="replace")[-500:],
+            )
+        return ok

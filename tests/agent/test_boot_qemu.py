@@ -1,0 +1,263 @@
+"""Real guests under QEMU/TCG: our kernel + initramfs, virtiofsd roots, the cidata seed, taps.
+
+Each test boots one guest (~10-30 s under TCG on a busy 2-core machine) and reads what the
+guest printed on its serial console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from controller.agent.hypervisor import VM, Qemu
+from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
+from controller.agent.procs import ProcessRef, terminate
+from controller.agent.seed import Interface, Mount, SeedConfig, write_seed
+from controller.agent.virtiofs import start_virtiofsd
+from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
+from controller.agent.vmconfig import kernel_cmdline as make_cmdline
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+BOOT_WITHIN = 150.0  # seconds for a TCG boot to reach the entrypoint, with margin
+APPLETS = ("sh", "echo", "cat", "sleep", "poweroff", "ping", "hostname", "uname", "ls")
+# agent_netns (tests/agent/conftest.py) has this bridge, with this address.
+BRIDGE, BRIDGE_IP = "zmbr0", "10.231.0.1"
+
+
+def busybox_root(root: Path) -> Path:
+    """A container root: Debian's static busybox with a few applet links."""
+    for d in ("bin", "etc", "root", "proc", "sys", "dev", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
+def serial_text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def wait_for(path: Path, text: str, within: float = BOOT_WITHIN) -> str:
+    """Serial log content once a line starts with ``text`` (so the init's echo of the
+    command does not count); fails with the log otherwise."""
+    deadline = time.monotonic() + within
+    content = ""
+    while time.monotonic() < deadline:
+        content = serial_text(path)
+        if any(line.startswith(text) for line in content.splitlines()):
+            return content
+        await asyncio.sleep(0.25)
+    pytest.fail(f"{text!r} not on the serial console within {within:.0f}s:\n{content[-3000:]}")
+
+
+@asynccontextmanager
+async def running_vm(
+    tmp: Path,
+    root: Path,
+    assets: tuple[Path, Path | None],
+    cmdline: str,
+    seed: SeedConfig | None = None,
+    extra_shares: dict[str, Path] | None = None,
+    nics: list[Nic] | None = None,
+    netns: str | None = None,
+) -> AsyncIterator[tuple[VM, VMConfig]]:
+    """virtiofsd per share, the seed disk, then QEMU under TCG; everything stopped after."""
+    run = tmp / "run"
+    run.mkdir(exist_ok=True)
+    shares = [FsShare("vroot", run / "fs-vroot.sock", root)]
+    shares += [FsShare(tag, run / f"fs-{tag}.sock", d) for tag, d in (extra_shares or {}).items()]
+    helpers: list[ProcessRef] = []
+    disks = []
+    if seed is not None:
+        disks.append(Disk(write_seed(seed, tmp / "seed.img"), readonly=True))
+    cfg = VMConfig(
+        vm_id=tmp.name,
+        cpus=1,
+        memory_mib=256,
+        kernel=assets[0],
+        initrd=assets[1],
+        cmdline=cmdline,
+        shares=shares,
+        disks=disks,
+        nics=nics or [],
+        serial_log=tmp / "serial.log",
+        api_socket=run / "qmp.sock",
+        state_dir=tmp / "state",
+        netns=netns,
+    )
+    vm: VM | None = None
+    try:
+        for share in shares:
+            helpers.append(await start_virtiofsd(share, tmp / f"virtiofsd-{share.tag}.log"))
+        vm = await Qemu(accel="tcg").start(cfg)
+        yield vm, cfg
+    finally:
+        if vm is not None:
+            await vm.stop(grace=1, hard_grace=5, term_grace=5)
+        for ref in helpers:
+            await terminate(ref, grace=2)
+
+
+def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
+    tmp_path: Path, agent_guest_dir: Path, agent_netns: str
+) -> None:
+    netns, bridge, gateway = agent_netns, BRIDGE, BRIDGE_IP
+    root = busybox_root(tmp_path / "root")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "note.txt").write_text("from-a-second-share\n")
+    uid = f"vm-{tmp_path.name}"
+    nic = Nic(tap_name(uid, 0), mac_address(uid, 0))
+    create_tap(nic.tap, bridge, netns)
+    entry = (
+        "echo hello $GREETING from $(hostname); cat /data/note.txt; "
+        "cat /root/.ssh/authorized_keys; "
+        f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 1; poweroff -f"
+    )
+    seed = SeedConfig(
+        instance_id=uid,
+        hostname="web-1",
+        interfaces=[Interface(nic.mac, ["10.231.0.77/24"], gateway4=gateway)],
+        nameservers=[gateway],
+        ssh_keys=["ssh-ed25519 AAAAtestkey tester@zm"],
+        mounts=[Mount("data", "/data", "virtiofs")],
+        env={"GREETING": "zmachine world"},
+        entrypoint=f"/bin/sh -c '{entry}'",
+    )
+    assets = detect_boot(root, agent_guest_dir)
+    assert assets.mode is BootMode.CONTAINER
+
+    async def scenario() -> None:
+        async with running_vm(
+            tmp_path,
+            root,
+            (assets.kernel, assets.initrd),
+            make_cmdline(BootMode.CONTAINER),
+            seed=seed,
+            extra_shares={"data": data},
+            nics=[nic],
+            netns=netns,
+        ) as (vm, cfg):
+            log = await wait_for(cfg.serial_log, "ping-bridge-ok")
+            assert "hello zmachine world from web-1" in log
+            assert "from-a-second-share" in log
+            assert "ssh-ed25519 AAAAtestkey tester@zm" in log
+            assert await vm.wait(60), "guest did not power off"
+            status = vm.exit_status()
+            assert status is not None and status.poweroff, status
+
+    try:
+        asyncio.run(scenario())
+        # The init wrote these into the root, where the host sees them too.
+        assert (root / "etc/resolv.conf").read_text() == f"nameserver {gateway}\n"
+        assert (root / "root/.ssh/authorized_keys").read_text().count("AAAAtestkey") == 1
+    finally:
+        delete_tap(nic.tap, netns)
+
+
+def test_vm_mode_boots_the_roots_own_kernel_and_initrd(
+    tmp_path: Path, agent_guest_dir: Path
+) -> None:
+    """Also pause/resume, stats, adoption from the pid file and the stop escalation."""
+    root = busybox_root(tmp_path / "root")
+    (root / "boot").mkdir()
+    shutil.copy2(agent_guest_dir / "vmlinuz", root / "boot/vmlinuz-6.1")
+    (root / "boot/vmlinuz").symlink_to("/boot/vmlinuz-6.1")  # absolute: resolved in the root
+    init = tmp_path / "vm-init"
+    init.write_text(VM_MODE_INIT)
+    subprocess.run(
+        [REPO / "hack/build-guest-kernel.sh", "--init", init, "--output", root / "boot/initrd.img"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assets = detect_boot(root, agent_guest_dir)
+    assert assets.mode is BootMode.VM
+    assert assets.kernel == root / "boot/vmlinuz-6.1"
+    assert assets.initrd == root / "boot/initrd.img"
+    entry = "/bin/sh -c 'echo vm-mode kernel $(uname -r); while :; do echo tick; sleep 1; done'"
+    asyncio.run(_vm_mode_scenario(tmp_path, root, (assets.kernel, assets.initrd), entry))
+
+
+async def _vm_mode_scenario(
+    tmp_path: Path, root: Path, assets: tuple[Path, Path | None], entry: str
+) -> None:
+    async with running_vm(tmp_path, root, assets, make_cmdline(BootMode.VM, entry)) as (vm, cfg):
+        log = await wait_for(cfg.serial_log, "vm-mode kernel 6.1")
+        assert "flist-initrd: switching to /bin/sh" in log
+        await wait_for(cfg.serial_log, "tick")
+
+        adopted = Qemu(accel="tcg").adopt(cfg)
+        assert adopted is not None and adopted.ref == vm.ref
+
+        await vm.pause()
+        stats = await vm.stats()
+        assert stats.state == "paused"
+        assert stats.cpu_seconds > 0 and stats.rss_bytes > 64 << 20  # QEMU + touched guest RAM
+        ticks = serial_text(cfg.serial_log).count("tick")
+        await asyncio.sleep(2.5)
+        assert serial_text(cfg.serial_log).count("tick") <= ticks + 1  # at most one in flight
+        await vm.resume()
+        assert (await vm.stats()).state == "running"
+        deadline = time.monotonic() + 30
+        while serial_text(cfg.serial_log).count("tick") < ticks + 2:
+            assert time.monotonic() < deadline, "no ticks after resume"
+            await asyncio.sleep(0.25)
+
+        # The guest ignores the ACPI button (no acpid), so stop must escalate to quit.
+        started = time.monotonic()
+        status = await vm.stop(grace=2, hard_grace=10, term_grace=5)
+        assert time.monotonic() - started < 15
+        assert not vm.alive()
+        assert status is not None and status.code == 0  # QEMU's own clean exit on quit
+        assert Qemu(accel="tcg").adopt(cfg) is None
+        assert not cfg.pid_file.exists()
+
+
+def test_boot_failure_is_reported_on_the_console_and_powers_off(
+    tmp_path: Path, agent_guest_dir: Path
+) -> None:
+    root = busybox_root(tmp_path / "root")
+    seed = SeedConfig(instance_id="broken", hostname="broken", entrypoint="/usr/bin/missing")
+    asyncio.run(_failure_scenario(tmp_path, root, agent_guest_dir, seed))
+
+
+async def _failure_scenario(
+    tmp_path: Path, root: Path, agent_guest_dir: Path, seed: SeedConfig
+) -> None:
+    async with running_vm(
+        tmp_path,
+        root,
+        (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img"),
+        make_cmdline(BootMode.CONTAINER),
+        seed=seed,
+    ) as (vm, cfg):
+        log = await wait_for(cfg.serial_log, "zm-init: FATAL")
+        assert "entrypoint '/usr/bin/missing' does not exist" in log
+        assert await vm.wait(60), "guest did not power off after the failure"
+
+
+# The flist's own initrd for the VM-mode test, packed from the same busybox + modules as
+# ours: load modules, mount the virtio-fs root, hand over to init= with the kernel's args.
+VM_MODE_INIT = """#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+while read -r m; do insmod /lib/modules/$m 2>/dev/null; done </lib/modules/load.order
+init=/sbin/init
+for a in $(cat /proc/cmdline); do case $a in init=*) init=${a#init=} ;; esac; done
+mount -t virtiofs vroot /new_root || { echo "flist-initrd: no root"; poweroff -f; }
+echo "flist-initrd: switching to $init"
+umount /proc
+mount --move /dev /new_root/dev
+exec switch_root /new_root "$init" "$@"
+"""
