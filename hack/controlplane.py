@@ -50,6 +50,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# `openssl req` arguments that make a fresh P-256 key; the key file name follows.
+_NEW_EC_KEY = ("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout")
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -173,24 +177,8 @@ class ControlPlane:
         if (pki / "ca.crt").exists():
             return
         pki.mkdir(parents=True, exist_ok=True)
-        _openssl(
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "365",
-            "-subj",
-            "/CN=zmachine-local-ca",
-            cwd=pki,
-        )
+        _openssl(*_NEW_EC_KEY, "ca.key", "-x509", "-out", "ca.crt", "-days", "365",
+                 "-subj", "/CN=zmachine-local-ca", cwd=pki)  # fmt: skip
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -199,21 +187,7 @@ class ControlPlane:
         subject = "/" + "/".join([*(f"O={g}" for g in groups), f"CN={user}"])
         key, csr, crt = f"{user}.key", f"{user}.csr", f"{user}.crt"
         if not (pki / crt).exists():
-            _openssl(
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                key,
-                "-out",
-                csr,
-                "-subj",
-                subject,
-                cwd=pki,
-            )
+            _openssl(*_NEW_EC_KEY, key, "-out", csr, "-subj", subject, cwd=pki)
             _openssl(
                 "x509",
                 "-req",

@@ -36,6 +36,11 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
 
+def list_map(key: str) -> dict[str, Any]:
+    """A list whose items are unique by `key`, merged by key on server-side apply."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
 # A Kubernetes quantity ("2Gi", "500M" or a plain integer of bytes).
 Quantity = Annotated[
     int | str,

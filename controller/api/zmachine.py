@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field
 from controller.api.base import (
     KubeModel,
     Quantity,
+    list_map,
     quantity_bytes_cel,
     quantity_valid_cel,
     rule,
@@ -213,10 +214,7 @@ class MachineNetwork(KubeModel):
         list[NetworkInterface],
         Field(
             max_length=1,
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["network"],
-            },
+            json_schema_extra=list_map("network"),
         ),
     ] = []
     """Private interfaces; one is supported."""
@@ -290,10 +288,7 @@ class ZmachineSpec(KubeModel):
         list[EnvVar],
         Field(
             max_length=256,
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["name"],
-            },
+            json_schema_extra=list_map("name"),
         ),
     ] = []
     """Environment variables for the entrypoint; SSH_KEY installs root's authorized keys."""
@@ -301,10 +296,7 @@ class ZmachineSpec(KubeModel):
         list[Volume],
         Field(
             max_length=32,
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["name"],
-            },
+            json_schema_extra=list_map("name"),
         ),
     ] = []
     """Disks and shared volumes of the machine."""
@@ -312,10 +304,7 @@ class ZmachineSpec(KubeModel):
         list[Mount],
         Field(
             max_length=32,
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["name"],
-            },
+            json_schema_extra=list_map("name"),
         ),
     ] = []
     """Where volumes are mounted inside the guest (container modes)."""
@@ -349,6 +338,9 @@ class Condition(KubeModel):
     observed_generation: int | None = None
 
 
+Conditions = Annotated[list[Condition], Field(json_schema_extra=list_map("type"))]
+
+
 class MetricsSnapshot(KubeModel):
     """Resource usage reported by the node, sampled at most every 30 seconds."""
 
@@ -369,15 +361,7 @@ class ZmachineStatus(KubeModel):
 
     phase: Phase | None = None
     """Lifecycle phase."""
-    conditions: Annotated[
-        list[Condition],
-        Field(
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            }
-        ),
-    ] = []
+    conditions: Conditions = []
     """Scheduled, Provisioned, Ready, Paused and NodeReady."""
     node_name: str | None = None
     """Node running the machine."""

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field
 
 from controller.api.base import KubeModel, Quantity
-from controller.api.zmachine import Condition
+from controller.api.zmachine import Conditions
 
 KIND = "ZmachineNode"
 PLURAL = "zmachinenodes"
@@ -52,13 +52,5 @@ class ZmachineNodeStatus(KubeModel):
     agent_version: str | None = None
     labels: dict[str, str] = {}
     """Labels of the Kubernetes node, matched against spec.nodeSelector."""
-    conditions: Annotated[
-        list[Condition],
-        Field(
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            }
-        ),
-    ] = []
+    conditions: Conditions = []
     """Ready: the agent answers and renews its Lease."""

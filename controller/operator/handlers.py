@@ -46,15 +46,21 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
-async def _converge(
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def reconcile(
     memo: kopf.Memo,
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     meta: Mapping[str, Any],
     body: kopf.Body,
     patch: kopf.Patch,
-    trigger: str,
+    **kwargs: Any,
 ) -> None:
+    """On every change, and every few seconds even without one, so that what the node
+    reports is compared with the spec (a timer call has no `reason`)."""
     if meta.get("deletionTimestamp"):
         return
     started = time.monotonic()
@@ -74,51 +80,17 @@ async def _converge(
     finally:
         metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-    log.debug(
+    trigger = str(kwargs.get("reason") or "resync")
+    level = log.debug if trigger == "resync" else log.info
+    level(
         "reconciled",
         namespace=target.namespace,
         name=target.name,
         uid=target.uid,
         trigger=trigger,
         phase=out.phase,
+        result=result,
     )
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-async def on_change(
-    memo: kopf.Memo,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    reason: str,
-    **_: Any,
-) -> None:
-    log.info(
-        "reconciled",
-        namespace=meta.get("namespace"),
-        name=meta.get("name"),
-        uid=meta.get("uid"),
-        trigger=str(reason),
-    )
-    await _converge(memo, spec, status, meta, body, patch, str(reason))
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def resync(
-    memo: kopf.Memo,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    """Compare desired and reported state even when nothing in Kubernetes changed."""
-    await _converge(memo, spec, status, meta, body, patch, "resync")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
