@@ -106,6 +106,26 @@ class BlockCache:
         with contextlib.suppress(BlockError):
             self.get(ref, path)
 
+    def read_from_memory(
+        self, refs: list[BlockRef], size: int, offset: int, length: int
+    ) -> bytes | None:
+        """Like :meth:`read` when every chunk needed is in memory (no I/O, no thread); else None.
+
+        The kernel reads a chunk in several pieces, so most FUSE reads are answered here."""
+        end = min(size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        parts = []
+        with self._lock:
+            for index in range(first, last + 1):
+                data = self._memory.get(refs[index].id)
+                if data is None or len(data) != min(CHUNK_SIZE, size - index * CHUNK_SIZE):
+                    return None  # the slow path fetches it or reports the bad length
+                base = index * CHUNK_SIZE
+                parts.append(data[max(offset - base, 0) : end - base])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def read(
         self, refs: list[BlockRef], size: int, offset: int, length: int, path: str | None = None
     ) -> bytes:

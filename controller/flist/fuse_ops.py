@@ -155,6 +155,9 @@ class FlistOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._files[fh]
+        cached = self.cache.read_from_memory(handle.refs, handle.entry.size, off, size)
+        if cached is not None:
+            return cached
         try:
             return await trio.to_thread.run_sync(
                 self.cache.read, handle.refs, handle.entry.size, off, size, handle.path

@@ -95,17 +95,6 @@ def agent_process(
 GUEST_APPLETS = ("sh", "echo", "cat", "sleep", "poweroff", "ping", "hostname", "uname", "ls")
 
 
-@pytest.fixture(scope="session")
-def guest_assets() -> Path:
-    """vmlinuz + initramfs.img from hack/build-guest-kernel.sh (cached across runs)."""
-    repo = Path(__file__).resolve().parents[2]
-    out = subprocess.run(
-        ["bash", str(repo / "hack/build-guest-kernel.sh")],
-        check=True, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
 def guest_busybox_root(root: Path) -> Path:
     """A container root: Debian's static busybox with a few applet links."""
     for d in ("bin", "etc", "root", "proc", "sys", "dev", "tmp"):
