@@ -23,24 +23,12 @@ from controller.agent.seed import Interface, Mount, SeedConfig, write_seed
 from controller.agent.virtiofs import start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
 from controller.agent.vmconfig import kernel_cmdline as make_cmdline
+from tests.agent.conftest import guest_busybox_root
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_WITHIN = 150.0  # seconds for a TCG boot to reach the entrypoint, with margin
-APPLETS = ("sh", "echo", "cat", "sleep", "poweroff", "ping", "hostname", "uname", "ls")
-# agent_netns (tests/agent/conftest.py) has this bridge, with this address.
-BRIDGE, BRIDGE_IP = "zmbr0", "10.231.0.1"
-
-
-def busybox_root(root: Path) -> Path:
-    """A container root: Debian's static busybox with a few applet links."""
-    for d in ("bin", "etc", "root", "proc", "sys", "dev", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2("/bin/busybox", root / "bin/busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    return root
 
 
 def serial_text(path: Path) -> str:
@@ -109,10 +97,11 @@ async def running_vm(
 
 
 def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
-    tmp_path: Path, agent_guest_dir: Path, agent_netns: str
+    tmp_path: Path, agent_guest_dir: Path, guest_netns: tuple[str, str, str]
 ) -> None:
-    netns, bridge, gateway = agent_netns, BRIDGE, BRIDGE_IP
-    root = busybox_root(tmp_path / "root")
+    netns, bridge, bridge_cidr = guest_netns
+    gateway = bridge_cidr.split("/")[0]
+    root = guest_busybox_root(tmp_path / "root")
     data = tmp_path / "data"
     data.mkdir()
     (data / "note.txt").write_text("from-a-second-share\n")
@@ -122,12 +111,12 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     entry = (
         "echo hello $GREETING from $(hostname); cat /data/note.txt; "
         "cat /root/.ssh/authorized_keys; "
-        f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 1; poweroff -f"
+        f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 3; poweroff -f"
     )
     seed = SeedConfig(
         instance_id=uid,
         hostname="web-1",
-        interfaces=[Interface(nic.mac, ["10.231.0.77/24"], gateway4=gateway)],
+        interfaces=[Interface(nic.mac, ["10.232.0.77/24"], gateway4=gateway)],
         nameservers=[gateway],
         ssh_keys=["ssh-ed25519 AAAAtestkey tester@zm"],
         mounts=[Mount("data", "/data", "virtiofs")],
@@ -152,6 +141,8 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             assert "hello zmachine world from web-1" in log
             assert "from-a-second-share" in log
             assert "ssh-ed25519 AAAAtestkey tester@zm" in log
+            seed_disk = (await vm.counters())["disk0"]
+            assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
             assert await vm.wait(60), "guest did not power off"
             status = vm.exit_status()
             assert status is not None and status.poweroff, status
@@ -169,7 +160,7 @@ def test_vm_mode_boots_the_roots_own_kernel_and_initrd(
     tmp_path: Path, agent_guest_dir: Path
 ) -> None:
     """Also pause/resume, stats, adoption from the pid file and the stop escalation."""
-    root = busybox_root(tmp_path / "root")
+    root = guest_busybox_root(tmp_path / "root")
     (root / "boot").mkdir()
     shutil.copy2(agent_guest_dir / "vmlinuz", root / "boot/vmlinuz-6.1")
     (root / "boot/vmlinuz").symlink_to("/boot/vmlinuz-6.1")  # absolute: resolved in the root
@@ -225,7 +216,7 @@ async def _vm_mode_scenario(
 def test_boot_failure_is_reported_on_the_console_and_powers_off(
     tmp_path: Path, agent_guest_dir: Path
 ) -> None:
-    root = busybox_root(tmp_path / "root")
+    root = guest_busybox_root(tmp_path / "root")
     seed = SeedConfig(instance_id="broken", hostname="broken", entrypoint="/usr/bin/missing")
     asyncio.run(_failure_scenario(tmp_path, root, agent_guest_dir, seed))
 

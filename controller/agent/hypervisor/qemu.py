@@ -59,6 +59,19 @@ class QemuVM(VM):
         status = await self.qmp.execute("query-status")
         return str(status.get("status", "unknown"))
 
+    async def counters(self) -> dict[str, dict[str, int]]:
+        """Per-disk counters named like cloud-hypervisor's vm.counters (``disk0``...)."""
+        result: dict[str, dict[str, int]] = {}
+        for dev in await self.qmp.execute("query-blockstats"):
+            stats = dev.get("stats", {})
+            result[str(dev.get("device"))] = {
+                "read_bytes": int(stats.get("rd_bytes", 0)),
+                "write_bytes": int(stats.get("wr_bytes", 0)),
+                "read_ops": int(stats.get("rd_operations", 0)),
+                "write_ops": int(stats.get("wr_operations", 0)),
+            }
+        return result
+
     async def console_pty(self) -> str | None:
         for dev in await self.qmp.execute("query-chardev"):
             if dev.get("label") == "serial0" and str(dev.get("filename", "")).startswith("pty:"):

@@ -1,0 +1,182 @@
+"""VMConfig validation, boot-mode detection, kernel command lines and QEMU's command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.agent.errors import InvalidSpec
+from controller.agent.hypervisor import CloudHypervisor, HypervisorError, Qemu, select_hypervisor
+from controller.agent.vmconfig import (
+    BootMode,
+    Disk,
+    FsShare,
+    Nic,
+    VMConfig,
+    detect_boot,
+    kernel_cmdline,
+    resolve_in_root,
+)
+
+BASE = "rw console=ttyS0 reboot=k panic=1 root=vroot rootfstype=virtiofs rootdelay=30"
+
+
+def test_container_cmdline_has_no_init() -> None:
+    assert kernel_cmdline(BootMode.CONTAINER, "/bin/app --x") == BASE
+
+
+def test_vm_cmdline_passes_entrypoint_as_init_and_args_after_dashes() -> None:
+    assert kernel_cmdline(BootMode.VM, "") == BASE
+    assert kernel_cmdline(BootMode.VM, "/sbin/init") == BASE + " init=/sbin/init"
+    assert (
+        kernel_cmdline(BootMode.VM, "/bin/sh -c 'echo hi there' -x")
+        == BASE + ' init=/bin/sh -- -c "echo hi there" -x'
+    )
+    with pytest.raises(InvalidSpec, match="kernel command line"):
+        kernel_cmdline(BootMode.VM, "/bin/echo 'say \"x\"'")
+    with pytest.raises(InvalidSpec, match="not a valid command"):
+        kernel_cmdline(BootMode.VM, "/bin/echo 'open")
+
+
+def make_root(tmp: Path) -> tuple[Path, Path]:
+    root, guest = tmp / "root", tmp / "guest"
+    (root / "boot").mkdir(parents=True)
+    guest.mkdir()
+    (guest / "vmlinuz").write_bytes(b"ours")
+    (guest / "initramfs.img").write_bytes(b"ours")
+    return root, guest
+
+
+def test_detect_boot_container_mode_uses_our_assets(tmp_path: Path) -> None:
+    root, guest = make_root(tmp_path)
+    assets = detect_boot(root, guest)
+    assert (assets.mode, assets.kernel, assets.initrd) == (
+        BootMode.CONTAINER,
+        guest / "vmlinuz",
+        guest / "initramfs.img",
+    )
+    with pytest.raises(InvalidSpec, match=r"build-guest-kernel\.sh"):
+        detect_boot(root, tmp_path / "missing")
+
+
+def test_detect_boot_vm_mode_resolves_links_inside_the_root(tmp_path: Path) -> None:
+    root, guest = make_root(tmp_path)
+    (root / "boot/vmlinuz-6.1").write_bytes(b"theirs")
+    (root / "boot/vmlinuz").symlink_to("/boot/vmlinuz-6.1")  # absolute, inside the root
+    assets = detect_boot(root, guest)
+    assert (assets.mode, assets.kernel, assets.initrd) == (
+        BootMode.VM,
+        root / "boot/vmlinuz-6.1",
+        None,
+    )
+    (root / "boot/initrd.img").write_bytes(b"theirs")
+    assert detect_boot(root, guest).initrd == root / "boot/initrd.img"
+
+
+def test_links_cannot_escape_the_root(tmp_path: Path) -> None:
+    root, guest = make_root(tmp_path)
+    (tmp_path / "host-secret").write_text("x")
+    (root / "boot/vmlinuz").symlink_to("../../../host-secret")
+    assert resolve_in_root(root, "/boot/vmlinuz") is None  # ".." stops at the root
+    assert detect_boot(root, guest).mode is BootMode.CONTAINER
+    (root / "loop").symlink_to("/loop")
+    with pytest.raises(InvalidSpec, match="too many symlinks"):
+        resolve_in_root(root, "/loop/x")
+
+
+def test_vmlinuz_directory_is_refused(tmp_path: Path) -> None:
+    root, guest = make_root(tmp_path)
+    (root / "boot/vmlinuz").mkdir()
+    with pytest.raises(InvalidSpec, match="/boot/vmlinuz is a directory"):
+        detect_boot(root, guest)
+
+
+def config(tmp: Path, **overrides: object) -> VMConfig:
+    kernel = tmp / "vmlinuz"
+    kernel.write_bytes(b"k")
+    values: dict[str, object] = {
+        "vm_id": "ns-vm",
+        "cpus": 1,
+        "memory_mib": 256,
+        "kernel": kernel,
+        "initrd": None,
+        "cmdline": BASE,
+        "shares": [FsShare("vroot", tmp / "fs.sock", tmp)],
+        "disks": [Disk(tmp / "seed.img", readonly=True)],
+        "nics": [Nic("zmabc", "02:00:00:00:00:01")],
+        "serial_log": tmp / "serial.log",
+        "api_socket": tmp / "qmp.sock",
+        "state_dir": tmp / "state",
+    }
+    values.update(overrides)
+    return VMConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cpus": 0}, "cpus"),
+        ({"memory_mib": 16}, "memory_mib"),
+        ({"vm_id": "a/b"}, "vm_id"),
+        ({"initrd": Path("/nonexistent/initrd")}, "initrd"),
+        ({"shares": [FsShare("x" * 37, Path("s"), Path("d"))]}, "1-36 bytes"),
+        ({"shares": [FsShare("a", Path("s"), Path("d"))] * 2}, "unique"),
+        ({"disks": [Disk(Path("/a,b"))]}, "must not contain ','"),
+    ],
+)
+def test_validate_names_the_field(
+    tmp_path: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidSpec, match=message):
+        config(tmp_path, **overrides).validate()
+
+
+def test_qemu_command_line(tmp_path: Path) -> None:
+    cfg = config(tmp_path, netns="zmns", serial_pty=True)
+    argv = Qemu(accel="tcg").argv(cfg)
+    assert argv[:5] == ["ip", "netns", "exec", "zmns", "qemu-system-x86_64"]
+    joined = " ".join(argv)
+    for part in (
+        "-machine q35,accel=tcg,memory-backend=ram0",
+        "-cpu max",
+        "-object memory-backend-memfd,id=ram0,size=256M,share=on",
+        f"-chardev socket,id=fs0,path={tmp_path / 'fs.sock'}",
+        "-device vhost-user-fs-pci,chardev=fs0,tag=vroot",
+        f"-drive file={tmp_path / 'seed.img'},if=none,id=disk0,format=raw,readonly=on",
+        "-netdev tap,id=net0,ifname=zmabc,script=no,downscript=no",
+        "-device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01",
+        f"-chardev pty,id=serial0,logfile={tmp_path / 'serial.log'},logappend=on",
+        f"-qmp unix:{tmp_path / 'qmp.sock'},server=on,wait=off",
+    ):
+        assert part in joined
+    assert argv[argv.index("-append") + 1] == BASE
+    assert "-initrd" not in argv
+
+
+def test_accel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZM_ACCEL", "tcg")
+    assert Qemu().acceleration() == "tcg"
+    assert Qemu(accel="kvm").acceleration() == "kvm"  # an explicit argument wins
+    monkeypatch.delenv("ZM_ACCEL")
+    assert Qemu().acceleration() == "tcg"  # auto without probe assets
+    with pytest.raises(HypervisorError, match="accel 'fast'"):
+        Qemu(accel="fast")
+
+
+def test_select_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CloudHypervisor, "available", staticmethod(lambda: False))
+    assert select_hypervisor().name == "qemu"
+    with pytest.raises(HypervisorError, match="not on PATH"):
+        select_hypervisor("cloud-hypervisor")
+    monkeypatch.setattr(CloudHypervisor, "available", staticmethod(lambda: True))
+    assert select_hypervisor().name == "cloud-hypervisor"
+    assert select_hypervisor(accel="tcg").name == "qemu"  # CH has no TCG
+    assert select_hypervisor("qemu").name == "qemu"
+    with pytest.raises(HypervisorError, match="unknown hypervisor"):
+        select_hypervisor("firecracker")
+
+
+def test_versions_are_reported() -> None:
+    version = Qemu().version()
+    assert version[0].isdigit() and version.count(".") == 2
