@@ -48,6 +48,12 @@ class ProcessRef:
     marker: str  # substring that must appear in the process's command line
 
     def alive(self) -> bool:
+        child = _children.get(self.pid)
+        if child is not None:
+            # Our own child: ask waitpid. An exiting process loses its cmdline before it
+            # becomes a zombie, and the marker check would report it dead too early,
+            # before its exit status can be read.
+            return child.poll() is None
         if self.pid <= 0 or _start_time(self.pid) != self.start_time:
             return False
         return any(self.marker in arg for arg in cmdline(self.pid))

@@ -98,6 +98,16 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def delete_all(self) -> None:
+        """Delete every machine (fixture teardown): VMs outlive the agent by design, so a
+        failed test must not leave them running."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        machines = self.call("list")
+        assert isinstance(machines, list)
+        for m in machines:
+            self.call("delete", m.ref.uid)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 

@@ -22,13 +22,23 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
+def flists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The only directory file:// flists may come from (--flist-dir)."""
+    return tmp_path_factory.mktemp("api-flists")
+
+
+@pytest.fixture(scope="module")
 def agent(
-    tmp_path_factory: pytest.TempPathFactory, agent_pki: Path, agent_guest_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, agent_pki: Path, agent_guest_dir: Path, flists: Path
 ) -> Iterator[AgentProcess]:
-    proc = agent_process(tmp_path_factory.mktemp("api") / "state", agent_pki, None, agent_guest_dir)
+    state = tmp_path_factory.mktemp("api") / "state"
+    proc = agent_process(state, agent_pki, None, agent_guest_dir, flist_dir=flists)
     proc.start()
     yield proc
-    proc.stop()
+    try:
+        proc.delete_all()
+    finally:
+        proc.stop()
 
 
 def _node_info(address: str, tls: ClientTLS | None) -> pb.NodeInfoResponse:
@@ -81,7 +91,7 @@ def test_plaintext_client_is_refused(agent: AgentProcess) -> None:
 
 
 def _spec(**overrides: object) -> pb.ZmachineSpec:
-    spec = pb.ZmachineSpec(flist="file:///nonexistent/x.fl", cpu=1, memory_bytes=256 << 20)
+    spec = pb.ZmachineSpec(flist="https://hub.invalid/x.fl", cpu=1, memory_bytes=256 << 20)
     for key, value in overrides.items():
         if key == "volumes":
             spec.volumes.extend(value)  # type: ignore[arg-type]
@@ -105,6 +115,7 @@ def _deploy(agent: AgentProcess, uid: str, spec: pb.ZmachineSpec) -> grpc.aio.Ai
         ("u2", _spec(volumes=[pb.Volume(name="../x", kind=pb.VOLUME_KIND_SHARE)]), "volumes[0]"),
         ("u3", _spec(memory_bytes=1 << 20), "spec.memory"),
         ("u4", _spec(cpu=0), "spec.cpu"),
+        ("u5", _spec(flist="file:///etc/passwd"), "allowed for file:// flists"),
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(
@@ -116,13 +127,49 @@ def test_invalid_specs_are_refused_naming_the_field(
     assert not (agent.state_dir / "vms" / uid).exists()
 
 
-def test_failed_deploy_leaves_nothing_behind(agent: AgentProcess) -> None:
-    err = _deploy(agent, "u-missing-flist", _spec())
-    assert err.code() == grpc.StatusCode.UNAVAILABLE
-    assert "flist" in (err.details() or "")
-    assert not (agent.state_dir / "vms" / "u-missing-flist").exists()
-    assert not (agent.state_dir / "machines" / "u-missing-flist.json").exists()
+def _assert_nothing_left(agent: AgentProcess, uid: str) -> None:
+    assert not (agent.state_dir / "vms" / uid).exists()
+    assert not (agent.state_dir / "machines" / f"{uid}.json").exists()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(agent.state_dir) not in mounts
+    assert not [p for p in Path("/proc").glob("[0-9]*") if uid in _cmdline(p)]
     assert agent.call("list") == []
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_missing_flist_fails_deploy_and_leaves_nothing(agent: AgentProcess, flists: Path) -> None:
+    err = _deploy(agent, "u-missing-flist", _spec(flist=f"file://{flists}/missing.fl"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "flist" in (err.details() or "") and "missing.fl" in (err.details() or "")
+    _assert_nothing_left(agent, "u-missing-flist")
+
+
+@pytest.mark.fuse
+def test_vmm_failure_late_in_deploy_is_reported_and_cleaned_up(
+    agent: AgentProcess, flists: Path
+) -> None:
+    """A VM-mode flist whose kernel is junk: everything up to the VMM (FUSE mount,
+    overlay, seed, virtiofsd) is made, QEMU then refuses the kernel. The Deploy must
+    fail with QEMU's reason and undo all of it."""
+    from controller.flist.pack import pack
+
+    root = flists / "junk-kernel-root"
+    (root / "boot").mkdir(parents=True)
+    (root / "boot/vmlinuz").write_bytes(b"this is not a kernel\n" * 64)
+    flist = flists / "junk-kernel.fl"
+    pack(root, flist, [f"dir://{flists / 'store'}"])
+    err = _deploy(agent, "u-junk-kernel", _spec(flist=f"file://{flist}"))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.details() or ""
+    assert "default/bad" in details and "launch failed" in details, details
+    assert "qemu" in details and "kernel" in details.lower(), details
+    _assert_nothing_left(agent, "u-junk-kernel")
 
 
 def test_unknown_uid_is_not_found(agent: AgentProcess) -> None:

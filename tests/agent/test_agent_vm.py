@@ -43,17 +43,24 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0) -
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def vm_processes() -> list[int]:
-    """Every process on the host whose command line names this VM (VMM, virtiofsd, FUSE)."""
-    pids = []
+def vm_pids_of(uid: str) -> list[tuple[int, str]]:
+    """(pid, argv0) of every process whose command line names ``uid`` (VMM, virtiofsd,
+    FUSE mount)."""
+    found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and any(UID in arg for arg in cmdline(int(entry.name))):
-            pids.append(int(entry.name))
-    return pids
+        if entry.name.isdigit():
+            argv = cmdline(int(entry.name))
+            if any(uid in arg for arg in argv):
+                found.append((int(entry.name), argv[0]))
+    return found
+
+
+def vm_processes() -> list[int]:
+    return [pid for pid, _ in vm_pids_of(UID)]
 
 
 def qemu_pids() -> list[int]:
-    return [p for p in vm_processes() if "qemu-system" in (cmdline(p) or [""])[0]]
+    return [pid for pid, argv0 in vm_pids_of(UID) if "qemu-system" in argv0]
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -74,10 +81,9 @@ def agent(
     proc.start()
     yield proc
     try:
-        proc.call("delete", UID)
+        proc.delete_all()
     finally:
         proc.stop()
-        print(proc.log_text())
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +218,12 @@ def test_vmm_killed_from_outside_is_restarted_and_counted(agent: AgentProcess) -
     # status is unknown and counts as a failure; policy Always restarts it anyway.
     old = machine(agent).pid
     os.kill(old, signal.SIGKILL)
-    m = wait_for(
-        "the supervisor's restart",
-        lambda: (x := machine(agent)).restarts == 1 and x.pid not in (0, old) and x,
-        timeout=60,
-    )
+
+    def restarted() -> pb.Machine | None:
+        m = machine(agent)
+        return m if m.restarts == 1 and m.pid not in (0, old) else None
+
+    m = wait_for("the supervisor's restart", restarted, timeout=60)
     assert m.state == pb.MACHINE_STATE_RUNNING
     assert qemu_pids() == [m.pid]
 

@@ -1,0 +1,89 @@
+"""Restart policies with real guests that power themselves off (QEMU exits 0).
+
+OnFailure: a guest power-off is success, the machine ends SUCCEEDED and is not restarted.
+Always: every exit is restarted with backoff, and past --crash-loop-limit the machine
+ends FAILED (CrashLoop) with the tail of its serial log. Both VMs boot at the same time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.agent.procs import cmdline
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from tests.agent.agent_harness import AgentProcess
+from tests.agent.conftest import agent_process
+from tests.agent.test_agent_vm import vm_pids_of, wait_for
+
+pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
+
+BYE = "/bin/sh -c 'echo zm-test-bye; poweroff -f'"
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_guest_dir: Path,
+    agent_busybox_flist: Path,
+) -> Iterator[AgentProcess]:
+    state = tmp_path_factory.mktemp("policy") / "state"
+    proc = agent_process(
+        state, agent_pki, None, agent_guest_dir, agent_busybox_flist.parent,
+        "--crash-loop-limit", "1",
+    )  # fmt: skip
+    proc.start()
+    yield proc
+    try:
+        proc.delete_all()
+    finally:
+        proc.stop()
+
+
+def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
+    agent: AgentProcess, agent_busybox_flist: Path
+) -> None:
+    machines = {}
+    onfailure, always = f"p-onfailure-{os.getpid()}", f"p-always-{os.getpid()}"
+    for uid, policy in ((onfailure, pb.RESTART_POLICY_ON_FAILURE),
+                        (always, pb.RESTART_POLICY_ALWAYS)):  # fmt: skip
+        spec = pb.ZmachineSpec(
+            flist=f"file://{agent_busybox_flist}", cpu=1, memory_bytes=256 << 20,
+            entrypoint=BYE, restart_policy=policy,
+        )  # fmt: skip
+        ref = pb.ZmachineRef(namespace="default", name=uid, uid=uid)
+        agent.call("deploy", ref, 1, spec)
+        machines[uid] = ref
+
+    def final(uid: str, state: int) -> pb.Machine | None:
+        m = agent.call("get", uid)
+        assert isinstance(m, pb.Machine)
+        return m if m.state == state else None
+
+    done = wait_for(
+        "OnFailure machine to succeed",
+        lambda: final(onfailure, pb.MACHINE_STATE_SUCCEEDED),
+        timeout=180,
+    )
+    assert done.reason == "PoweredOff" and done.restarts == 0 and done.pid == 0
+    assert "zm-test-bye" in Path(done.console_log).read_text()
+
+    failed = wait_for(
+        "Always machine to end in a crash loop",
+        lambda: final(always, pb.MACHINE_STATE_FAILED),
+        timeout=240,
+    )
+    assert failed.reason == "CrashLoop" and failed.restarts == 1
+    assert "zm-test-bye" in failed.log_tail, failed.log_tail
+    assert "2 times in a row" in failed.message
+
+    for uid in machines:
+        assert not [p for p in vm_pids_of(uid) if "qemu" in p[1]]
+        assert agent.call("delete", uid) is True
+        left = vm_pids_of(uid)
+        assert left == [], [cmdline(pid) for pid, _ in left]
+    assert not (agent.state_dir / "vms").exists() or not list((agent.state_dir / "vms").iterdir())
