@@ -324,7 +324,7 @@ def test_real_cloud_hypervisor_lifecycle(tmp_path: Path, agent_guest_dir: Path) 
             tmp_path,
             kernel=agent_guest_dir / "vmlinuz",
             initrd=agent_guest_dir / "initramfs.img",
-            cmdline="console=ttyS0 panic=-1 rdinit=/bin/sh -- -c 'sleep 600'",
+            cmdline='console=ttyS0 panic=-1 rdinit=/bin/sh -- -c "sleep 600"',
             shares=[],
             disks=[],
             nics=[],
