@@ -16,6 +16,7 @@ from controller.agent.tls import ServerTLS
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 AccelChoice = Literal["auto", "kvm", "tcg"]
 ENV_PREFIX = "ZMACHINE_AGENT_"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AgentConfig:
     accel: AccelChoice
     guest_kernel_dir: Path | None
     supervision: Supervision
+    flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
     log_rotate_bytes: int = 8 << 20
 
     @property
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("guest-kernel-dir"),
         help="dir with vmlinuz + initramfs.img for container mode (hack/build-guest-kernel.sh)",
     )
+    p.add_argument(
+        "--flist-dir",
+        action="append",
+        default=[d for d in (_env("flist-dirs") or "").split(":") if d],
+        help="directory file:// flist URLs may point into (repeatable; default: none)",
+    )
     p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
     p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
     p.add_argument(
@@ -110,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str]) -> AgentConfig:
     a = build_parser().parse_args(argv)
     tls: ServerTLS | None = None
-    if not a.insecure_dev:
+    if a.insecure_dev:
+        host = a.listen.rsplit(":", 1)[0].strip("[]")
+        if host not in LOOPBACK:
+            raise InvalidSpec(
+                f"--insecure-dev serves plaintext and only on loopback; --listen {a.listen} "
+                f"is not one of {', '.join(LOOPBACK)}"
+            )
+    else:
         missing = [f for f in ("tls_ca", "tls_cert", "tls_key") if not getattr(a, f)]
         if missing:
             flags = ", ".join("--" + m.replace("_", "-") for m in missing)
@@ -131,6 +146,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         hypervisor=a.hypervisor,
         accel=a.accel,
         guest_kernel_dir=Path(a.guest_kernel_dir) if a.guest_kernel_dir else None,
+        flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
         supervision=Supervision(
             interval=a.monitor_interval,
             backoff_base=a.restart_backoff,

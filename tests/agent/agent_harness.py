@@ -31,9 +31,12 @@ def free_port() -> int:
 class AgentProcess:
     """One agent: fixed state dir and port, so a restart finds what the last one left."""
 
-    def __init__(self, state_dir: Path, pki: Path, extra: list[str]) -> None:
+    def __init__(
+        self, state_dir: Path, pki: Path, extra: list[str], insecure: bool = False
+    ) -> None:
         self.state_dir = state_dir
         self.pki = pki
+        self.insecure = insecure
         self.port = free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -42,17 +45,19 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def tls(self) -> ClientTLS:
-        return ClientTLS.from_dir(self.pki)
+    def tls(self) -> ClientTLS | None:
+        return None if self.insecure else ClientTLS.from_dir(self.pki)
 
     def argv(self) -> list[str]:
         return [
             sys.executable, "-m", "controller.agent.main", "serve",
             "--listen", self.address, "--state-dir", str(self.state_dir),
             "--metrics-port", str(self.metrics_port),
-            "--tls-ca", str(self.pki / "ca.crt"),
-            "--tls-cert", str(self.pki / "server.crt"),
-            "--tls-key", str(self.pki / "server.key"),
+            *(["--insecure-dev"] if self.insecure else [
+                "--tls-ca", str(self.pki / "ca.crt"),
+                "--tls-cert", str(self.pki / "server.crt"),
+                "--tls-key", str(self.pki / "server.key"),
+            ]),
             "--hypervisor", "qemu", "--accel", "tcg",
             "--monitor-interval", "0.5", "--restart-backoff", "1",
             *self.extra,
@@ -74,8 +79,12 @@ class AgentProcess:
         raise TimeoutError(f"agent not serving after {timeout}s:\n{self.log_text()}")
 
     def _serving(self) -> bool:
-        creds = channel_credentials(self.tls)
-        with grpc.secure_channel(self.address, creds) as ch:
+        tls = self.tls
+        with (
+            grpc.secure_channel(self.address, channel_credentials(tls))
+            if tls
+            else grpc.insecure_channel(self.address)
+        ) as ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=1

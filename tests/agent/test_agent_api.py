@@ -6,6 +6,8 @@ Runs the real agent as a subprocess on a loopback port with its own state dir.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +179,19 @@ def test_unknown_uid_is_not_found(agent: AgentProcess) -> None:
         agent.call("get", "no-such-uid")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert agent.call("delete", "no-such-uid") is False
+
+
+def test_insecure_dev_serves_plaintext_on_loopback_only(tmp_path: Path, agent_pki: Path) -> None:
+    plain = AgentProcess(tmp_path / "state", agent_pki, [], insecure=True)
+    plain.start()
+    try:
+        assert _node_info(plain.address, None).agent_version
+    finally:
+        plain.stop()
+    refused = subprocess.run(
+        [sys.executable, "-m", "controller.agent.main", "serve", "--insecure-dev",
+         "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path / "s2")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "only on loopback" in refused.stderr
