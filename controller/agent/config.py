@@ -45,6 +45,11 @@ class AgentConfig:
     guest_kernel_dir: Path | None
     supervision: Supervision
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
+    # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
+    kubeconfig: str | None = None
+    advertise_address: str = ""  # what the controller dials; defaults to --listen
+    lease_namespace: str = "zmachine-system"
+    register: bool = False
     log_rotate_bytes: int = 8 << 20
 
     @property
@@ -107,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[d for d in (_env("flist-dirs") or "").split(":") if d],
         help="directory file:// flist URLs may point into (repeatable; default: none)",
     )
+    p.add_argument("--kubeconfig", default=_env("kubeconfig"), help="register the node here")
+    p.add_argument(
+        "--advertise-address",
+        default=_env("advertise-address"),
+        help="host:port the controller dials (default: --listen)",
+    )
+    p.add_argument("--lease-namespace", default=_env_str("lease-namespace", "zmachine-system"))
     p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
     p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
     p.add_argument(
@@ -147,6 +159,10 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         accel=a.accel,
         guest_kernel_dir=Path(a.guest_kernel_dir) if a.guest_kernel_dir else None,
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
+        kubeconfig=a.kubeconfig,
+        advertise_address=a.advertise_address or a.listen,
+        lease_namespace=a.lease_namespace,
+        register=bool(a.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")),
         supervision=Supervision(
             interval=a.monitor_interval,
             backoff_base=a.restart_backoff,

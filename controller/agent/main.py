@@ -21,6 +21,7 @@ from controller.agent.machines import Machines
 from controller.agent.metrics import MachineCollector
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.provision import Provisioner
+from controller.agent.registration import Registrar, Registration
 from controller.agent.service import AgentService
 from controller.agent.state import StateStore
 from controller.agent.supervisor import Supervisor
@@ -34,13 +35,15 @@ SERVICE_NAME = "zmachine.agent.v1.AgentService"
 async def serve(config: AgentConfig) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bus = EventBus()
-    machines = Machines(StateStore(config.machines_dir), Provisioner(config), bus)
+    provisioner = Provisioner(config)
+    # May boot a KVM probe guest once (seconds): do it now, off the event loop.
+    hv = await asyncio.to_thread(provisioner.hypervisor_info)
+    machines = Machines(StateStore(config.machines_dir), provisioner, bus)
     await machines.adopt_all()
 
     server = grpc.aio.server()
-    pb_grpc.add_AgentServiceServicer_to_server(
-        AgentService(machines, bus, config.node_name), server
-    )
+    service = AgentService(machines, bus, config.node_name)
+    pb_grpc.add_AgentServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.tls is None:
@@ -58,13 +61,21 @@ async def serve(config: AgentConfig) -> None:
         host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
         start_http_server(config.metrics_port, addr=host, registry=registry)
 
-    supervisor = asyncio.create_task(Supervisor(machines, config.supervision).run())
+    tasks = [asyncio.create_task(Supervisor(machines, config.supervision).run())]
+    if config.register:
+        registration = Registration(
+            config.node_name, config.advertise_address, config.lease_namespace, config.kubeconfig
+        )
+        tasks.append(asyncio.create_task(Registrar(registration, service.node_info).run()))
     log.info(
         "agent ready",
         listen=config.listen,
         port=port,
         state_dir=str(config.state_dir),
         machines=len(machines.records),
+        hypervisor=hv.name,
+        hypervisor_version=hv.version,
+        accelerated=hv.accelerated,
         metrics_port=config.metrics_port,
     )
     stop = asyncio.Event()
@@ -74,7 +85,8 @@ async def serve(config: AgentConfig) -> None:
     await stop.wait()
     # VMs keep running: they live in their own sessions and are adopted on the next start.
     log.info("agent stopping; VMs keep running")
-    supervisor.cancel()
+    for task in tasks:
+        task.cancel()
     await server.stop(grace=2)
 
 

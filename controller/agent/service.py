@@ -119,6 +119,10 @@ class AgentService(pb_grpc.AgentServiceServicer):
 
     @mapped
     async def NodeInfo(self, request: pb.NodeInfoRequest, context: Any) -> pb.NodeInfoResponse:
+        return await self.node_info()
+
+    async def node_info(self) -> pb.NodeInfoResponse:
+        """Also what the node registration publishes on its ZmachineNode."""
         cpus = os.cpu_count() or 1
         memory = host_memory()
         used_cpu = sum(r.spec.cpu for r in self.machines.records.values())
