@@ -60,20 +60,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/*
-The mTLS material as JSON: kept from the Secret already in the cluster (so upgrades keep the
-CA), generated otherwise or when tls.regenerate is set. Memoized in .Values because every
-genCA call makes a new CA, and the Secret and the pods' checksum must see the same one.
+The mTLS material as JSON (PEM files plus "rotation", the stamp they were made for): kept
+from the Secret already in the cluster (so upgrades keep the CA), generated when there is none
+or when tls.rotation is set and differs from the stamp on the Secret. Memoized in .Values because every genCA call makes a new CA, and the Secret and
+the pods' checksum must see the same one.
 */}}
 {{- define "zmachine.tls.material" -}}
 {{- if not (hasKey .Values.tls "_material") -}}
 {{- $keys := list "ca.crt" "server.crt" "server.key" "client.crt" "client.key" -}}
-{{- $found := (lookup "v1" "Secret" .Release.Namespace (include "zmachine.tls.secretName" .)).data | default dict -}}
-{{- $material := dict -}}
-{{- $complete := true -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "zmachine.tls.secretName" .) | default dict -}}
+{{- $found := get $existing "data" | default dict -}}
+{{- $annotations := (get $existing "metadata" | default dict).annotations | default dict -}}
+{{- $stamp := get $annotations "zos.threefold.io/tls-rotation" | toString -}}
+{{- $wanted := .Values.tls.rotation | toString -}}
+{{- /* An empty tls.rotation never rotates: upgrades that reset values stay harmless. */ -}}
+{{- $keep := or (eq $wanted "") (eq $wanted $stamp) -}}
 {{- range $keys -}}
-{{- if not (hasKey $found .) }}{{ $complete = false }}{{ end -}}
+{{- if not (hasKey $found .) }}{{ $keep = false }}{{ end -}}
 {{- end -}}
-{{- if and $complete (not .Values.tls.regenerate) -}}
+{{- $material := dict -}}
+{{- if $keep -}}
 {{- range $keys }}{{ $_ := set $material . (get $found . | b64dec) }}{{ end -}}
 {{- else -}}
 {{- $days := int .Values.tls.validityDays -}}
@@ -83,6 +89,7 @@ genCA call makes a new CA, and the Secret and the pods' checksum must see the sa
 {{- $client := genSignedCert "zmachine-controller" nil nil $days $ca -}}
 {{- $material = dict "ca.crt" $ca.Cert "server.crt" $server.Cert "server.key" $server.Key "client.crt" $client.Cert "client.key" $client.Key -}}
 {{- end -}}
+{{- $_ := set $material "rotation" (default $stamp $wanted) -}}
 {{- $_ := set .Values.tls "_material" $material -}}
 {{- end -}}
 {{- toJson (get .Values.tls "_material") -}}

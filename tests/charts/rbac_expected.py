@@ -1,0 +1,37 @@
+"""The RBAC the chart must grant, and nothing more (docs/install.md has the same table)."""
+
+from __future__ import annotations
+
+# (apiGroup, resource) -> verbs, per ClusterRole/Role name suffix.
+Rules = dict[tuple[str, str], frozenset[str]]
+ZOS = "zos.threefold.io"
+
+
+def _rules(*rows: tuple[str, str, str]) -> Rules:
+    return {(group, resource): frozenset(verbs.split()) for group, resource, verbs in rows}
+
+
+CONTROLLER_CLUSTER = _rules(
+    (ZOS, "zmachines", "get list watch patch update"),
+    (ZOS, "zmachines/status", "get patch update"),
+    (ZOS, "zmachinenodes", "get list watch"),
+    (ZOS, "zmachinenodes/status", "get patch update"),
+    ("", "events", "create patch"),
+    ("events.k8s.io", "events", "create patch"),
+    ("", "secrets", "get"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list watch"),
+    ("", "namespaces", "list watch"),
+)
+CONTROLLER_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get list watch create update"))
+AGENT_CLUSTER = _rules(
+    (ZOS, "zmachinenodes", "get create update patch"),
+    (ZOS, "zmachinenodes/status", "get patch update"),
+    ("", "nodes", "get"),
+)
+AGENT_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get create update"))
+EXPECTED: dict[tuple[str, str], Rules] = {
+    ("ClusterRole", "controller"): CONTROLLER_CLUSTER,
+    ("Role", "controller"): CONTROLLER_NAMESPACED,
+    ("ClusterRole", "agent"): AGENT_CLUSTER,
+    ("Role", "agent"): AGENT_NAMESPACED,
+}

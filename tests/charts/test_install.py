@@ -1,0 +1,180 @@
+"""A real helm install/upgrade/uninstall into the local kube-apiserver.
+
+There is no kubelet or scheduler, so no pod runs; what is checked is that every object is
+accepted by the API server, and what the ServiceAccounts may and may not do once bound.
+Tests run in file order: install, permissions, upgrades, uninstall.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hack.controlplane import ControlPlane
+from tests.charts.helm import CHART, Helm, HelmError
+
+NS = "zm-chart"  # not zmachine-system: the chart must follow the release namespace
+RELEASE = "zmo"
+PREFIX = f"{RELEASE}-zmachine-operator"
+CONTROLLER = f"system:serviceaccount:{NS}:{PREFIX}-controller"
+AGENT = f"system:serviceaccount:{NS}:{PREFIX}-agent"
+ZM, ZMN = "zmachines.zos.threefold.io", "zmachinenodes.zos.threefold.io"
+LEASES = "leases.coordination.k8s.io"
+
+
+@dataclass(frozen=True)
+class Release:
+    notes: str
+    manifest: Path  # what `helm get manifest` listed right after the install
+
+
+@pytest.fixture(scope="module")
+def release(
+    cluster_helm: Helm, cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Release]:
+    out = cluster_helm.run("install", RELEASE, str(CHART), "-n", NS, "--create-namespace")
+    manifest = tmp_path_factory.mktemp("release") / "manifest.yaml"
+    manifest.write_text(cluster_helm.run("get", "manifest", RELEASE, "-n", NS))
+    yield Release(out, manifest)
+    with contextlib.suppress(HelmError):  # the uninstall test may have removed it already
+        cluster_helm.run("uninstall", RELEASE, "-n", NS)
+
+
+def _ca(cluster: ControlPlane) -> bytes:
+    out = cluster.kubectl(
+        "get", "secret", f"{PREFIX}-tls", "-n", NS, "-o", "jsonpath={.data.ca\\.crt}"
+    )
+    return base64.b64decode(out.stdout)
+
+
+def _checksum(cluster: ControlPlane) -> str:
+    path = "jsonpath={.spec.template.metadata.annotations.checksum/tls}"
+    return cluster.kubectl("get", "daemonset", f"{PREFIX}-agent", "-n", NS, "-o", path).stdout
+
+
+def test_install_creates_every_object(release: Release, cluster: ControlPlane) -> None:
+    names = cluster.kubectl("get", "-f", str(release.manifest), "-o", "name").stdout.split()
+    expected = {
+        "serviceaccount/zmo-zmachine-operator-controller",
+        "serviceaccount/zmo-zmachine-operator-agent",
+        "secret/zmo-zmachine-operator-tls",
+        "configmap/zmo-zmachine-operator-dashboard",
+        "service/zmo-zmachine-operator-controller-metrics",
+        "service/zmo-zmachine-operator-agent-metrics",
+        "deployment.apps/zmo-zmachine-operator-controller",
+        "daemonset.apps/zmo-zmachine-operator-agent",
+    }
+    for component in ("controller", "agent"):
+        for kind in ("clusterrole", "clusterrolebinding", "role", "rolebinding"):
+            expected.add(f"{kind}.rbac.authorization.k8s.io/{PREFIX}-{component}")
+    assert set(names) == expected
+    assert "kubectl get zmachines -A -w" in release.notes
+
+
+# (identity, verb, resource and flags, allowed)
+PERMISSIONS = [
+    (CONTROLLER, "watch", (ZM, "-A"), True),
+    (CONTROLLER, "patch", (ZM, "-n", "default"), True),
+    (CONTROLLER, "update", (ZM, "--subresource=status", "-n", "default"), True),
+    (CONTROLLER, "list", (ZMN,), True),
+    (CONTROLLER, "patch", (ZMN, "--subresource=status"), True),
+    (CONTROLLER, "get", ("secrets", "-n", "default"), True),
+    (CONTROLLER, "create", ("events", "-n", "default"), True),
+    (CONTROLLER, "patch", ("events.events.k8s.io", "-n", "default"), True),
+    (CONTROLLER, "watch", ("customresourcedefinitions.apiextensions.k8s.io",), True),
+    (CONTROLLER, "list", ("namespaces",), True),
+    (CONTROLLER, "create", (LEASES, "-n", NS), True),
+    (CONTROLLER, "update", (LEASES, "-n", NS), True),
+    # Secrets one by one only: listing would hand over every secret in the cluster.
+    (CONTROLLER, "list", ("secrets", "-n", "default"), False),
+    (CONTROLLER, "watch", ("secrets", "-A"), False),
+    (CONTROLLER, "delete", ("secrets", "-n", "default"), False),
+    (CONTROLLER, "create", (ZM, "-n", "default"), False),
+    (CONTROLLER, "delete", (ZM, "-n", "default"), False),
+    (CONTROLLER, "update", (ZMN,), False),
+    (CONTROLLER, "delete", (ZMN,), False),
+    (CONTROLLER, "create", (LEASES, "-n", "default"), False),
+    (CONTROLLER, "delete", (LEASES, "-n", NS), False),
+    (CONTROLLER, "get", ("pods", "-n", NS), False),
+    (CONTROLLER, "create", ("customresourcedefinitions.apiextensions.k8s.io",), False),
+    (CONTROLLER, "get", ("nodes",), False),
+    (AGENT, "create", (ZMN,), True),
+    (AGENT, "patch", (ZMN,), True),
+    (AGENT, "update", (ZMN, "--subresource=status"), True),
+    (AGENT, "get", ("nodes",), True),
+    (AGENT, "create", (LEASES, "-n", NS), True),
+    (AGENT, "update", (LEASES, "-n", NS), True),
+    (AGENT, "get", (ZM, "-n", "default"), False),
+    (AGENT, "list", (ZM, "-A"), False),
+    (AGENT, "patch", (ZM, "-n", "default"), False),
+    (AGENT, "update", (ZM, "--subresource=status", "-n", "default"), False),
+    (AGENT, "list", (ZMN,), False),
+    (AGENT, "delete", (ZMN,), False),
+    (AGENT, "list", ("nodes",), False),
+    (AGENT, "patch", ("nodes",), False),
+    (AGENT, "get", ("secrets", "-n", NS), False),
+    (AGENT, "create", (LEASES, "-n", "default"), False),
+    (AGENT, "list", (LEASES, "-n", NS), False),
+    (AGENT, "create", ("events", "-n", "default"), False),
+]
+
+
+def _id(case: tuple[str, str, tuple[str, ...], bool]) -> str:
+    who, verb, what, allowed = case
+    return f"{who.rsplit('-', 1)[-1]}-{'can' if allowed else 'cannot'}-{verb}-{'_'.join(what)}"
+
+
+@pytest.mark.parametrize("case", PERMISSIONS, ids=[_id(c) for c in PERMISSIONS])
+def test_service_account_permissions(
+    release: Release, cluster: ControlPlane, case: tuple[str, str, tuple[str, ...], bool]
+) -> None:
+    who, verb, what, allowed = case
+    result = cluster.kubectl("auth", "can-i", verb, *what, f"--as={who}", check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stderr
+
+
+def test_upgrade_keeps_the_ca(release: Release, cluster_helm: Helm, cluster: ControlPlane) -> None:
+    ca, checksum = _ca(cluster), _checksum(cluster)
+    cluster_helm.run("upgrade", RELEASE, str(CHART), "-n", NS, "--set", "controller.replicas=2")
+    replicas = cluster.kubectl(
+        "get", "deploy", f"{PREFIX}-controller", "-n", NS, "-o", "jsonpath={.spec.replicas}"
+    )
+    assert replicas.stdout == "2"
+    assert _ca(cluster) == ca
+    # Unchanged certificates must not roll the agents (and with them nothing else).
+    assert _checksum(cluster) == checksum
+
+
+def test_new_rotation_value_rotates_the_ca_once(
+    release: Release, cluster_helm: Helm, cluster: ControlPlane
+) -> None:
+    ca, checksum = _ca(cluster), _checksum(cluster)
+    cluster_helm.run("upgrade", RELEASE, str(CHART), "-n", NS, "--set", "tls.rotation=2026-11")
+    rotated = _ca(cluster)
+    assert rotated != ca
+    assert _checksum(cluster) != checksum  # so the pods restart with the new files
+    # A bare upgrade reuses the last values: the same stamp must not rotate again.
+    cluster_helm.run("upgrade", RELEASE, str(CHART), "-n", NS)
+    assert _ca(cluster) == rotated
+    # Other --set flags reset the values to the defaults (empty stamp): that keeps them too.
+    cluster_helm.run("upgrade", RELEASE, str(CHART), "-n", NS, "--set", "controller.replicas=1")
+    assert _ca(cluster) == rotated
+
+
+def test_uninstall_removes_everything(
+    release: Release, cluster_helm: Helm, cluster: ControlPlane
+) -> None:
+    cluster_helm.run("uninstall", RELEASE, "-n", NS)
+    left = cluster.kubectl("get", "-f", str(release.manifest), "--ignore-not-found", "-o", "name")
+    assert left.stdout.split() == []
+    history = cluster.kubectl(
+        "get", "secrets", "-n", NS, "-l", f"owner=helm,name={RELEASE}", "-o", "name"
+    )
+    assert history.stdout.split() == []
+    # The CRDs stay (Helm never deletes them): Zmachines of users must survive an uninstall.
+    cluster.kubectl("get", "crd", "zmachines.zos.threefold.io")
