@@ -56,6 +56,8 @@ def make_tree(root: Path, files: int = 40, large: tuple[int, ...] = (), seed: in
     os.mkfifo(root / "fifo")
     os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(root / "blockdev", 0o660 | stat.S_IFBLK, os.makedev(7, 0))
+    os.mknod(root / "socket", 0o755 | stat.S_IFSOCK)
+    os.chown(root / "dangling", 33, 44, follow_symlinks=False)
     os.chown(root / "sub", 1000, 1001)
     (root / "sub").chmod(0o1777)
     for path in [*root.rglob("*"), root]:

@@ -132,6 +132,24 @@ def test_missing_and_corrupt_blocks_read_as_eio(tmp_path: Path, mount_flist: Mou
         assert len(handle.read(CHUNK_SIZE)) == CHUNK_SIZE
 
 
+def test_bad_rows_fail_alone(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
+) -> None:
+    """A corrupt entry is an EIO for whoever touches it; the mount keeps serving the rest."""
+    broken = tmp_path / "broken.fl"
+    broken.write_bytes(packed[1].read_bytes())
+    conn = sqlite3.connect(broken)
+    conn.execute("UPDATE inode SET mode = 511 WHERE name = 'data'")  # 0o777: no type bits
+    conn.commit()
+    conn.close()
+    mounted = mount_flist(broken)
+    with pytest.raises(OSError) as info:
+        os.listdir(mounted.mountpoint / "sub" / "deep")
+    assert info.value.errno == errno.EIO
+    assert (mounted.mountpoint / "large1.bin").stat().st_size == CHUNK_SIZE
+    assert mounted.process.poll() is None
+
+
 def test_overlay_gives_a_writable_root(
     packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
 ) -> None:
