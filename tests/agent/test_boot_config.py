@@ -1,13 +1,22 @@
-"""VMConfig validation, boot-mode detection, kernel command lines and QEMU's command line."""
+"""VMConfig validation, boot-mode detection, kernel command lines, QEMU and virtiofsd argv."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from controller.agent.errors import InvalidSpec
 from controller.agent.hypervisor import CloudHypervisor, HypervisorError, Qemu, select_hypervisor
+from controller.agent.virtiofs import (
+    QEMU_VIRTIOFSD,
+    Flavor,
+    Virtiofsd,
+    VirtiofsError,
+    find_virtiofsd,
+    start_virtiofsd,
+)
 from controller.agent.vmconfig import (
     BootMode,
     Disk,
@@ -180,3 +189,30 @@ def test_select_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_versions_are_reported() -> None:
     version = Qemu().version()
     assert version[0].isdigit() and version.count(".") == 2
+
+
+def test_virtiofsd_flags_per_flavor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    share = FsShare("vroot", tmp_path / "fs.sock", tmp_path / "root")
+    rust = Virtiofsd(Path("/usr/bin/virtiofsd"), Flavor.RUST).argv(share)
+    assert rust == [
+        "/usr/bin/virtiofsd",
+        "--socket-path", str(tmp_path / "fs.sock"),
+        "--shared-dir", str(tmp_path / "root"),
+        "--xattr", "--cache", "auto",
+    ]  # fmt: skip
+    qemu = Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU).argv(share)
+    assert qemu == [
+        str(QEMU_VIRTIOFSD),
+        f"--socket-path={tmp_path / 'fs.sock'}",
+        "-o", f"source={tmp_path / 'root'}",
+        "-o", "cache=auto",
+        "-o", "xattr",
+    ]  # fmt: skip
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Rust virtiofsd on PATH
+    assert find_virtiofsd().flavor is Flavor.QEMU
+
+
+def test_virtiofsd_refuses_a_missing_directory(tmp_path: Path) -> None:
+    share = FsShare("data", tmp_path / "fs.sock", tmp_path / "missing")
+    with pytest.raises(VirtiofsError, match=r"share 'data'.*is not a directory"):
+        asyncio.run(start_virtiofsd(share, tmp_path / "log"))
