@@ -66,7 +66,7 @@ class _Packer:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flist-pack")
         self.pending: deque[tuple[int, Future[tuple[BlockRef, int]]]] = deque()
         self.links: dict[tuple[int, int], int] = {}
-        self.last_report = 0.0
+        self.last_report = self.stats.started  # first line after 0.5 s: short packs stay quiet
 
     def insert(self, parent: int, name: str, st: os.stat_result, size: int) -> int:
         cursor = self.conn.execute(

@@ -12,6 +12,10 @@ class RespError(Exception):
     """Protocol violation, connection failure or an error reply."""
 
 
+class RespReplyError(RespError):
+    """The server answered with an error (the connection itself is fine)."""
+
+
 class RespConnection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -58,7 +62,7 @@ class RespConnection:
         if kind == b"+":
             return rest.decode()
         if kind == b"-":
-            raise RespError(f"server error: {rest.decode(errors='replace')}")
+            raise RespReplyError(f"server error: {rest.decode(errors='replace')}")
         if kind == b":":
             return int(rest)
         if kind == b"$":

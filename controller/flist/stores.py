@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from controller.flist.chunks import MAX_STORED_BLOCK
 from controller.flist.errors import BlockMissingError, StoreError
-from controller.flist.resp import RespConnection, RespError
+from controller.flist.resp import RespConnection, RespError, RespReplyError
 
 DEFAULT_ZDB_PORT = 9900
 TIMEOUT = 30.0
@@ -159,23 +159,47 @@ class ZdbStore:
         self._idle: list[RespConnection] = []
         self._lock = threading.Lock()
 
-    def _call(self, *args: bytes | str) -> object:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        try:
-            if conn is None:
-                conn = RespConnection.connect(self.host, self.port, self.unix_path, TIMEOUT)
-                if self.namespace:
-                    extra = [self.password] if self.password else []
-                    conn.command("SELECT", self.namespace, *extra)
-            result = conn.command(*args)
-        except RespError as exc:
-            if conn is not None:
+    def _connect(self) -> RespConnection:
+        conn = RespConnection.connect(self.host, self.port, self.unix_path, TIMEOUT)
+        if self.namespace:
+            try:
+                conn.command("SELECT", self.namespace, *([self.password] if self.password else []))
+            except RespError:
                 conn.close()
-            raise StoreError(f"{args[0]!s}: {exc}", path=strip_password(self.url)) from None
+                raise
+        return conn
+
+    def _on(self, conn: RespConnection, args: tuple[bytes | str, ...]) -> object:
+        """Run one command; the connection goes back to the pool unless it broke."""
+        try:
+            result = conn.command(*args)
+        except RespReplyError:
+            self._release(conn)
+            raise
+        except RespError:
+            conn.close()
+            raise
+        self._release(conn)
+        return result
+
+    def _release(self, conn: RespConnection) -> None:
         with self._lock:
             self._idle.append(conn)
-        return result
+
+    def _call(self, *args: bytes | str) -> object:
+        with self._lock:
+            pooled = self._idle.pop() if self._idle else None
+        try:
+            if pooled is not None:
+                try:
+                    return self._on(pooled, args)
+                except RespReplyError:
+                    raise
+                except RespError:
+                    pass  # a pooled connection may have gone stale: one fresh try
+            return self._on(self._connect(), args)
+        except RespError as exc:
+            raise StoreError(f"{args[0]!s}: {exc}", path=strip_password(self.url)) from None
 
     def get(self, block_id: bytes) -> bytes | None:
         result = self._call("GET", block_id)

@@ -5,6 +5,7 @@ binary keys, SET answering the key. It also counts commands so tests can assert 
 
 from __future__ import annotations
 
+import socket
 import socketserver
 import threading
 from collections import Counter
@@ -17,10 +18,12 @@ class FakeZdb:
         self.passwords = passwords or {}
         self.commands: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.clients: list[socket.socket] = []
         owner = self
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
+                owner.clients.append(self.connection)
                 state = {"ns": "default", "writable": True}
                 while True:
                     try:
@@ -76,6 +79,12 @@ class FakeZdb:
                 store[args[1]] = args[2]
                 return b"$%d\r\n%s\r\n" % (len(args[1]), args[1])
         return b"-Unknown command\r\n"
+
+    def drop_clients(self) -> None:
+        """Close every client connection, as a restarting server would."""
+        for client in self.clients:
+            client.shutdown(socket.SHUT_RDWR)
+        self.clients.clear()
 
     def add_namespace(self, name: str, password: str | None = None) -> None:
         self.data[name] = {}

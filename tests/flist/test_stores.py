@@ -104,6 +104,14 @@ def test_zdb_store_round_trip_with_namespace(fake_zdb: FakeZdb, tmp_path: Path) 
     assert_same_tree(source, tmp_path / "out")
 
 
+def test_zdb_store_reconnects_after_server_drops(fake_zdb: FakeZdb) -> None:
+    store = ZdbStore(f"zdb://127.0.0.1:{fake_zdb.port}")
+    store.set(b"k" * 32, b"value")
+    fake_zdb.drop_clients()  # the pooled connection is now dead
+    assert store.get(b"k" * 32) == b"value"
+    store.close()
+
+
 def test_zdb_store_errors(fake_zdb: FakeZdb) -> None:
     fake_zdb.add_namespace("locked", password="pw")
     reader = ZdbStore(f"zdb://127.0.0.1:{fake_zdb.port}/locked")
