@@ -103,10 +103,11 @@ class _Packer:
             return
         self.last_report = now
         elapsed = max(now - self.stats.started, 1e-9)
+        # On a terminal the line rewrites itself; in a log each report is its own line.
+        start, end = ("\r", "\n" if final else "") if sys.stderr.isatty() else ("", "\n")
         sys.stderr.write(
-            f"\rpacked {self.stats.files} files, {self.stats.bytes / 2**20:.1f} MiB"
-            f" ({self.stats.bytes / 1e6 / elapsed:.1f} MB/s), {self.stats.blocks} blocks"
-            + ("\n" if final else "")
+            f"{start}packed {self.stats.files} files, {self.stats.bytes / 2**20:.1f} MiB"
+            f" ({self.stats.bytes / 1e6 / elapsed:.1f} MB/s), {self.stats.blocks} blocks" + end
         )
         sys.stderr.flush()
 
