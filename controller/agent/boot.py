@@ -12,7 +12,7 @@ from pathlib import Path
 
 from controller.agent import hypervisor, network, seed, virtiofs, vmconfig
 from controller.agent.config import AgentConfig
-from controller.agent.errors import InvalidSpec
+from controller.agent.errors import AgentError, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
 from controller.agent.procs import ProcessRef
@@ -72,9 +72,17 @@ class HostBoot:
             nics.append(NicStatus(nic.network, str(ip), network.mac_address(rec.ref.uid, i), tap))
         return nics
 
+    async def ensure_taps(self, rec: MachineRecord) -> None:
+        for n in rec.nics:
+            await asyncio.to_thread(
+                network.create_tap, n.tap, self.config.bridge, self.config.netns
+            )
+
     async def delete_nics(self, rec: MachineRecord) -> None:
-        for i in range(len(rec.spec.interfaces)):
-            tap = network.tap_name(rec.ref.uid, i)
+        # Recorded taps, plus the names a half-finished create_nics may have made.
+        taps = {n.tap for n in rec.nics}
+        taps |= {network.tap_name(rec.ref.uid, i) for i in range(len(rec.spec.interfaces))}
+        for tap in sorted(taps):
             await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
         self.ipam.release(rec.ref.uid)
 
@@ -102,7 +110,7 @@ class HostBoot:
         ]
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
-            hostname=rec.spec.hostname or rec.ref.name.lower()[:63],
+            hostname=rec.spec.hostname or _hostname(rec.ref.name),
             interfaces=interfaces,
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
@@ -155,8 +163,23 @@ class HostBoot:
         return refs
 
     async def start_vmm(self, rec: MachineRecord, p: VMPaths) -> ProcessRef:
-        vm = await self.driver.start(self.vm_config(rec, p))
+        cfg = self.vm_config(rec, p)
+        stray = self.driver.adopt(cfg)
+        if stray is not None:
+            # A VMM the record does not know (the agent died right after starting it):
+            # never run two VMs for one Zmachine.
+            await stray.stop(grace=2.0, hard_grace=3.0)
+        vm = await self.driver.start(cfg)
         return vm.ref
+
+    def find_vmm(self, rec: MachineRecord) -> ProcessRef | None:
+        """The VM's running VMM per the driver's pid file, if any."""
+        p = VMPaths.for_uid(self.config.state_dir, rec.ref.uid)
+        try:
+            vm = self.driver.adopt(self.vm_config(rec, p))
+        except AgentError:  # e.g. the root is not mounted: then no VMM can be running
+            return None
+        return vm.ref if vm is not None else None
 
     def _vm(self, rec: MachineRecord, p: VMPaths) -> hypervisor.VM:
         if rec.vmm is None:
@@ -202,3 +225,8 @@ def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
         return 0, 0
     stats = json.loads(out.stdout)[0].get("stats64", {})
     return int(stats.get("rx", {}).get("bytes", 0)), int(stats.get("tx", {}).get("bytes", 0))
+
+
+def _hostname(name: str) -> str:
+    """A DNS label from a Kubernetes name (which may contain dots)."""
+    return name.lower().replace(".", "-")[:63].strip("-") or "zmachine"

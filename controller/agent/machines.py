@@ -46,6 +46,10 @@ class Machines:
         async with self._locks[uid]:
             yield
 
+    def busy(self, uid: str) -> bool:
+        """An operation holds this VM's lock (the supervisor skips it this round)."""
+        return self._locks[uid].locked()
+
     def emit(self, rec: MachineRecord, type_: EventType) -> None:
         self.store.save(rec)
         self.bus.publish(Event(type_, rec.ref, rec.generation, rec.state, rec.reason, rec.message))
@@ -65,14 +69,40 @@ class Machines:
         for rec in self.store.load_all():
             self.records[rec.ref.uid] = rec
             async with self.locked(rec.ref.uid):
-                await self.prov.adopt(rec)
-                self.emit(rec, EventType.ADOPTED)
+                if rec.state is State.PROVISIONING:
+                    await self._resume_provisioning(rec)
+                else:
+                    await self.prov.adopt(rec)
+                    self.emit(rec, EventType.ADOPTED)
+
+    async def _resume_provisioning(self, rec: MachineRecord) -> None:
+        """The last agent died inside Deploy: finish it (every step is idempotent), or
+        undo it as a failed Deploy would have."""
+        try:
+            await self.prov.adopt(rec)
+            if rec.vmm is None or not rec.vmm.alive():
+                await self.prov.provision(rec)
+        except Exception as exc:
+            log.warning("interrupted deploy could not be finished", uid=rec.ref.uid, error=str(exc))
+            first = rec.started_at == 0  # never ran: forget it like a failed first Deploy
+            await self.prov.teardown(rec, keep_data=not first)
+            if first:
+                self.records.pop(rec.ref.uid, None)
+                self.store.remove(rec.ref.uid)
+                return
+            rec.vmm = None
+            rec.state, rec.reason, rec.message = State.FAILED, "ProvisionFailed", str(exc)
+            self.emit(rec, EventType.FAILED)
+            return
+        rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
+        self.emit(rec, EventType.DEPLOYED)
 
     async def deploy(
         self, ref: Ref, generation: int, spec: MachineSpec
     ) -> tuple[MachineRecord, bool]:
         validate_ref(ref)
         validate_spec(ref, spec)
+        self.prov.check(ref, spec)
         async with self.locked(ref.uid):
             rec = self.records.get(ref.uid)
             if rec is None:
@@ -103,39 +133,45 @@ class Machines:
         self.records[ref.uid] = rec
         self.store.save(rec)
         try:
-            await self.prov.provision(rec, fresh=True)
+            await self.prov.provision(rec)
         except BaseException as exc:
             # Never leave half a VM behind: undo everything, forget the record, say why.
             log.warning("deploy failed, cleaning up", uid=ref.uid, error=str(exc))
-            await self.prov.teardown(rec)
+            await self.prov.teardown(rec, keep_data=False)
             self.records.pop(ref.uid, None)
             self.store.remove(ref.uid)
             if isinstance(exc, AgentError):
                 raise
-            raise ProvisionFailed("deploy", exc) from exc
+            raise ProvisionFailed(f"zmachine {ref}", "deploy", exc) from exc
         self.emit(rec, EventType.DEPLOYED)
         return rec
 
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
-        boot_changed = spec.boot_hash() != rec.spec.boot_hash()
-        rec.generation, old, rec.spec = generation, rec.spec, spec
-        if not boot_changed:
+        if spec.boot_hash() == rec.spec.boot_hash():
             # Only `paused` may differ: apply it to the running VM, nothing else to do.
-            if spec.paused != old.paused and rec.state in (State.RUNNING, State.PAUSED):
+            if spec.paused != rec.spec.paused and rec.state in (State.RUNNING, State.PAUSED):
                 await (self.prov.pause(rec) if spec.paused else self.prov.resume(rec))
+            rec.generation, rec.spec = generation, spec
             self.emit(rec, EventType.UPDATED)
             return
-        await self.prov.stop(rec)
+        # A new VM from the new spec; the writable layer and volumes are kept (zos keeps
+        # the rootfs volume across re-provisioning too). Saved as Provisioning first, so
+        # an agent restart in between finishes the job instead of adopting half of it.
+        rec.state = State.PROVISIONING
+        self.store.save(rec)
+        await self.prov.teardown(rec, keep_data=True)
+        rec.generation, rec.spec = generation, spec
         rec.restarts = rec.crash_streak = 0
         try:
-            await self.prov.provision(rec, fresh=False)
+            await self.prov.provision(rec)
         except BaseException as exc:
-            await self.prov.stop(rec)
+            await self.prov.teardown(rec, keep_data=True)
+            rec.vmm = None
             rec.state, rec.reason, rec.message = State.FAILED, "ProvisionFailed", str(exc)
             self.emit(rec, EventType.FAILED)
             if isinstance(exc, AgentError):
                 raise
-            raise ProvisionFailed("update", exc) from exc
+            raise ProvisionFailed(f"zmachine {rec.ref}", "update", exc) from exc
         self.emit(rec, EventType.UPDATED)
 
     async def delete(self, uid: str) -> bool:
@@ -143,7 +179,7 @@ class Machines:
             rec = self.records.get(uid)
             if rec is None:
                 return False
-            await self.prov.teardown(rec)
+            await self.prov.teardown(rec, keep_data=False)
             self.store.remove(uid)
             del self.records[uid]
             self.bus.publish(Event(EventType.DELETED, rec.ref, rec.generation, rec.state))
@@ -151,21 +187,19 @@ class Machines:
         return True
 
     async def pause(self, uid: str) -> MachineRecord:
-        async with self.locked(uid):
-            rec = self.get(uid)
-            if rec.state not in (State.RUNNING, State.PAUSED):
-                raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot pause")
-            await self.prov.pause(rec)
-            self.emit(rec, EventType.PAUSED)
-            return rec
+        return await self._power(uid, pause=True)
 
     async def resume(self, uid: str) -> MachineRecord:
+        return await self._power(uid, pause=False)
+
+    async def _power(self, uid: str, pause: bool) -> MachineRecord:
         async with self.locked(uid):
             rec = self.get(uid)
             if rec.state not in (State.RUNNING, State.PAUSED):
-                raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot resume")
-            await self.prov.resume(rec)
-            self.emit(rec, EventType.RESUMED)
+                verb = "pause" if pause else "resume"
+                raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot {verb}")
+            await (self.prov.pause(rec) if pause else self.prov.resume(rec))
+            self.emit(rec, EventType.PAUSED if pause else EventType.RESUMED)
             return rec
 
     async def restart(self, uid: str) -> MachineRecord:

@@ -13,34 +13,25 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import structlog
 
 from controller.agent import boot
 from controller.agent.config import AgentConfig
-from controller.agent.errors import AgentError, InvalidSpec, ProvisionFailed
+from controller.agent.errors import AgentError, InvalidSpec, ProvisionFailed, Unavailable
+from controller.agent.hypervisor import log_tail
 from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
-from controller.agent.spec import VolumeKind
-from controller.agent.state import MachineRecord, NicStatus, State
+from controller.agent.spec import MachineSpec, Ref, VolumeKind
+from controller.agent.state import MachineRecord, State
 from controller.flist import bootmode, fetch, mount, overlay
 
 log = structlog.get_logger(__name__)
 
 # Printed by the container-mode initramfs right before it hands over to the entrypoint.
 BOOTED_MARKER = b"zm-init: switching root"
-LOG_TAIL_BYTES = 2048
 MOUNT_TIMEOUT = 30.0
-
-
-def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(f.tell() - size, 0))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class Provisioner:
@@ -50,6 +41,20 @@ class Provisioner:
 
     def paths(self, rec: MachineRecord) -> VMPaths:
         return VMPaths.for_uid(self.config.state_dir, rec.ref.uid)
+
+    def check(self, ref: Ref, spec: MachineSpec) -> None:
+        """Node-specific refusals: a file:// flist must lie in a directory the operator
+        allowed with --flist-dir (nothing else on the host is readable through a spec)."""
+        url = urlparse(spec.flist)
+        if url.scheme != "file":
+            return
+        path = Path(unquote(url.path)).resolve()
+        if not any(path.is_relative_to(root) for root in self.config.flist_dirs):
+            allowed = ", ".join(map(str, self.config.flist_dirs)) or "none (no --flist-dir)"
+            raise InvalidSpec(
+                f"zmachine {ref}: spec.flist {spec.flist!r} is outside the directories "
+                f"allowed for file:// flists: {allowed}"
+            )
 
     def hypervisor_info(self) -> boot.HypervisorInfo:
         return self.host.info()
@@ -62,7 +67,7 @@ class Provisioner:
 
     # ----------------------------------------------------------------- provision
 
-    async def provision(self, rec: MachineRecord, fresh: bool) -> None:
+    async def provision(self, rec: MachineRecord) -> None:
         p = self.paths(rec)
         lg = self._log(rec)
         first = not p.upper.exists()
@@ -70,13 +75,7 @@ class Provisioner:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         step = "flist"
         try:
-            flist = await asyncio.to_thread(
-                fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
-            )
-            step = "flist mount"
-            await self._mount_flist(rec, flist)
-            step = "overlay"
-            await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
+            await self._mount_root(rec)
             if first:
                 for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
                     key.unlink()
@@ -84,37 +83,38 @@ class Provisioner:
             info = bootmode.detect_boot_mode(p.rootfs)
             if info.mode is bootmode.BootMode.IMAGE:
                 raise InvalidSpec(
-                    f"zmachine {rec.ref}: spec.flist {rec.spec.flist} is a disk image "
+                    f"spec.flist {rec.spec.flist} is a disk image "
                     "(/image.raw); image mode is not supported by this agent yet"
                 )
             rec.boot_mode = info.mode.value
             step = "volumes"
             self._volumes(rec)
             step = "network"
-            rec.nics = [
-                NicStatus(n.network, n.ip, n.mac, n.tap) for n in await self.host.create_nics(rec)
-            ]
+            rec.nics = await self.host.create_nics(rec)
             step = "seed"
             await self.host.write_seed(rec, p)
             step = "launch"
             await self.launch(rec)
-        except AgentError:
+        except ProvisionFailed:
             raise
         except Exception as exc:
-            raise ProvisionFailed(step, exc, tail(p.vmm_log) + tail(p.console_log)) from exc
-        lg.info("provisioned", boot_mode=rec.boot_mode, fresh=fresh, first=first)
+            # The hypervisor's own errors already carry its log tail.
+            typed = isinstance(exc, AgentError)
+            logs = self.log_tail(rec) if step == "launch" and not typed else ""
+            raise ProvisionFailed(f"zmachine {rec.ref}", step, exc, logs) from exc
+        lg.info("provisioned", boot_mode=rec.boot_mode, first=first)
 
     async def _mount_flist(self, rec: MachineRecord, flist: Path) -> None:
         p = self.paths(rec)
-        if mount.is_mounted(p.lower):
-            return
         argv = mount.mount_command(flist, p.lower, self.config.flist_cache)
         ref = spawn_detached(argv, p.mount_log, str(p.lower))
         rec.helpers.append(ref)
         try:
             await asyncio.to_thread(mount.wait_mounted, p.lower, MOUNT_TIMEOUT)
         except Exception as exc:
-            raise ProvisionFailed("flist mount", exc, tail(p.mount_log)) from exc
+            raise ProvisionFailed(
+                f"zmachine {rec.ref}", "flist mount", exc, log_tail(p.mount_log)
+            ) from exc
 
     def _volumes(self, rec: MachineRecord) -> None:
         p = self.paths(rec)
@@ -132,6 +132,7 @@ class Provisioner:
         """Start virtiofsd(s) and the VMM; used by provision and by every restart."""
         p = self.paths(rec)
         rec.helpers = [h for h in rec.helpers if h.marker == str(p.lower)]
+        await self.host.ensure_taps(rec)
         rec.helpers += await self.host.start_shares(rec, p)
         rec.started_at = time.time()
         rec.boot_duration = 0.0
@@ -152,21 +153,34 @@ class Provisioner:
         rec.state = State.RUNNING
 
     async def adopt(self, rec: MachineRecord) -> None:
-        """After an agent restart: keep a live VMM as it is; otherwise let the supervisor
-        apply the restart policy (the mounts are re-made by launch if needed)."""
-        p = self.paths(rec)
+        """After an agent restart: keep a live VMM as it is; otherwise re-make the mounts
+        and let the supervisor apply the restart policy to the dead VMM.
+
+        A VMM started just before the last agent died may be newer than the record: the
+        driver's pid file finds it, so it is adopted rather than started a second time.
+        """
+        lg = self._log(rec)
+        found = None if rec.vmm is not None and rec.vmm.alive() else self.host.find_vmm(rec)
+        if found is not None:
+            rec.vmm = found
         if rec.vmm is not None and rec.vmm.alive():
-            self._log(rec).info("adopted running vm", pid=rec.vmm.pid)
+            lg.info("adopted running vm", pid=rec.vmm.pid)
             return
-        if rec.state in (State.RUNNING, State.PAUSED, State.PROVISIONING):
-            self._log(rec).warning("vm not running after agent restart")
-            if not mount.is_mounted(p.rootfs):
-                flist = await asyncio.to_thread(
-                    fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
-                )
-                await self._mount_flist(rec, flist)
-                await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
+        if rec.state in (State.RUNNING, State.PAUSED):
+            lg.warning("vm not running after agent restart")
+            await self._mount_root(rec)
             rec.state = State.RUNNING  # the supervisor sees the dead VMM and applies policy
+
+    async def _mount_root(self, rec: MachineRecord) -> None:
+        """The flist (FUSE, read-only) and the overlay on it; skips what is mounted."""
+        p = self.paths(rec)
+        if not mount.is_mounted(p.lower):
+            flist = await asyncio.to_thread(
+                fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
+            )
+            await self._mount_flist(rec, flist)
+        if not mount.is_mounted(p.rootfs):
+            await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
 
     def observe(self, rec: MachineRecord) -> None:
         """Periodic bookkeeping of a live VM: boot duration and serial log rotation."""
@@ -182,8 +196,9 @@ class Provisioner:
             rotate(path, self.config.log_rotate_bytes)
 
     def log_tail(self, rec: MachineRecord) -> str:
+        """The end of the serial console and of the VMM's own log, for FAILED reports."""
         p = self.paths(rec)
-        return tail(p.console_log) or tail(p.vmm_log)
+        return f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
 
     async def stats(self, rec: MachineRecord) -> boot.VMStats:
         return await self.host.stats(rec, self.paths(rec))
@@ -202,11 +217,17 @@ class Provisioner:
         for sock in p.run.glob("*") if p.run.exists() else ():
             sock.unlink(missing_ok=True)
 
-    async def teardown(self, rec: MachineRecord) -> None:
-        """Remove everything provision made: processes, mounts, overlay, taps, files."""
+    async def teardown(self, rec: MachineRecord, keep_data: bool) -> None:
+        """Undo provision: processes, taps, overlay and flist mounts, sockets, seed.
+
+        ``keep_data=False`` (Delete, failed first Deploy) also removes the writable layer,
+        volumes and logs: the VM's whole directory. ``keep_data=True`` (re-provisioning
+        for a new generation) keeps the writable layer, volumes and logs.
+        """
         p = self.paths(rec)
         await self.stop(rec)
         await self.host.delete_nics(rec)
+        rec.nics = []
         if mount.is_mounted(p.rootfs):
             await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
         if mount.is_mounted(p.lower):
@@ -214,11 +235,14 @@ class Provisioner:
         for h in rec.helpers:
             await terminate(h)
         rec.helpers = []
-        if p.root.exists():
-            if mount.is_mounted(p.rootfs) or mount.is_mounted(p.lower):
-                raise InvalidSpec(f"refusing to delete {p.root}: a mount under it is still busy")
-            await asyncio.to_thread(shutil.rmtree, p.root)
-        self._log(rec).info("torn down")
+        if mount.is_mounted(p.rootfs) or mount.is_mounted(p.lower):
+            raise Unavailable(f"zmachine {rec.ref}: {p.root} still has a busy mount; retry")
+        if not keep_data:
+            if p.root.exists():
+                await asyncio.to_thread(shutil.rmtree, p.root)
+        else:
+            p.seed.unlink(missing_ok=True)
+        self._log(rec).info("torn down", keep_data=keep_data)
 
 
 def rotate(path: Path, limit: int) -> None:
@@ -230,7 +254,9 @@ def rotate(path: Path, limit: int) -> None:
         return
     if size <= limit:
         return
-    keep = tail(path, limit // 2).encode()
+    with open(path, "rb") as f:
+        f.seek(size - limit // 2)
+        keep = f.read()
     rotated = path.with_suffix(path.suffix + ".1")
     shutil.copyfile(path, rotated)
     with open(path, "r+b") as f:
