@@ -21,12 +21,11 @@ from controller.agent.vmconfig import (
     BootMode,
     Disk,
     FsShare,
-    Nic,
-    VMConfig,
     detect_boot,
     kernel_cmdline,
     resolve_in_root,
 )
+from tests.agent.test_cloud_hypervisor import make_config
 
 BASE = "rw console=ttyS0 reboot=k panic=1 root=vroot rootfstype=virtiofs rootdelay=30"
 
@@ -101,27 +100,6 @@ def test_vmlinuz_directory_is_refused(tmp_path: Path) -> None:
         detect_boot(root, guest)
 
 
-def config(tmp: Path, **overrides: object) -> VMConfig:
-    kernel = tmp / "vmlinuz"
-    kernel.write_bytes(b"k")
-    values: dict[str, object] = {
-        "vm_id": "ns-vm",
-        "cpus": 1,
-        "memory_mib": 256,
-        "kernel": kernel,
-        "initrd": None,
-        "cmdline": BASE,
-        "shares": [FsShare("vroot", tmp / "fs.sock", tmp)],
-        "disks": [Disk(tmp / "seed.img", readonly=True)],
-        "nics": [Nic("zmabc", "02:00:00:00:00:01")],
-        "serial_log": tmp / "serial.log",
-        "api_socket": tmp / "qmp.sock",
-        "state_dir": tmp / "state",
-    }
-    values.update(overrides)
-    return VMConfig(**values)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -138,29 +116,35 @@ def test_validate_names_the_field(
     tmp_path: Path, overrides: dict[str, object], message: str
 ) -> None:
     with pytest.raises(InvalidSpec, match=message):
-        config(tmp_path, **overrides).validate()
+        make_config(tmp_path, **overrides).validate()
 
 
 def test_qemu_command_line(tmp_path: Path) -> None:
-    cfg = config(tmp_path, netns="zmns", serial_pty=True)
+    cfg = make_config(tmp_path, netns="zmns", serial_pty=True)
     argv = Qemu(accel="tcg").argv(cfg)
     assert argv[:5] == ["ip", "netns", "exec", "zmns", "qemu-system-x86_64"]
     joined = " ".join(argv)
     for part in (
         "-machine q35,accel=tcg,memory-backend=ram0",
-        "-cpu max",
-        "-object memory-backend-memfd,id=ram0,size=256M,share=on",
-        f"-chardev socket,id=fs0,path={tmp_path / 'fs.sock'}",
-        "-device vhost-user-fs-pci,chardev=fs0,tag=vroot",
-        f"-drive file={tmp_path / 'seed.img'},if=none,id=disk0,format=raw,readonly=on",
-        "-netdev tap,id=net0,ifname=zmabc,script=no,downscript=no",
-        "-device virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01",
+        "-cpu max -smp 2 -m 512M",
+        "-object memory-backend-memfd,id=ram0,size=512M,share=on",
+        f"-kernel {tmp_path / 'vmlinuz'} -initrd {tmp_path / 'initramfs.img'}",
+        f"-chardev socket,id=fs1,path={tmp_path / 'fs1.sock'}",
+        "-device vhost-user-fs-pci,chardev=fs1,tag=data",
+        f"-drive file={tmp_path / 'vol.img'},if=none,id=disk0,format=raw,readonly=off",
+        f"-drive file={tmp_path / 'seed.img'},if=none,id=disk1,format=raw,readonly=on",
+        "-device virtio-blk-pci,drive=disk1",
+        "-netdev tap,id=net0,ifname=zm0123456789n0,script=no,downscript=no",
+        "-device virtio-net-pci,netdev=net0,mac=02:11:22:33:44:55",
         f"-chardev pty,id=serial0,logfile={tmp_path / 'serial.log'},logappend=on",
-        f"-qmp unix:{tmp_path / 'qmp.sock'},server=on,wait=off",
+        f"-qmp unix:{tmp_path / 'api.sock'},server=on,wait=off",
     ):
         assert part in joined
-    assert argv[argv.index("-append") + 1] == BASE
+    assert argv[argv.index("-append") + 1] == cfg.cmdline
+    serial_file = make_config(tmp_path, initrd=None)
+    argv = Qemu(accel="tcg").command(serial_file)
     assert "-initrd" not in argv
+    assert f"null,id=serial0,logfile={tmp_path / 'serial.log'},logappend=on" in argv
 
 
 def test_accel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -271,8 +272,14 @@ def test_api_errors_carry_status_and_body(tmp_path: Path) -> None:
 
 def stand_in_vmm(tmp: Path) -> ProcessRef:
     """A real process playing the VMM: exits 0 on SIGUSR1, ignores nothing else."""
-    script = "trap 'exit 0' USR1; while :; do sleep 0.1; done"
-    return spawn_detached(["sh", "-c", script, "stand-in-ch"], tmp / "vmm.log", "stand-in-ch")
+    ready = tmp / "stand-in.ready"
+    script = f"trap 'exit 0' USR1; : >{ready}; while :; do sleep 0.1; done"
+    ref = spawn_detached(["sh", "-c", script, "stand-in-ch"], tmp / "vmm.log", "stand-in-ch")
+    deadline = time.monotonic() + 10
+    while not ready.exists():  # the trap is in place only from here on
+        assert time.monotonic() < deadline, "stand-in VMM did not start"
+        time.sleep(0.01)
+    return ref
 
 
 def test_stop_ends_at_the_power_button_when_the_guest_powers_off(tmp_path: Path) -> None:

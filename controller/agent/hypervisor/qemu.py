@@ -146,28 +146,36 @@ class Qemu(Hypervisor):
         if cfg.initrd is not None:
             argv += ["-initrd", str(cfg.initrd)]
         argv += ["-append", cfg.cmdline]
-        for i, share in enumerate(cfg.shares):
-            argv += [
-                "-chardev",
-                f"socket,id=fs{i},path={share.socket}",
-                "-device",
-                f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}",
-            ]
-        for i, disk in enumerate(cfg.disks):
-            ro = "on" if disk.readonly else "off"
-            argv += [
-                "-drive",
-                f"file={disk.path},if=none,id=disk{i},format=raw,readonly={ro}",
-                "-device",
-                f"virtio-blk-pci,drive=disk{i}",
-            ]
-        for i, nic in enumerate(cfg.nics):
-            argv += [
-                "-netdev",
-                f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
-                "-device",
-                f"virtio-net-pci,netdev=net{i},mac={nic.mac}",
-            ]
+        # (backend option, backend, frontend device) per share, disk and NIC.
+        devices = [
+            *(
+                (
+                    "-chardev",
+                    f"socket,id=fs{i},path={s.socket}",
+                    f"vhost-user-fs-pci,chardev=fs{i},tag={s.tag}",
+                )
+                for i, s in enumerate(cfg.shares)
+            ),
+            *(
+                (
+                    "-drive",
+                    f"file={d.path},if=none,id=disk{i},format=raw,"
+                    f"readonly={'on' if d.readonly else 'off'}",
+                    f"virtio-blk-pci,drive=disk{i}",
+                )
+                for i, d in enumerate(cfg.disks)
+            ),
+            *(
+                (
+                    "-netdev",
+                    f"tap,id=net{i},ifname={n.tap},script=no,downscript=no",
+                    f"virtio-net-pci,netdev=net{i},mac={n.mac}",
+                )
+                for i, n in enumerate(cfg.nics)
+            ),
+        ]
+        for option, backend, device in devices:
+            argv += [option, backend, "-device", device]
         # The pty backend still logs everything to the serial log file.
         backend = "pty" if cfg.serial_pty else "null"
         argv += [
