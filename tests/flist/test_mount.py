@@ -18,6 +18,7 @@ from controller.flist.mount import is_mounted, serve, unmount, wait_mounted
 from controller.flist.overlay import mount_overlay, unmount_overlay
 from controller.flist.pack import pack
 from tests.flist.conftest import Mounted, assert_same_tree, make_tree, needs_fuse
+from tests.flist.fake_zdb import FakeZdb
 
 pytestmark = [pytest.mark.fuse, needs_fuse(), pytest.mark.timeout(300)]
 MountFn = Callable[..., Mounted]
@@ -130,6 +131,32 @@ def test_missing_and_corrupt_blocks_read_as_eio(tmp_path: Path, mount_flist: Mou
         assert info.value.errno == errno.EIO
     with open(root / "gone", "rb") as handle:  # the intact first chunk is still served
         assert len(handle.read(CHUNK_SIZE)) == CHUNK_SIZE
+
+
+def test_root_with_another_inode_number(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
+) -> None:
+    """FUSE wants the root at inode 1; flists from other writers may number it differently."""
+    source, flist, _ = packed
+    shifted = tmp_path / "shifted.fl"
+    shifted.write_bytes(flist.read_bytes())
+    conn = sqlite3.connect(shifted)
+    conn.executescript(
+        "UPDATE inode SET ino = ino + 100000;"
+        "UPDATE inode SET parent = parent + 100000 WHERE parent != 0;"
+        "UPDATE extra SET ino = ino + 100000; UPDATE block SET ino = ino + 100000;"
+        "UPDATE zm_hardlink SET ino = ino + 100000, target = target + 100000;"
+        "UPDATE inode SET ino = 1 WHERE name = 'empty';"  # inode 1 is now an ordinary file
+    )
+    conn.close()
+    assert_same_tree(source, mount_flist(shifted).mountpoint)
+
+
+def test_mount_from_zdb(tmp_path: Path, mount_flist: MountFn, fake_zdb: FakeZdb) -> None:
+    source = make_tree(tmp_path / "src", files=200, large=(2 * CHUNK_SIZE + 3,))
+    pack(source, tmp_path / "z.fl", [f"zdb://127.0.0.1:{fake_zdb.port}"])
+    assert_same_tree(source, mount_flist(tmp_path / "z.fl").mountpoint)
+    assert fake_zdb.commands["GET"] > 0
 
 
 def test_bad_rows_fail_alone(
