@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,3 +137,25 @@ def test_v1_mount_round_trip(
     source, flist, store = v1_flist
     mounted = mount_flist(flist, stores=(f"dir://{store}",))
     assert_same_tree(source, mounted.mountpoint)
+
+
+def test_v1_cli(v1_flist: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    source, flist, store = v1_flist
+    cli = [sys.executable, "-m", "controller.flist.cli"]
+    stores = ["--store", f"dir://{store}", "--cache", str(tmp_path / "c")]
+    inspect = subprocess.run([*cli, "inspect", str(flist)], capture_output=True, text=True)
+    assert "v1 (0-fs .flist)" in inspect.stdout, inspect.stderr
+    listing = subprocess.run(
+        [*cli, "ls", "-l", str(flist), "/etc"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "-rw-r-----     0    42" in listing and "/etc/shadow" in listing
+    cat = subprocess.run(
+        [*cli, "cat", str(flist), "/link", *stores], capture_output=True, check=True
+    )
+    assert cat.stdout == (source / "usr/lib/big.so").read_bytes()
+    subprocess.run(
+        [*cli, "unpack", str(flist), str(tmp_path / "out"), *stores],
+        check=True,
+        capture_output=True,
+    )
+    assert_same_tree(source, tmp_path / "out")
