@@ -19,7 +19,6 @@ log = structlog.get_logger(__name__)
 class EventType(StrEnum):
     DEPLOYED = "Deployed"
     UPDATED = "Updated"
-    STARTED = "Started"
     EXITED = "Exited"
     RESTARTED = "Restarted"
     PAUSED = "Paused"

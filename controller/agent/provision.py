@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 # Printed by the container-mode initramfs right before it hands over to the entrypoint.
 BOOTED_MARKER = b"zm-init: switching root"
+BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 MOUNT_TIMEOUT = 30.0
 
 
@@ -185,7 +186,7 @@ class Provisioner:
     def observe(self, rec: MachineRecord) -> None:
         """Periodic bookkeeping of a live VM: boot duration and serial log rotation."""
         p = self.paths(rec)
-        if not rec.boot_duration:
+        if not rec.boot_duration and time.time() - rec.started_at < BOOT_WATCH_SECONDS:
             try:
                 data = p.console_log.read_bytes()
             except OSError:

@@ -136,7 +136,6 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
     EVENT_TYPE_DEPLOYED: _EventType.ValueType  # 1
     EVENT_TYPE_UPDATED: _EventType.ValueType  # 2
-    EVENT_TYPE_STARTED: _EventType.ValueType  # 3
     EVENT_TYPE_EXITED: _EventType.ValueType  # 4
     EVENT_TYPE_RESTARTED: _EventType.ValueType  # 5
     EVENT_TYPE_PAUSED: _EventType.ValueType  # 6
@@ -150,7 +149,6 @@ class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
 EVENT_TYPE_DEPLOYED: EventType.ValueType  # 1
 EVENT_TYPE_UPDATED: EventType.ValueType  # 2
-EVENT_TYPE_STARTED: EventType.ValueType  # 3
 EVENT_TYPE_EXITED: EventType.ValueType  # 4
 EVENT_TYPE_RESTARTED: EventType.ValueType  # 5
 EVENT_TYPE_PAUSED: EventType.ValueType  # 6
