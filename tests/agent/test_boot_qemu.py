@@ -131,7 +131,7 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     create_tap(nic.tap, bridge, netns)
     entry = (
         "echo hello $GREETING from $(hostname); cat /data/note.txt; "
-        "cat /root/.ssh/authorized_keys; ip -4 route; "
+        "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; "
         f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 3; poweroff -f"
     )
     seed = SeedConfig(
@@ -140,8 +140,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
         interfaces=[
             Interface(
                 nic.mac,
-                ["10.232.0.77/24"],
+                ["10.232.0.77/24", "fd00:232::77/64"],
                 gateway4=gateway,
+                gateway6="fd00:232::1",
                 routes=[Route("10.99.0.0/16", gateway)],
             )
         ],
@@ -171,6 +172,7 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             assert "ssh-ed25519 AAAAtestkey tester@zm" in log
             assert f"default via {gateway} dev eth0" in log
             assert f"10.99.0.0/16 via {gateway} dev eth0" in log
+            assert "default via fd00:232::1 dev eth0" in log
             seed_disk = (await vm.counters())["disk0"]
             assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
             assert await vm.wait(60), "guest did not power off"
