@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ def one(docs: list[Manifest], kind: str, name_suffix: str = "") -> Manifest:
     return found[0]
 
 
-def env_of(container: Mapping[str, Any]) -> dict[str, Any]:
-    """name -> value, or the valueFrom mapping when the value comes from elsewhere."""
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+def kubelet_env(container: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: downward-API fields filled in
+    from `fields`, then $(VAR) references to earlier variables expanded."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "valueFrom" in item:
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), item["value"])
+    return env

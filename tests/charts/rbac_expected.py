@@ -22,13 +22,16 @@ CONTROLLER_CLUSTER = _rules(
     ("apiextensions.k8s.io", "customresourcedefinitions", "list watch"),
     ("", "namespaces", "list watch"),
 )
-CONTROLLER_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get list watch create update"))
+# Leases are renewed with patch (controller/operator/leader.py, controller/agent/registration.py).
+CONTROLLER_NAMESPACED = _rules(
+    ("coordination.k8s.io", "leases", "get list watch create update patch")
+)
 AGENT_CLUSTER = _rules(
     (ZOS, "zmachinenodes", "get create update patch"),
     (ZOS, "zmachinenodes/status", "get patch update"),
     ("", "nodes", "get"),
 )
-AGENT_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get create update"))
+AGENT_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get create update patch"))
 EXPECTED: dict[tuple[str, str], Rules] = {
     ("ClusterRole", "controller"): CONTROLLER_CLUSTER,
     ("Role", "controller"): CONTROLLER_NAMESPACED,

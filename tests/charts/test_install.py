@@ -2,21 +2,36 @@
 
 There is no kubelet or scheduler, so no pod runs; what is checked is that every object is
 accepted by the API server, and what the ServiceAccounts may and may not do once bound.
-Tests run in file order: install, permissions, upgrades, uninstall.
+The real controller and agent then run with the installed flags, env and Secret, each
+authenticated by a token of its own ServiceAccount. Tests run in file order: install,
+permissions, processes, upgrades, uninstall.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from hack.controlplane import ControlPlane
-from tests.charts.helm import CHART, Helm, HelmError
+from controller.operator.leader import LEASE_NAME as LEADER_LEASE
+from hack.controlplane import ControlPlane, free_port
+from tests.charts.helm import CHART, Helm, HelmError, kubelet_env
+from tests.charts.workloads import (
+    TLS_MOUNT,
+    base_env,
+    installed,
+    process,
+    python_module,
+    service_account_kubeconfig,
+    wait_for,
+    write_secret,
+)
 
 NS = "zm-chart"  # not zmachine-system: the chart must follow the release namespace
 RELEASE = "zmo"
@@ -25,6 +40,7 @@ CONTROLLER = f"system:serviceaccount:{NS}:{PREFIX}-controller"
 AGENT = f"system:serviceaccount:{NS}:{PREFIX}-agent"
 ZM, ZMN = "zmachines.zos.threefold.io", "zmachinenodes.zos.threefold.io"
 LEASES = "leases.coordination.k8s.io"
+NODE = "chart-node"  # the node the agent test pretends to run on
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ PERMISSIONS = [
     (CONTROLLER, "list", ("namespaces",), True),
     (CONTROLLER, "create", (LEASES, "-n", NS), True),
     (CONTROLLER, "update", (LEASES, "-n", NS), True),
+    (CONTROLLER, "patch", (LEASES, "-n", NS), True),
     # Secrets one by one only: listing would hand over every secret in the cluster.
     (CONTROLLER, "list", ("secrets", "-n", "default"), False),
     (CONTROLLER, "watch", ("secrets", "-A"), False),
@@ -108,7 +125,7 @@ PERMISSIONS = [
     (AGENT, "update", (ZMN, "--subresource=status"), True),
     (AGENT, "get", ("nodes",), True),
     (AGENT, "create", (LEASES, "-n", NS), True),
-    (AGENT, "update", (LEASES, "-n", NS), True),
+    (AGENT, "patch", (LEASES, "-n", NS), True),
     (AGENT, "get", (ZM, "-n", "default"), False),
     (AGENT, "list", (ZM, "-A"), False),
     (AGENT, "patch", (ZM, "-n", "default"), False),
@@ -136,6 +153,101 @@ def test_service_account_permissions(
     who, verb, what, allowed = case
     result = cluster.kubectl("auth", "can-i", verb, *what, f"--as={who}", check=False)
     assert result.stdout.strip() == ("yes" if allowed else "no"), result.stderr
+
+
+def _http_text(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return None
+
+
+def _forbidden(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "forbidden" in line.lower()]
+
+
+def test_controller_runs_under_its_service_account(
+    release: Release, cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """The installed Deployment's flags start the real controller with only its RBAC."""
+    deploy = installed(cluster, "deployment", f"{PREFIX}-controller", NS)
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    tls = write_secret(cluster, f"{PREFIX}-tls", NS, tmp_path / "tls")
+    health, metrics = free_port(), free_port()
+    local = {
+        "--health-port": f"--health-port={health}",
+        "--metrics-port": f"--metrics-port={metrics}",
+        "--agent-tls-dir": f"--agent-tls-dir={tls}",
+    }
+    args = [local.get(arg.split("=", 1)[0], arg) for arg in container["args"]]
+    kubeconfig = service_account_kubeconfig(
+        cluster, f"{PREFIX}-controller", NS, tmp_path / "kubeconfig"
+    )
+    # Only its own namespace: other test areas' Zmachines on the shared cluster stay untouched.
+    argv = [*python_module("controller.operator.main"), *args, f"--namespace={NS}"]
+    env = base_env() | {"KUBECONFIG": str(kubeconfig)}
+    log = tmp_path / "controller.log"
+    with process(argv, env, log) as proc:
+        url = f"http://127.0.0.1:{health}/healthz"
+        wait_for("/healthz", lambda: _http_text(url) is not None, proc, log)
+        lease = installed(cluster, "lease", LEADER_LEASE, NS)
+        assert lease["spec"]["holderIdentity"]
+        exposition = _http_text(f"http://127.0.0.1:{metrics}/metrics") or ""
+        assert "# TYPE zmachine_reconciles_total counter" in exposition
+    assert _forbidden(log) == []
+
+
+def test_agent_registers_its_node_under_its_service_account(
+    release: Release, cluster: ControlPlane, tmp_path: Path
+) -> None:
+    """The installed DaemonSet's env starts the real agent, which registers its node."""
+    ds = installed(cluster, "daemonset", f"{PREFIX}-agent", NS)
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    fields = {"spec.nodeName": NODE, "status.hostIP": "127.0.0.1", "metadata.namespace": NS}
+    env = kubelet_env(container, fields)
+    tls = write_secret(cluster, f"{PREFIX}-tls", NS, tmp_path / "tls")
+    for key, value in env.items():
+        if value.startswith(TLS_MOUNT):
+            env[key] = str(tls) + value.removeprefix(TLS_MOUNT)
+    metrics = free_port()
+    kubeconfig = service_account_kubeconfig(cluster, f"{PREFIX}-agent", NS, tmp_path / "kc")
+    env |= {
+        "ZMACHINE_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
+        "ZMACHINE_AGENT_METRICS_PORT": str(metrics),
+        "ZMACHINE_AGENT_STATE_DIR": str(tmp_path / "state"),
+        # No KVM probe guest here; the hypervisor choice does not matter to registration.
+        "ZMACHINE_AGENT_HYPERVISOR": "qemu",
+        "ZMACHINE_AGENT_ACCEL": "tcg",
+        "ZMACHINE_AGENT_KUBECONFIG": str(kubeconfig),
+    }
+    log = tmp_path / "agent.log"
+    argv = [*python_module("controller.agent.main"), *container["args"]]
+    try:
+        with process(argv, base_env() | env, log) as proc:
+            wait_for("Ready ZmachineNode and heartbeat", lambda: _registered(cluster), proc, log)
+            exposition = _http_text(f"http://127.0.0.1:{metrics}/metrics") or ""
+            assert "# TYPE zmachine_up gauge" in exposition
+    finally:
+        # The node must not linger: later test areas would place Zmachines on it.
+        cluster.kubectl("delete", "zmachinenode", NODE, "--ignore-not-found")
+    assert _forbidden(log) == []
+
+
+def _registered(cluster: ControlPlane) -> bool:
+    """The agent's ZmachineNode is Ready and its heartbeat Lease is held by the node."""
+    found = cluster.kubectl("get", "zmachinenode", NODE, "-o", "json", check=False)
+    lease = cluster.kubectl(
+        "get", "lease", f"zmachine-node-{NODE}", "-n", NS, "-o", "json", check=False
+    )
+    if found.returncode != 0 or lease.returncode != 0:
+        return False
+    node = json.loads(found.stdout)
+    # The address the controller will dial: the node's IP and the chart's gRPC port.
+    assert node["spec"] == {"address": "127.0.0.1:7443", "leaseNamespace": NS}
+    assert json.loads(lease.stdout)["spec"]["holderIdentity"] == NODE
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def test_upgrade_keeps_the_ca(release: Release, cluster_helm: Helm, cluster: ControlPlane) -> None:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
 from controller.agent.tls import ClientTLS, ServerTLS, channel_credentials, server_credentials
-from tests.charts.helm import CHART, Helm, Manifest, env_of, find, one
+from tests.charts.helm import CHART, Helm, Manifest, find, kubelet_env, one
 
 # Value sets a user is likely to pass; each must lint and render.
 OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -36,6 +36,12 @@ OVERRIDES: dict[str, tuple[str, ...]] = {
         "agent.nodeSelector.zos\\.threefold\\.io/zmachines=true",
         "fullnameOverride=zmo",
     ),
+}
+# What the downward API gives a pod (release namespace zm-ops, on node-a at 192.0.2.7).
+NODE_FIELDS = {
+    "spec.nodeName": "node-a",
+    "status.hostIP": "192.0.2.7",
+    "metadata.namespace": "zm-ops",
 }
 # Every agent setting away from its default, so each env var visibly changes the config.
 AGENT_NON_DEFAULTS = (
@@ -79,6 +85,10 @@ def test_controller_deployment(helm: Helm) -> None:
     assert deploy["spec"]["strategy"] == {"type": "Recreate"}
     c = _container(deploy)
     assert {"--health-port=8080", "--metrics-port=9090"} <= set(c["args"])
+    # Leader election in the release namespace, where the controller's Role allows Leases.
+    assert "--lease-namespace=zmachine-system" in c["args"]
+    tls_dir = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["tls"]
+    assert f"--agent-tls-dir={tls_dir}" in c["args"]
     assert not any(a.startswith("--namespace") for a in c["args"])  # whole cluster by default
     probe = c["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -141,16 +151,17 @@ def test_agent_scheduling_values(helm: Helm) -> None:
 def test_agent_env_configures_the_real_agent(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
     """The env the chart sets is read by controller/agent/config.py, every variable of it."""
     ds = one(helm.template(*AGENT_NON_DEFAULTS), "DaemonSet", "-agent")
-    env = env_of(_container(ds))
-    assert env.pop("ZMACHINE_AGENT_NODE_NAME") == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    env = kubelet_env(_container(ds), NODE_FIELDS)
     agent_env = {k: v for k, v in env.items() if k.startswith("ZMACHINE_AGENT_")}
-    agent_env["ZMACHINE_AGENT_NODE_NAME"] = "node-a"  # what the downward API fills in
     for key in [k for k in os.environ if k.startswith("ZMACHINE_AGENT_")]:
         monkeypatch.delenv(key)
     for key, value in agent_env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # set in every pod
     config = parse_config([])
     assert config.listen == "0.0.0.0:7555"
+    assert config.advertise_address == "192.0.2.7:7555"  # the node's address, not 0.0.0.0
+    assert config.register and config.lease_namespace == "zm-ops"
     assert config.state_dir == Path("/srv/zm")
     assert config.node_name == "node-a"
     assert (config.bridge, config.cidr, config.netns) == ("br9", "10.201.0.0/24", "zmnet")

@@ -52,12 +52,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
 {{- end -}}
 
-{{- define "zmachine.podNamespaceEnv" -}}
-# Leases (leader election, agent heartbeats) live in the release namespace.
-- name: POD_NAMESPACE
-  valueFrom:
-    fieldRef: {fieldPath: metadata.namespace}
-{{- end -}}
 
 {{/*
 The mTLS material as JSON (PEM files plus "rotation", the stamp they were made for): kept
