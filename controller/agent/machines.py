@@ -122,13 +122,17 @@ class Machines:
             await self._update(rec, generation, spec)
             return rec, True
 
-    async def _create(self, ref: Ref, generation: int, spec: MachineSpec) -> MachineRecord:
-        free = host_memory() - self.reserved_memory()
+    def _check_memory(self, ref: Ref, spec: MachineSpec, held: int = 0) -> None:
+        """``held``: what this machine reserves already (an update may reuse it)."""
+        free = host_memory() - self.reserved_memory() + held
         if spec.memory_bytes > free:
             raise ResourceExhausted(
                 f"zmachine {ref}: spec.memory {spec.memory_bytes} bytes exceeds the node's "
                 f"unreserved memory {max(free, 0)} bytes"
             )
+
+    async def _create(self, ref: Ref, generation: int, spec: MachineSpec) -> MachineRecord:
+        self._check_memory(ref, spec)
         rec = MachineRecord(ref=ref, generation=generation, spec=spec)
         self.records[ref.uid] = rec
         self.store.save(rec)
@@ -147,6 +151,7 @@ class Machines:
         return rec
 
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
+        self._check_memory(rec.ref, spec, held=rec.spec.memory_bytes)
         if spec.boot_hash() == rec.spec.boot_hash():
             # Only `paused` may differ: apply it to the running VM, nothing else to do.
             if spec.paused != rec.spec.paused and rec.state in (State.RUNNING, State.PAUSED):

@@ -10,6 +10,7 @@ it also cleans up after a Deploy that failed half-way.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ class Provisioner:
                 )
             rec.boot_mode = info.mode.value
             step = "volumes"
-            self._volumes(rec)
+            await self._volumes(rec)
             step = "network"
             rec.nics = await self.host.create_nics(rec)
             step = "seed"
@@ -117,17 +118,21 @@ class Provisioner:
                 f"zmachine {rec.ref}", "flist mount", exc, log_tail(p.mount_log)
             ) from exc
 
-    def _volumes(self, rec: MachineRecord) -> None:
+    async def _volumes(self, rec: MachineRecord) -> None:
+        """Share directories, and disks as sparse files formatted ext4 when new (the
+        guest mounts them by fstab entry; a blank device would fail that mount)."""
         p = self.paths(rec)
         for v in rec.spec.volumes:
             path = p.volume(v.name, v.kind is VolumeKind.DISK)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if v.kind is VolumeKind.DISK:
-                if not path.exists():
-                    with open(path, "wb") as f:
-                        f.truncate(v.size_bytes)  # sparse
-            else:
+            if v.kind is VolumeKind.SHARE:
                 path.mkdir(exist_ok=True, mode=0o755)
+            elif not path.exists():
+                tmp = path.with_suffix(".new")
+                tmp.touch(mode=0o600)
+                os.truncate(tmp, v.size_bytes)  # sparse
+                await _run(["mkfs.ext4", "-q", "-F", "-L", v.name[:16], str(tmp)])
+                tmp.rename(path)
 
     async def launch(self, rec: MachineRecord) -> None:
         """Start virtiofsd(s) and the VMM; used by provision and by every restart."""
@@ -263,3 +268,12 @@ def rotate(path: Path, limit: int) -> None:
     with open(path, "r+b") as f:
         f.truncate(0)
         f.write(keep)
+
+
+async def _run(argv: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise Unavailable(f"{argv[0]} failed ({proc.returncode}): {out.decode(errors='replace')}")

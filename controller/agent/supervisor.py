@@ -36,6 +36,8 @@ class Supervisor:
     async def run(self) -> None:
         while True:
             for uid in list(self.machines.records):
+                if self.machines.busy(uid):
+                    continue  # a Deploy/Delete is working on it; look again next round
                 try:
                     await self.check(uid)
                 except Exception:
@@ -54,14 +56,13 @@ class Supervisor:
 
     async def _watch(self, rec: MachineRecord) -> None:
         prov = self.machines.prov
-        assert rec.vmm is not None
-        if rec.vmm.alive():
+        if rec.vmm is not None and rec.vmm.alive():
             prov.observe(rec)
             if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
                 rec.crash_streak = 0
                 self.machines.store.save(rec)
             return
-        code = exit_code(rec.vmm)
+        code = exit_code(rec.vmm) if rec.vmm is not None else None
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
         bind.info("vmm exited", exit_code=code, policy=rec.spec.restart_policy.value)
         await prov.stop(rec)

@@ -16,7 +16,9 @@ from tests.agent.agent_harness import ROOT, AgentProcess
 AGENT_GREETING_VAR = "ZM_GREETING"
 # The entrypoint prints the env var given in the spec, then idles as the guest's PID 1.
 AGENT_ENTRYPOINT = (
-    "/bin/sh -c 'echo zm-test-entry $" + AGENT_GREETING_VAR + "; while :; do sleep 3600; done'"
+    "/bin/sh -c 'echo zm-test-entry $" + AGENT_GREETING_VAR + "; "
+    'grep -E " /(data|srv) " /proc/mounts; echo from-guest > /srv/hello; '
+    "while :; do sleep 3600; done'"
 )
 
 
@@ -44,10 +46,10 @@ def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("agent-flist")
     root = base / "rootfs"
-    for d in ("bin", "etc/ssh", "tmp", "root"):
+    for d in ("bin", "etc/ssh", "tmp", "root", "proc", "dev", "sys"):
         (root / d).mkdir(parents=True)
     shutil.copy2("/bin/busybox", root / "bin/busybox")
-    for applet in ("sh", "echo", "sleep", "cat", "ls", "poweroff"):
+    for applet in ("sh", "echo", "sleep", "cat", "ls", "grep", "poweroff"):
         (root / "bin" / applet).symlink_to("busybox")
     # A host key as if the image shipped one: the agent must drop it on first creation.
     (root / "etc/ssh/ssh_host_ed25519_key").write_text("not a real key\n")
@@ -80,9 +82,17 @@ def agent_state(tmp_path: Path) -> Path:
 
 
 def agent_process(
-    state: Path, pki: Path, netns: str | None, guest_dir: Path | None
+    state: Path,
+    pki: Path,
+    netns: str | None,
+    guest_dir: Path | None,
+    flist_dir: Path | None = None,
+    *more: str,
 ) -> AgentProcess:
-    extra = ["--node-name", "test-node", "--cidr", "10.231.0.0/24", "--bridge", "zmbr0"]
+    """An agent for tests: TCG, fast supervision, taps on zmbr0 (in ``netns`` if given)."""
+    extra = ["--node-name", "test-node", "--cidr", "10.231.0.0/24", "--bridge", "zmbr0", *more]
+    if flist_dir:
+        extra += ["--flist-dir", str(flist_dir)]
     if netns:
         extra += ["--netns", netns]
     if guest_dir:

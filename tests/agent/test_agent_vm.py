@@ -95,6 +95,14 @@ def spec(agent_busybox_flist: Path) -> pb.ZmachineSpec:
         entrypoint=AGENT_ENTRYPOINT,
         env={AGENT_GREETING_VAR: GREETING},
         interfaces=[pb.NetworkInterface(network="lan")],
+        volumes=[
+            pb.Volume(name="data", kind=pb.VOLUME_KIND_DISK, size_bytes=64 << 20),
+            pb.Volume(name="shared", kind=pb.VOLUME_KIND_SHARE),
+        ],
+        mounts=[
+            pb.Mount(name="data", mountpoint="/data"),
+            pb.Mount(name="shared", mountpoint="/srv"),
+        ],
         restart_policy=pb.RESTART_POLICY_ALWAYS,
     )
 
@@ -134,6 +142,17 @@ def test_container_vm_boots_and_entrypoint_sees_env(
         lambda: f"zm-test-entry {GREETING}" in console.read_text(errors="replace"),
         timeout=150,
     )
+    # The disk volume (ext4, formatted by the agent) and the share are mounted in the guest.
+    wait_for(
+        "the guest's /proc/mounts lines",
+        lambda: all(
+            m in console.read_text(errors="replace") for m in ("/data ext4", "/srv virtiofs")
+        ),
+        timeout=20,
+    )
+    shared = agent.state_dir / "vms" / UID / "shares/shared/hello"
+    wait_for("the guest's write into the share", lambda: shared.exists(), timeout=20)
+    assert shared.read_text() == "from-guest\n"
     rootfs = agent.state_dir / "vms" / UID / "upper"
     # The image's SSH host key was dropped from the VM's writable layer on first creation.
     assert not (agent.state_dir / "vms" / UID / "rootfs/etc/ssh/ssh_host_ed25519_key").exists()
