@@ -60,6 +60,8 @@ async def running_vm(
     nics: list[Nic] | None = None,
     netns: str | None = None,
     elsewhere: bool = False,
+    data_disks: list[Disk] | None = None,
+    serial_pty: bool = False,
 ) -> AsyncIterator[tuple[VM, VMConfig]]:
     """virtiofsd per share, the seed disk, then QEMU under TCG; everything stopped after.
 
@@ -71,7 +73,7 @@ async def running_vm(
     shares = [FsShare("vroot", run / "fs-vroot.sock", root)]
     shares += [FsShare(tag, run / f"fs-{tag}.sock", d) for tag, d in (extra_shares or {}).items()]
     helpers: list[ProcessRef] = []
-    disks = []
+    disks = list(data_disks or [])  # vda, vdb... then the seed last, as the agent does
     if seed is not None:
         disks.append(Disk(write_seed(seed, tmp / "seed.img"), readonly=True))
     cfg = VMConfig(
@@ -88,6 +90,7 @@ async def running_vm(
         api_socket=run / "qmp.sock",
         state_dir=tmp / "state",
         netns=netns,
+        serial_pty=serial_pty,
     )
     vm: VM | None = None
     try:
@@ -126,11 +129,18 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     data = tmp_path / "data"
     data.mkdir()
     (data / "note.txt").write_text("from-a-second-share\n")
+    disk_dir = tmp_path / "disk-content"
+    disk_dir.mkdir()
+    (disk_dir / "disk.txt").write_text("from-an-ext4-disk\n")
+    disk = Disk(tmp_path / "vol.img")
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", disk_dir, disk.path, "16M"], check=True, timeout=60
+    )
     uid = f"vm-{tmp_path.name}"
     nic = Nic(tap_name(uid, 0), mac_address(uid, 0))
     create_tap(nic.tap, bridge, netns)
     entry = (
-        "echo hello $GREETING from $(hostname); cat /data/note.txt; "
+        "echo hello $GREETING from $(hostname); cat /data/note.txt /vol/disk.txt; "
         "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; "
         f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 3; poweroff -f"
     )
@@ -148,7 +158,7 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
         ],
         nameservers=[gateway],
         ssh_keys=["ssh-ed25519 AAAAtestkey tester@zm"],
-        mounts=[Mount("data", "/data", "virtiofs")],
+        mounts=[Mount("data", "/data", "virtiofs"), Mount("vda", "/vol")],
         env={"GREETING": "zmachine world"},
         entrypoint=f"/bin/sh -c '{entry}'",
     )
@@ -165,15 +175,17 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             extra_shares={"data": data},
             nics=[nic],
             netns=netns,
+            data_disks=[disk],
         ) as (vm, cfg):
             log = await wait_for(cfg.serial_log, "ping-bridge-ok")
             assert "hello zmachine world from web-1" in log
             assert "from-a-second-share" in log
+            assert "from-an-ext4-disk" in log
             assert "ssh-ed25519 AAAAtestkey tester@zm" in log
             assert f"default via {gateway} dev eth0" in log
             assert f"10.99.0.0/16 via {gateway} dev eth0" in log
             assert "default via fd00:232::1 dev eth0" in log
-            seed_disk = (await vm.counters())["disk0"]
+            seed_disk = (await vm.counters())["disk1"]
             assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
             assert await vm.wait(60), "guest did not power off"
             status = vm.exit_status()
@@ -191,8 +203,8 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
 def test_vm_mode_boots_the_roots_own_kernel_and_initrd(
     tmp_path: Path, agent_guest_dir: Path
 ) -> None:
-    """Also: the VM outlives the process that started it and is adopted; pause/resume,
-    stats and the stop escalation on the adopted handle."""
+    """Also: the VM outlives the process that started it and is adopted; the serial PTY;
+    pause/resume, stats and the stop escalation on the adopted handle."""
     root = guest_busybox_root(tmp_path / "root")
     (root / "boot").mkdir()
     shutil.copy2(agent_guest_dir / "vmlinuz", root / "boot/vmlinuz-6.1")
@@ -215,10 +227,15 @@ async def _vm_mode_scenario(
     tmp_path: Path, root: Path, assets: tuple[Path, Path | None], entry: str
 ) -> None:
     cmdline = make_cmdline(BootMode.VM, entry)
-    async with running_vm(tmp_path, root, assets, cmdline, elsewhere=True) as (vm, cfg):
-        log = await wait_for(cfg.serial_log, "vm-mode kernel 6.1")
+    async with running_vm(tmp_path, root, assets, cmdline, elsewhere=True, serial_pty=True) as (
+        vm,
+        cfg,
+    ):
+        log = await wait_for(cfg.serial_log, "vm-mode kernel 6.1")  # logged with a PTY too
         assert "flist-initrd: switching to /bin/sh" in log
         await wait_for(cfg.serial_log, "tick")
+        pty = await vm.console_pty()
+        assert pty is not None and pty.startswith("/dev/pts/")
 
         await vm.pause()
         stats = await vm.stats()
