@@ -26,12 +26,36 @@ from tests.flist.v1_builder import CAPNP, build_v1, encode
 needs_capnp = pytest.mark.skipif(CAPNP is None, reason="capnp (Debian capnproto) not installed")
 
 
-def test_xxtea_reference_vector() -> None:
+NATIVE = xxtea._native
+
+
+@pytest.fixture(params=["python", "native"])
+def cipher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the pure-Python cipher and, if installed, the C one."""
+    if request.param == "native" and NATIVE is None:
+        pytest.skip("the xxtea package is not installed")
+    monkeypatch.setattr(xxtea, "_native", NATIVE if request.param == "native" else None)
+    return str(request.param)
+
+
+def test_xxtea_reference_vector(cipher: str) -> None:
     ciphertext = xxtea.encrypt(b"hello world", bytes(range(16)))
     assert ciphertext.hex() == "5120f975e103d11a5f7b6667565c5487"
     assert xxtea.decrypt(ciphertext, bytes(range(16))) == b"hello world"
     with pytest.raises(xxtea.XXTEAError):
         xxtea.decrypt(ciphertext, bytes(16))
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the xxtea package is not installed")
+def test_xxtea_implementations_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = os.urandom(16)
+    for size in (1, 7, 8, 1000, 65537):
+        data = os.urandom(size)
+        fast = xxtea.encrypt(data, key)
+        monkeypatch.setattr(xxtea, "_native", None)
+        assert xxtea.encrypt(data, key) == fast
+        assert xxtea.decrypt(fast, key) == data
+        monkeypatch.setattr(xxtea, "_native", NATIVE)
 
 
 def test_v1_chunk_codec_round_trip() -> None:
