@@ -160,6 +160,10 @@ class _Packer:
                 self.conn.execute(
                     f"INSERT INTO {HARDLINK_TABLE} (ino, target) VALUES (?, ?)", (ino, primary)
                 )
+                self.conn.execute(  # the size the primary's blocks were cut for
+                    "UPDATE inode SET size = (SELECT size FROM inode WHERE ino = ?) WHERE ino = ?",
+                    (primary, ino),
+                )
                 self.stats.hardlinks += 1
                 return None
             if st.st_nlink > 1:
@@ -170,12 +174,13 @@ class _Packer:
             self.stats.files += 1
             self.stats.bytes += size
         else:
-            self.insert(parent, name, st, 0 if kind != stat.S_IFREG else st.st_size)
+            self.insert(parent, name, st, 0)
             self.stats.specials += 1
         return None
 
     def walk(self, source: Path) -> None:
-        root = self.insert(0, "/", os.lstat(source), os.lstat(source).st_size)
+        top = os.lstat(source)
+        root = self.insert(0, "/", top, top.st_size)
         stack = [(root, source)]
         while stack:
             parent, directory = stack.pop()
