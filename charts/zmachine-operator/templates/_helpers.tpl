@@ -89,10 +89,18 @@ the pods' checksum must see the same one.
 {{- toJson (get .Values.tls "_material") -}}
 {{- end -}}
 
-{{/* Pod annotation that rolls the pods when generated certificates change. */}}
-{{- define "zmachine.tls.checksum" -}}
-{{- if not .Values.tls.existingSecret -}}
-checksum/tls: {{ include "zmachine.tls.material" . | sha256sum }}
+{{/*
+Pod template annotations: the user's, plus a checksum of generated certificates so that a
+rotation rolls the pods. Arguments: root, annotations.
+*/}}
+{{- define "zmachine.podAnnotations" -}}
+{{- $annotations := deepCopy (.annotations | default dict) -}}
+{{- if not .root.Values.tls.existingSecret -}}
+{{- $_ := set $annotations "checksum/tls" (include "zmachine.tls.material" .root | sha256sum) -}}
+{{- end -}}
+{{- with $annotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
 {{- end -}}
 {{- end -}}
 
