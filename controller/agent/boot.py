@@ -12,7 +12,7 @@ from pathlib import Path
 
 from controller.agent import hypervisor, network, seed, virtiofs, vmconfig
 from controller.agent.config import AgentConfig
-from controller.agent.errors import AgentError, InvalidSpec
+from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
 from controller.agent.procs import ProcessRef
@@ -182,8 +182,8 @@ class HostBoot:
         return vm.ref if vm is not None else None
 
     def _vm(self, rec: MachineRecord, p: VMPaths) -> hypervisor.VM:
-        if rec.vmm is None:
-            raise InvalidSpec(f"zmachine {rec.ref} has no VMM process")
+        if rec.vmm is None or not rec.vmm.alive():
+            raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}: its VMM is not running")
         return self.driver.attach(self.vm_config(rec, p), rec.vmm)
 
     async def stop_vmm(self, rec: MachineRecord, p: VMPaths) -> None:

@@ -151,8 +151,11 @@ def test_container_vm_boots_and_entrypoint_sees_env(
         timeout=20,
     )
     shared = agent.state_dir / "vms" / UID / "shares/shared/hello"
-    wait_for("the guest's write into the share", lambda: shared.exists(), timeout=20)
-    assert shared.read_text() == "from-guest\n"
+    wait_for(
+        "the guest's write into the share",
+        lambda: shared.exists() and shared.read_text() == "from-guest\n",
+        timeout=20,
+    )
     rootfs = agent.state_dir / "vms" / UID / "upper"
     # The image's SSH host key was dropped from the VM's writable layer on first creation.
     assert not (agent.state_dir / "vms" / UID / "rootfs/etc/ssh/ssh_host_ed25519_key").exists()
@@ -209,11 +212,19 @@ def test_pause_and_resume_by_rpc_and_by_generation(
     ]
 
 
-def test_stats_and_metrics_report_the_vm(agent: AgentProcess) -> None:
+def test_stats_and_metrics_report_the_vm(agent: AgentProcess, agent_netns: str) -> None:
+    ip = machine(agent).interfaces[0].ip
+    # Traffic for the net counters: the guest answers pings on the test namespace's bridge.
+    ping = subprocess.run(
+        ["ip", "netns", "exec", agent_netns, "busybox", "ping", "-c", "3", "-W", "5", ip],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ping.returncode == 0, ping.stdout + ping.stderr
     stats = agent.call("stats", UID)
     assert isinstance(stats, pb.MachineStats)
     assert stats.vcpu_seconds > 0 and stats.vmm_rss_bytes > 0
-    assert stats.block_read_bytes > 0  # the initramfs read the seed disk
+    assert stats.block_read_bytes > 0 and stats.block_write_bytes > 0  # seed read, /data written
+    assert stats.net_rx_bytes >= 3 * 84 and stats.net_tx_bytes >= 3 * 84  # 3 echo/reply pairs
     body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10)
     text = body.read().decode()
     assert f'zmachine_vcpu_seconds_total{{name="busybox",namespace="default",uid="{UID}"}}' in text
@@ -244,6 +255,14 @@ def test_vmm_killed_from_outside_is_restarted_and_counted(agent: AgentProcess) -
 
     m = wait_for("the supervisor's restart", restarted, timeout=60)
     assert m.state == pb.MACHINE_STATE_RUNNING
+    assert qemu_pids() == [m.pid]
+
+
+def test_restart_rpc_replaces_the_vmm(agent: AgentProcess) -> None:
+    old = machine(agent)
+    m = agent.call("restart", UID)
+    assert isinstance(m, pb.Machine)
+    assert m.pid not in (0, old.pid) and m.restarts == old.restarts + 1
     assert qemu_pids() == [m.pid]
 
 
