@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,6 +150,13 @@ class BlockCache:
         if last + 1 < len(refs):
             self.prefetch(refs[last + 1], path)
         return b"".join(parts)
+
+    def file_chunks(
+        self, refs: list[BlockRef], size: int, path: str | None = None
+    ) -> Iterator[bytes]:
+        """A whole file, chunk by chunk, each checked for its length (next one prefetched)."""
+        for index in range(len(refs)):
+            yield self.read(refs, size, index * CHUNK_SIZE, CHUNK_SIZE, path)
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)

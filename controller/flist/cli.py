@@ -104,8 +104,8 @@ def _cmd_cat(args: argparse.Namespace) -> None:
         cache = _cache(flist, args)
         try:
             out = sys.stdout.buffer
-            for ref in flist.blocks(entry):
-                out.write(cache.get(ref, path))
+            for data in cache.file_chunks(flist.blocks(entry), entry.size, path):
+                out.write(data)
             out.flush()
         finally:
             cache.close()

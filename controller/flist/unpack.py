@@ -19,8 +19,8 @@ def write_file(flist: Flist, cache: BlockCache, entry: Entry, path: str, dest: P
     fd = os.open(partial, _CREATE, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
-            for ref in flist.blocks(entry):
-                handle.write(cache.get(ref, path))
+            for data in cache.file_chunks(flist.blocks(entry), entry.size, path):
+                handle.write(data)
         os.rename(partial, dest)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from controller.flist.cache import BlockCache
 from controller.flist.chunks import CHUNK_SIZE, BlockRef, decode, encode_v2
 from controller.flist.errors import (
     BlockCorruptError,
+    BlockError,
     BlockMissingError,
     FlistError,
     FlistFormatError,
@@ -28,7 +29,7 @@ from controller.flist.errors import (
 )
 from controller.flist.meta import open_flist
 from controller.flist.pack import pack
-from controller.flist.stores import Router
+from controller.flist.stores import DirStore, Router
 from controller.flist.unpack import unpack
 from tests.flist.v1_builder import CAPNP, dir_key, encode
 
@@ -139,6 +140,24 @@ def test_missing_block_names_flist_and_path(small: tuple[Path, Path], tmp_path: 
     names = {p.name for p in (tmp_path / "out").rglob("*")}
     assert "file" not in names  # never a partial file passed off as whole
     assert not [name for name in names if name.endswith(".partial")]
+
+
+def test_short_middle_chunk_is_refused(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """Readers assume full 512 KiB chunks; a valid but short chunk in the middle must not shift
+    the rest of the file."""
+    flist_path, store = small
+    ref, stored = encode_v2(b"short")
+    DirStore(f"dir://{store}").set(ref.id, stored)
+    conn = sqlite3.connect(flist_path)
+    ino = conn.execute("SELECT ino FROM inode WHERE name = 'file'").fetchone()[0]
+    first = conn.execute("SELECT MIN(rowid) FROM block WHERE ino = ?", (ino,)).fetchone()[0]
+    conn.execute("UPDATE block SET id = ?, key = ? WHERE rowid = ?", (ref.id, ref.key, first))
+    conn.commit()
+    with open_flist(flist_path) as flist:
+        cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
+        with pytest.raises(BlockError, match="holds 5 bytes"):
+            unpack(flist, cache, tmp_path / "out")
+    assert not (tmp_path / "out" / "d" / "file").exists()
 
 
 def test_block_failing_its_key_check() -> None:
