@@ -110,7 +110,7 @@ class Provisioner:
         p = self.paths(rec)
         argv = mount.mount_command(flist, p.lower, self.config.flist_cache)
         ref = spawn_detached(argv, p.mount_log, str(p.lower))
-        rec.helpers.append(ref)
+        rec.helpers = [h for h in rec.helpers if h.alive()] + [ref]
         try:
             await asyncio.to_thread(mount.wait_mounted, p.lower, MOUNT_TIMEOUT)
         except Exception as exc:

@@ -231,13 +231,19 @@ def test_stats_and_metrics_report_the_vm(agent: AgentProcess, agent_netns: str) 
     assert "zmachine_boot_duration_seconds{" in text
 
 
-def test_agent_sigkill_then_restart_adopts_the_running_vm(agent: AgentProcess) -> None:
+def test_agent_sigkill_then_restart_adopts_the_running_vm(
+    agent: AgentProcess, spec: pb.ZmachineSpec
+) -> None:
     pid = machine(agent).pid
     agent.kill()
     assert qemu_pids() == [pid], "the VM must outlive the agent"
     agent.start()
     m = machine(agent)
     assert m.pid == pid and m.state == pb.MACHINE_STATE_RUNNING
+    # The restarted agent knows the deployed generation from its state file: no-op.
+    resp = agent.call("deploy", REF, 3, spec)
+    assert isinstance(resp, pb.DeployResponse) and not resp.changed
+    assert resp.machine.pid == pid
     time.sleep(2)  # a few supervisor rounds: still no second VM, no restart
     assert qemu_pids() == [pid]
     assert machine(agent).restarts == 0
