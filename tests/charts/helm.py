@@ -15,6 +15,27 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "zmachine-operator"
 Manifest = dict[str, Any]
+# Value sets a user is likely to pass; each must lint and render.
+VALUE_SETS: dict[str, tuple[str, ...]] = {
+    "defaults": (),
+    "ha-namespaced": ("controller.replicas=3", "controller.watchNamespaces={team-a,team-b}"),
+    "existing-secret": ("tls.existingSecret=my-pki",),
+    "monitoring": (
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.labels.release=prom",
+    ),
+    "tcg-no-metrics": (
+        "agent.kvm=false",
+        "agent.accel=tcg",
+        "agent.metricsPort=0",
+        "grafana.dashboard.enabled=false",
+    ),
+    "tainted-nodes": (
+        "agent.tolerations[0].operator=Exists",
+        "agent.nodeSelector.zos\\.threefold\\.io/zmachines=true",
+        "fullnameOverride=zmo",
+    ),
+}
 
 
 class HelmError(RuntimeError):

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controller.operator.leader import LEASE_NAME as LEADER_LEASE
 from hack.controlplane import ControlPlane, free_port
-from tests.charts.helm import CHART, Helm, HelmError, kubelet_env
+from tests.charts.helm import CHART, VALUE_SETS, Helm, HelmError, kubelet_env
 from tests.charts.workloads import (
     TLS_MOUNT,
     base_env,
@@ -90,6 +91,20 @@ def test_install_creates_every_object(release: Release, cluster: ControlPlane) -
             expected.add(f"{kind}.rbac.authorization.k8s.io/{PREFIX}-{component}")
     assert set(names) == expected
     assert "kubectl get zmachines -A -w" in release.notes
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_value_sets_pass_api_validation(
+    release: Release, helm: Helm, cluster: ControlPlane, name: str
+) -> None:
+    """Every value set renders objects the API server accepts (a dry run, nothing stored)."""
+    docs = helm.template(*VALUE_SETS[name], namespace=NS)
+    # The Prometheus Operator's CRDs are not installed here.
+    accepted = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    stream = yaml.safe_dump_all(accepted)
+    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=stream, check=False)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == len(accepted)
 
 
 # (identity, verb, resource and flags, allowed)

@@ -14,29 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
 from controller.agent.tls import ClientTLS, ServerTLS, channel_credentials, server_credentials
-from tests.charts.helm import CHART, Helm, Manifest, find, kubelet_env, one
+from tests.charts.helm import CHART, VALUE_SETS, Helm, Manifest, find, kubelet_env, one
 
-# Value sets a user is likely to pass; each must lint and render.
-OVERRIDES: dict[str, tuple[str, ...]] = {
-    "defaults": (),
-    "ha-namespaced": ("controller.replicas=3", "controller.watchNamespaces={team-a,team-b}"),
-    "existing-secret": ("tls.existingSecret=my-pki",),
-    "monitoring": (
-        "metrics.serviceMonitor.enabled=true",
-        "metrics.serviceMonitor.labels.release=prom",
-    ),
-    "tcg-no-metrics": (
-        "agent.kvm=false",
-        "agent.accel=tcg",
-        "agent.metricsPort=0",
-        "grafana.dashboard.enabled=false",
-    ),
-    "tainted-nodes": (
-        "agent.tolerations[0].operator=Exists",
-        "agent.nodeSelector.zos\\.threefold\\.io/zmachines=true",
-        "fullnameOverride=zmo",
-    ),
-}
 # What the downward API gives a pod (release namespace zm-ops, on node-a at 192.0.2.7).
 NODE_FIELDS = {
     "spec.nodeName": "node-a",
@@ -67,11 +46,11 @@ def _pod(doc: Manifest) -> dict[str, Any]:
     return dict(doc["spec"]["template"]["spec"])
 
 
-@pytest.mark.parametrize("name", OVERRIDES)
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_lint_and_template_succeed(helm: Helm, name: str) -> None:
-    flags = [f for arg in OVERRIDES[name] for f in ("--set", arg)]
+    flags = [f for arg in VALUE_SETS[name] for f in ("--set", arg)]
     helm.run("lint", "--strict", str(CHART), *flags)
-    docs = helm.template(*OVERRIDES[name])
+    docs = helm.template(*VALUE_SETS[name])
     for doc in docs:
         # Namespaced objects land in the release namespace, never in "default".
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -101,7 +80,7 @@ def test_controller_deployment(helm: Helm) -> None:
 
 
 def test_controller_replicas_and_watched_namespaces(helm: Helm) -> None:
-    deploy = one(helm.template(*OVERRIDES["ha-namespaced"]), "Deployment", "-controller")
+    deploy = one(helm.template(*VALUE_SETS["ha-namespaced"]), "Deployment", "-controller")
     assert deploy["spec"]["replicas"] == 3
     args = _container(deploy)["args"]
     assert [a for a in args if a.startswith("--namespace")] == [
@@ -138,7 +117,7 @@ def test_agent_daemonset_is_privileged_on_the_host(helm: Helm) -> None:
 
 
 def test_agent_scheduling_values(helm: Helm) -> None:
-    ds = one(helm.template(*OVERRIDES["tainted-nodes"]), "DaemonSet", "zmo-agent")
+    ds = one(helm.template(*VALUE_SETS["tainted-nodes"]), "DaemonSet", "zmo-agent")
     pod = _pod(ds)
     assert pod["tolerations"] == [{"operator": "Exists"}]
     # Merged with the default; a boolean from --set must still render as a string.
@@ -197,7 +176,7 @@ def test_agent_host_directories_follow_values(helm: Helm) -> None:
 
 
 def test_agent_without_kvm_or_metrics(helm: Helm) -> None:
-    docs = helm.template(*OVERRIDES["tcg-no-metrics"])
+    docs = helm.template(*VALUE_SETS["tcg-no-metrics"])
     c = _container(one(docs, "DaemonSet", "-agent"))
     assert "/dev/kvm" not in {m["mountPath"] for m in c["volumeMounts"]}
     assert {p["name"] for p in c["ports"]} == {"grpc"}
@@ -260,7 +239,7 @@ def test_pods_mount_only_their_half_of_the_tls_secret(helm: Helm) -> None:
 
 
 def test_existing_secret_is_used_instead_of_generating(helm: Helm) -> None:
-    docs = helm.template(*OVERRIDES["existing-secret"])
+    docs = helm.template(*VALUE_SETS["existing-secret"])
     assert find(docs, "Secret") == []
     for kind in ("Deployment", "DaemonSet"):
         pod = one(docs, kind)["spec"]["template"]
@@ -271,7 +250,7 @@ def test_existing_secret_is_used_instead_of_generating(helm: Helm) -> None:
 
 def test_service_monitors_are_opt_in(helm: Helm) -> None:
     assert find(helm.template(), "ServiceMonitor") == []
-    docs = helm.template(*OVERRIDES["monitoring"])
+    docs = helm.template(*VALUE_SETS["monitoring"])
     monitors = {d["metadata"]["name"]: d for d in find(docs, "ServiceMonitor")}
     assert set(monitors) == {"zm-zmachine-operator-controller", "zm-zmachine-operator-agent"}
     for name, monitor in monitors.items():
