@@ -210,6 +210,21 @@ def test_sigterm_and_unmount_end_the_server(
     assert second.process.wait(timeout=20) == 0
 
 
+def test_unmount_cleans_up_after_a_killed_server(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
+    dead = mount_flist(packed[1])
+    dead.process.kill()
+    dead.process.wait(timeout=20)
+    assert is_mounted(dead.mountpoint)
+    with pytest.raises(OSError) as info:
+        os.listdir(dead.mountpoint)
+    assert info.value.errno == errno.ENOTCONN
+    unmount(dead.mountpoint)
+    assert not is_mounted(dead.mountpoint)
+    assert os.listdir(dead.mountpoint) == []
+
+
 def test_mount_refuses_a_mountpoint_in_use(
     packed: tuple[Path, Path, Path], mount_flist: MountFn
 ) -> None:
