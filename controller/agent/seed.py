@@ -33,6 +33,7 @@ from controller.agent.errors import InvalidSpec, Unavailable
 LABEL = "cidata"
 MIN_SIZE = 2 << 20
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # mtools refuses images whose geometry does not match a floppy table without this.
 _MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
@@ -84,6 +85,8 @@ def ssh_keys_from_env(value: str) -> list[str]:
 
 def render(config: SeedConfig) -> dict[str, str]:
     """The seed's files by name; raises InvalidSpec naming the offending field."""
+    if not _HOSTNAME.match(config.hostname):
+        raise InvalidSpec(f"seed.hostname {config.hostname!r} must be a DNS label (a-z, 0-9, -)")
     return {
         "meta-data": _yaml({"instance-id": config.instance_id, "local-hostname": config.hostname}),
         "network-config": _yaml(_network(config)),

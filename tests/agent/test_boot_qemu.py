@@ -126,6 +126,11 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     gateway = bridge_cidr.split("/")[0]
     root = guest_busybox_root(tmp_path / "root")
     (root / "bin/ip").symlink_to("busybox")
+    # Stands in for the image's own ssh-keygen: the init must run it chrooted in the root.
+    (root / "usr/bin").mkdir(parents=True)
+    keygen = root / "usr/bin/ssh-keygen"
+    keygen.write_text('#!/bin/sh\necho "$@" >/tmp/ssh-keygen-args\n')
+    keygen.chmod(0o755)
     data = tmp_path / "data"
     data.mkdir()
     (data / "note.txt").write_text("from-a-second-share\n")
@@ -196,6 +201,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
         # The init wrote these into the root, where the host sees them too.
         assert (root / "etc/resolv.conf").read_text() == f"nameserver {gateway}\n"
         assert (root / "root/.ssh/authorized_keys").read_text().count("AAAAtestkey") == 1
+        assert (root / "etc/hostname").read_text() == "web-1\n"
+        assert "127.0.1.1\tweb-1" in (root / "etc/hosts").read_text()
+        assert (root / "tmp/ssh-keygen-args").read_text() == "-A\n"
     finally:
         delete_tap(nic.tap, netns)
 

@@ -171,6 +171,8 @@ def test_ssh_keys_from_env_splits_on_newlines_and_commas() -> None:
         (SeedConfig("x", "x", mounts=[Mount("vdb", "data")]), "mounts[0].target"),
         (SeedConfig("x", "x", mounts=[Mount("vdb", "/")]), "mounts[0].target"),
         (SeedConfig("x", "x", nameservers=["dns.google"]), "nameservers"),
+        (SeedConfig("x", "web 1"), "hostname"),
+        (SeedConfig("x", "-web"), "hostname"),
     ],
 )
 def test_invalid_input_names_the_field(config: SeedConfig, message: str, tmp_path: Path) -> None:
