@@ -272,6 +272,33 @@ def test_restart_rpc_replaces_the_vmm(agent: AgentProcess) -> None:
     assert qemu_pids() == [m.pid]
 
 
+def test_node_reboot_while_agent_down_brings_the_vm_back(
+    agent: AgentProcess, agent_netns: str
+) -> None:
+    """What a node reboot leaves: the state dir, but no VM processes, mounts or taps."""
+    before = machine(agent)
+    agent.kill()
+    for pid in vm_processes():
+        os.kill(pid, signal.SIGKILL)
+    wait_for("the VM's processes to die", lambda: not vm_processes(), timeout=10)
+    for mountpoint in sorted(mounts_under(agent.state_dir), reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], check=True)
+    tap = before.interfaces[0].tap
+    subprocess.run(["ip", "-n", agent_netns, "link", "del", tap], check=True)
+    agent.start()
+
+    def back() -> pb.Machine | None:
+        m = machine(agent)
+        up = m.state == pb.MACHINE_STATE_RUNNING and m.restarts == before.restarts + 1
+        return m if up and m.pid not in (0, before.pid) else None
+
+    m = wait_for("the VM to be restarted", back, timeout=60)
+    assert qemu_pids() == [m.pid]
+    vm_dir = agent.state_dir / "vms" / UID
+    assert {str(vm_dir / "lower"), str(vm_dir / "rootfs")} <= set(mounts_under(vm_dir))
+    assert subprocess.run(["ip", "-n", agent_netns, "link", "show", tap]).returncode == 0
+
+
 def test_new_generation_replaces_the_vm_with_the_new_spec(
     agent: AgentProcess, spec: pb.ZmachineSpec
 ) -> None:
