@@ -160,7 +160,9 @@ class Flist:
                 )
         if entry.kind not in FILE_TYPES:
             raise FlistFormatError(
-                f"unknown file type in mode {entry.mode:o}", flist=self.label, path=entry.name
+                f"unknown file type in mode {entry.mode:o}",
+                flist=self.label,
+                path=self.path_of(entry.ino),
             )
         if entry.is_link and (entry.target is None or len(entry.target) > MAX_LINK_TARGET):
             raise FlistFormatError(
@@ -227,10 +229,12 @@ class Flist:
         for ino, target in self.query(f"SELECT ino, target FROM {HARDLINK_TABLE}"):
             if not (isinstance(ino, int) and isinstance(target, int)) or ino == target:
                 raise FlistFormatError(f"bad hard link {ino!r} -> {target!r}", flist=self.label)
-            if not self.get(target).is_file or target in self.hardlinks:
-                raise FlistFormatError(f"bad hard link {ino} -> {target}", flist=self.label)
+            if not (self.get(target).is_file and self.get(ino).is_file):
+                raise FlistFormatError(f"hard link {ino} -> {target}: not files", flist=self.label)
             self.hardlinks[ino] = target
         for target in self.hardlinks.values():
+            if target in self.hardlinks:
+                raise FlistFormatError(f"hard link chain through {target}", flist=self.label)
             self.link_counts[target] = self.link_counts.get(target, 1) + 1
 
     # -- navigation ---------------------------------------------------------------------------

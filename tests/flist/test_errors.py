@@ -114,6 +114,20 @@ def test_absurd_and_inconsistent_sizes(small: tuple[Path, Path]) -> None:
         flist.blocks(flist.resolve("/d/file")[1])
 
 
+def test_bad_hard_link_records(small: tuple[Path, Path]) -> None:
+    ino = "(SELECT ino FROM inode WHERE name = '{}')".format
+    chain = edited(
+        small[0],
+        f"INSERT INTO zm_hardlink VALUES ({ino('small')}, {ino('file')}),"
+        f" ({ino('file')}, {ino('small')})",
+    )
+    with pytest.raises(FlistFormatError, match="hard link chain"):
+        open_flist(chain)
+    to_dir = edited(small[0], f"INSERT INTO zm_hardlink VALUES ({ino('small')}, {ino('d')})")
+    with pytest.raises(FlistFormatError, match="not files"):
+        open_flist(to_dir)
+
+
 def test_links_that_loop_or_escape(small: tuple[Path, Path]) -> None:
     with open_flist(small[0]) as flist:
         with pytest.raises(FlistLinkError, match="too many levels"):
