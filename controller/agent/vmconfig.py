@@ -19,6 +19,7 @@ ROOT_TAG = "vroot"
 BASE_ARGS = ("rw", "console=ttyS0", "reboot=k", "panic=1")
 MAX_TAG_BYTES = 36  # virtio-fs tag limit (cloud-hypervisor, virtiofs spec)
 MIN_MEMORY_MIB = 64
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 
 
 class BootMode(StrEnum):
@@ -73,8 +74,8 @@ class VMConfig:
     def validate(self) -> None:
         """Raise InvalidSpec naming the first field that no hypervisor would accept."""
         where = f"vm {self.vm_id!r}"
-        if not self.vm_id or "/" in self.vm_id:
-            raise InvalidSpec(f"{where}: vm_id must be non-empty and contain no '/'")
+        if not self.vm_id or "/" in self.vm_id or "," in self.vm_id:
+            raise InvalidSpec(f"{where}: vm_id must be non-empty, without '/' or ','")
         if self.cpus < 1:
             raise InvalidSpec(f"{where}: cpus must be >= 1, got {self.cpus}")
         if self.memory_mib < MIN_MEMORY_MIB:
@@ -88,9 +89,16 @@ class VMConfig:
                 raise InvalidSpec(f"{where}: virtio-fs tag {tag!r} must be 1-36 bytes, no ','")
         if len(set(tags)) != len(tags):
             raise InvalidSpec(f"{where}: virtio-fs tags must be unique, got {tags}")
-        for disk in self.disks:
-            if "," in str(disk.path):
-                raise InvalidSpec(f"{where}: disk path {disk.path} must not contain ','")
+        # Both VMMs parse these inside "key=value,key=value" options.
+        in_options = [d.path for d in self.disks] + [self.serial_log, self.api_socket]
+        for path in in_options + [s.socket for s in self.shares]:
+            if "," in str(path):
+                raise InvalidSpec(f"{where}: path {path} must not contain ','")
+        for sock in [self.api_socket] + [s.socket for s in self.shares]:
+            if len(str(sock).encode()) > MAX_SOCKET_PATH:
+                raise InvalidSpec(
+                    f"{where}: socket path {sock} is longer than {MAX_SOCKET_PATH} bytes"
+                )
 
 
 def kernel_cmdline(mode: BootMode, entrypoint: str = "", root_tag: str = ROOT_TAG) -> str:

@@ -110,6 +110,8 @@ def test_vmlinuz_directory_is_refused(tmp_path: Path) -> None:
         ({"shares": [FsShare("x" * 37, Path("s"), Path("d"))]}, "1-36 bytes"),
         ({"shares": [FsShare("a", Path("s"), Path("d"))] * 2}, "unique"),
         ({"disks": [Disk(Path("/a,b"))]}, "must not contain ','"),
+        ({"serial_log": Path("/tmp/x,y.log")}, "must not contain ','"),
+        ({"api_socket": Path("/" + "s" * 110)}, "longer than 107 bytes"),
     ],
 )
 def test_validate_names_the_field(
