@@ -34,12 +34,16 @@ def _mx(z: int, y: int, total: int, p: int, e: int, k: tuple[int, ...]) -> int:
     )
 
 
+def _unpack(data: bytes, key: bytes) -> tuple[tuple[int, ...], list[int], int]:
+    """Key words, data words and the index of the last data word."""
+    words = list(struct.unpack(f"<{len(data) // 4}I", data))
+    return struct.unpack("<4I", key), words, len(words) - 1
+
+
 def _encrypt_words(data: bytes, key: bytes) -> bytes:
     if _native is not None:
         return bytes(_native.encrypt(data, key, padding=False))
-    k = struct.unpack("<4I", key)
-    v = list(struct.unpack(f"<{len(data) // 4}I", data))
-    n = len(v) - 1
+    k, v, n = _unpack(data, key)
     z, total = v[n], 0
     for _ in range(6 + 52 // (n + 1)):
         total = (total + _DELTA) & _MASK
@@ -53,9 +57,7 @@ def _encrypt_words(data: bytes, key: bytes) -> bytes:
 def _decrypt_words(data: bytes, key: bytes) -> bytes:
     if _native is not None:
         return bytes(_native.decrypt(data, key, padding=False))
-    k = struct.unpack("<4I", key)
-    v = list(struct.unpack(f"<{len(data) // 4}I", data))
-    n = len(v) - 1
+    k, v, n = _unpack(data, key)
     total = ((6 + 52 // (n + 1)) * _DELTA) & _MASK
     y = v[0]
     while total:
