@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -106,6 +108,18 @@ class AgentProcess:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    @contextmanager
+    def running(self) -> Iterator[AgentProcess]:
+        """Started agent; on exit its machines are deleted and it is stopped."""
+        self.start()
+        try:
+            yield self
+        finally:
+            try:
+                self.delete_all()
+            finally:
+                self.stop()
 
     def delete_all(self) -> None:
         """Delete every machine (fixture teardown): VMs outlive the agent by design, so a

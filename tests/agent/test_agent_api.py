@@ -35,12 +35,8 @@ def agent(
 ) -> Iterator[AgentProcess]:
     state = tmp_path_factory.mktemp("api") / "state"
     proc = agent_process(state, agent_pki, None, agent_guest_dir, flist_dir=flists)
-    proc.start()
-    yield proc
-    try:
-        proc.delete_all()
-    finally:
-        proc.stop()
+    with proc.running():
+        yield proc
 
 
 def _node_info(address: str, tls: ClientTLS | None) -> pb.NodeInfoResponse:

@@ -36,12 +36,8 @@ def agent(
         state, agent_pki, None, agent_guest_dir, agent_busybox_flist.parent,
         "--crash-loop-limit", "1",
     )  # fmt: skip
-    proc.start()
-    yield proc
-    try:
-        proc.delete_all()
-    finally:
-        proc.stop()
+    with proc.running():
+        yield proc
 
 
 def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(

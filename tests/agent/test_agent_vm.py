@@ -78,12 +78,8 @@ def agent(
 ) -> Iterator[AgentProcess]:
     state = tmp_path_factory.mktemp("vm") / "state"
     proc = agent_process(state, agent_pki, agent_netns, agent_guest_dir, agent_busybox_flist.parent)
-    proc.start()
-    yield proc
-    try:
-        proc.delete_all()
-    finally:
-        proc.stop()
+    with proc.running():
+        yield proc
 
 
 @pytest.fixture(scope="module")
