@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import shutil
 import subprocess
 import time
@@ -21,7 +22,7 @@ from controller.agent.hypervisor import VM, Qemu
 from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
 from controller.agent.procs import ProcessRef, terminate
 from controller.agent.seed import Interface, Mount, Route, SeedConfig, write_seed
-from controller.agent.virtiofs import start_virtiofsd
+from controller.agent.virtiofs import Flavor, Virtiofsd, start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
 from controller.agent.vmconfig import kernel_cmdline as make_cmdline
 from tests.agent.conftest import guest_busybox_root
@@ -62,6 +63,7 @@ async def running_vm(
     elsewhere: bool = False,
     data_disks: list[Disk] | None = None,
     serial_pty: bool = False,
+    daemon: Virtiofsd | None = None,
 ) -> AsyncIterator[tuple[VM, VMConfig]]:
     """virtiofsd per share, the seed disk, then QEMU under TCG; everything stopped after.
 
@@ -95,7 +97,8 @@ async def running_vm(
     vm: VM | None = None
     try:
         for share in shares:
-            helpers.append(await start_virtiofsd(share, tmp / f"virtiofsd-{share.tag}.log"))
+            log = tmp / f"virtiofsd-{share.tag}.log"
+            helpers.append(await start_virtiofsd(share, log, daemon=daemon))
         vm = await (start_elsewhere(cfg) if elsewhere else Qemu(accel="tcg").start(cfg))
         yield vm, cfg
     finally:
@@ -308,3 +311,33 @@ umount /proc
 mount --move /dev /new_root/dev
 exec switch_root /new_root "$init" "$@"
 """
+
+
+RUST_VIRTIOFSD = os.environ.get("ZM_VIRTIOFSD_RS") or shutil.which("virtiofsd")
+
+
+@pytest.mark.skipif(
+    RUST_VIRTIOFSD is None,
+    reason="the Rust virtiofsd is not on PATH and ZM_VIRTIOFSD_RS is unset "
+    "(`cargo install virtiofsd` needs libcap-ng-dev and libseccomp-dev)",
+)
+def test_container_root_served_by_the_rust_virtiofsd(tmp_path: Path, agent_guest_dir: Path) -> None:
+    """The daemon production uses (zos ships virtiofsd-rs), with our flags for it."""
+    assert RUST_VIRTIOFSD is not None
+    daemon = Virtiofsd(Path(RUST_VIRTIOFSD), Flavor.RUST)
+    root = guest_busybox_root(tmp_path / "root")
+    entry = "/bin/sh -c 'echo rust-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
+    (root / "etc/marker").write_text("served\n")
+    seed = SeedConfig(instance_id="rs", hostname="rs", entrypoint=entry)
+    assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
+
+    async def scenario() -> None:
+        cmdline = make_cmdline(BootMode.CONTAINER)
+        async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=daemon) as (
+            vm,
+            cfg,
+        ):
+            await wait_for(cfg.serial_log, "rust-virtiofsd served")
+            assert await vm.wait(60), "guest did not power off"
+
+    asyncio.run(scenario())
