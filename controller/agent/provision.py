@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__)
 BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 MOUNT_TIMEOUT = 30.0
+POWER_OFF_LINE = "reboot: Power down"  # Linux's last console line on a power-off
 
 
 class Provisioner:
@@ -200,6 +201,11 @@ class Provisioner:
                 rec.boot_duration = time.time() - rec.started_at
         for path in (p.console_log, p.vmm_log):
             rotate(path, self.config.log_rotate_bytes)
+
+    def guest_powered_off(self, rec: MachineRecord) -> bool:
+        """The serial console's last line is the guest kernel powering off."""
+        lines = log_tail(self.paths(rec).console_log, 512).splitlines()
+        return bool(lines) and POWER_OFF_LINE in lines[-1]
 
     def log_tail(self, rec: MachineRecord) -> str:
         """The end of the serial console and of the VMM's own log, for FAILED reports."""

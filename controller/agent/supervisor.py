@@ -7,7 +7,8 @@ Rules (docs/agent.md "Supervision"):
 * more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
 * an exit whose status is unknown (the VMM was adopted from a previous agent, so it is
-  not our child) counts as a failure.
+  not our child) is clean only if the serial console ends with the guest kernel's
+  power-off message, else a failure.
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ class Supervisor:
                 self.machines.store.save(rec)
             return
         code = exit_code(rec.vmm) if rec.vmm is not None else None
+        # Not our child (adopted after an agent restart): the guest kernel's last words
+        # on the serial console tell a power-off from a crash.
+        clean = code == 0 or (code is None and prov.guest_powered_off(rec))
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        bind.info("vmm exited", exit_code=code, policy=rec.spec.restart_policy.value)
+        bind.info(
+            "vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value
+        )
         await prov.stop(rec)
-        clean = code == 0
         policy = rec.spec.restart_policy
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
             rec.state = State.SUCCEEDED if clean else State.FAILED

@@ -49,7 +49,7 @@ def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("bin", "etc/ssh", "tmp", "root", "proc", "dev", "sys"):
         (root / d).mkdir(parents=True)
     shutil.copy2("/bin/busybox", root / "bin/busybox")
-    for applet in ("sh", "echo", "sleep", "cat", "ls", "grep", "poweroff"):
+    for applet in ("sh", "echo", "sleep", "cat", "ls", "grep", "test", "[", "poweroff"):
         (root / "bin" / applet).symlink_to("busybox")
     # A host key as if the image shipped one: the agent must drop it on first creation.
     (root / "etc/ssh/ssh_host_ed25519_key").write_text("not a real key\n")

@@ -40,6 +40,12 @@ def agent(
         yield proc
 
 
+def in_state(agent: AgentProcess, uid: str, state: int) -> pb.Machine | None:
+    m = agent.call("get", uid)
+    assert isinstance(m, pb.Machine)
+    return m if m.state == state else None
+
+
 def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
     agent: AgentProcess, agent_busybox_flist: Path
 ) -> None:
@@ -55,14 +61,9 @@ def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
         agent.call("deploy", ref, 1, spec)
         machines[uid] = ref
 
-    def final(uid: str, state: int) -> pb.Machine | None:
-        m = agent.call("get", uid)
-        assert isinstance(m, pb.Machine)
-        return m if m.state == state else None
-
     done = wait_for(
         "OnFailure machine to succeed",
-        lambda: final(onfailure, pb.MACHINE_STATE_SUCCEEDED),
+        lambda: in_state(agent, onfailure, pb.MACHINE_STATE_SUCCEEDED),
         timeout=180,
     )
     assert done.reason == "PoweredOff" and done.restarts == 0 and done.pid == 0
@@ -70,7 +71,7 @@ def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
 
     failed = wait_for(
         "Always machine to end in a crash loop",
-        lambda: final(always, pb.MACHINE_STATE_FAILED),
+        lambda: in_state(agent, always, pb.MACHINE_STATE_FAILED),
         timeout=240,
     )
     assert failed.reason == "CrashLoop" and failed.restarts == 1
@@ -83,3 +84,34 @@ def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
         left = vm_pids_of(uid)
         assert left == [], [cmdline(pid) for pid, _ in left]
     assert not (agent.state_dir / "vms").exists() or not list((agent.state_dir / "vms").iterdir())
+
+
+def test_guest_poweroff_while_the_agent_is_down_is_still_a_success(
+    agent: AgentProcess, agent_busybox_flist: Path
+) -> None:
+    """The VMM is not the new agent's child, so its exit status is unknown: the serial
+    console's power-off line must still make OnFailure end SUCCEEDED, not restart."""
+    uid = f"p-offline-{os.getpid()}"
+    spec = pb.ZmachineSpec(
+        flist=f"file://{agent_busybox_flist}", cpu=1, memory_bytes=256 << 20,
+        entrypoint="/bin/sh -c 'while [ ! -e /srv/stop ]; do sleep 1; done; poweroff -f'",
+        volumes=[pb.Volume(name="ctl", kind=pb.VOLUME_KIND_SHARE)],
+        mounts=[pb.Mount(name="ctl", mountpoint="/srv")],
+        restart_policy=pb.RESTART_POLICY_ON_FAILURE,
+    )  # fmt: skip
+    resp = agent.call("deploy", pb.ZmachineRef(namespace="default", name="off", uid=uid), 1, spec)
+    assert isinstance(resp, pb.DeployResponse)
+    console = Path(resp.machine.console_log)
+    wait_for("the guest to boot", lambda: "switching root" in console.read_text(), timeout=150)
+    agent.kill()
+    (agent.state_dir / "vms" / uid / "shares/ctl/stop").touch()
+    wait_for(
+        "the guest to power off",
+        lambda: not [p for p in vm_pids_of(uid) if "qemu" in p[1]],
+        timeout=60,
+    )
+    agent.start()
+    m = wait_for(
+        "the machine to end", lambda: in_state(agent, uid, pb.MACHINE_STATE_SUCCEEDED), timeout=30
+    )
+    assert m.reason == "PoweredOff" and m.restarts == 0
