@@ -140,28 +140,38 @@ def up() -> int:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    if "controller" not in _running():
+    subprocess.run(
+        [*kubectl, "create", "namespace", "zmachine-system"], capture_output=True, check=False
+    )
+    flist, guest, pki = _example_flist(), _guest_kernel(), _pki()
+    _network()
+    running = _running()
+    if "agent" not in running:
+        address = f"127.0.0.1:{free_port()}"
+        say(f"starting the node agent on {address} (log: .cache/logs/agent.log)")
+        _spawn("agent", [
+            sys.executable, "-m", "controller.agent.main", "serve",
+            "--listen", address, "--state-dir", str(CACHE / "agent"),
+            "--node-name", "local", "--bridge", "zmbr0", "--netns", NETNS,
+            "--cidr", AGENT_CIDR, "--guest-kernel-dir", str(guest),
+            "--flist-dir", str(flist.parent), "--metrics-port", str(free_port()),
+            "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "server.crt"),
+            "--tls-key", str(pki / "server.key"),
+            "--kubeconfig", str(KUBECONFIG), "--lease-namespace", "zmachine-system",
+        ], env)  # fmt: skip
+    if "controller" not in running:
         say("starting the controller (log: .cache/logs/controller.log)")
-        _spawn(
-            "controller",
-            [
-                sys.executable,
-                "-m",
-                "controller.operator.main",
-                "--metrics-port",
-                str(free_port()),
-                "--health-port",
-                str(free_port()),
-            ],
-            env,
-        )
+        _spawn("controller", [
+            sys.executable, "-m", "controller.operator.main", "--agent-tls-dir", str(pki),
+            "--metrics-port", str(free_port()), "--health-port", str(free_port()),
+        ], env)  # fmt: skip
     say("applying examples/")
     subprocess.run([*kubectl, "apply", "-f", str(REPO / "examples")], check=True)
     return _wait_running(kubectl)
 
 
 def _wait_running(kubectl: list[str]) -> int:
-    say("waiting for the examples to be Running (a TCG guest boots in about 15 s)")
+    say("waiting for the examples to be Running and Ready (a TCG guest boots in ~15 s)")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         out = subprocess.run(
@@ -172,7 +182,14 @@ def _wait_running(kubectl: list[str]) -> int:
         if any(p == "Failed" for p in phases.values()):
             say("a Zmachine failed; `kubectl describe zm` says why")
             return 1
-        if items and all(p == "Running" for p in phases.values()):
+        ready = {
+            i["metadata"]["name"]: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in (i.get("status") or {}).get("conditions", [])
+            )
+            for i in items
+        }
+        if items and all(ready.values()):
             ips = {i["metadata"]["name"]: i["status"].get("ip") for i in items}
             say("Running: " + ", ".join(f"{n} ({ips[n]})" for n in phases))
             print(f"""
@@ -181,7 +198,7 @@ Next:
   kubectl get zm              # phase, node, mode, IP
   kubectl describe zm hello   # conditions and events
   cat .cache/agent/vms/*/console.log        # the serial console of the guests
-  ip netns exec {NETNS} ping <IP>            # the guests' bridge lives in netns {NETNS}
+  ip netns exec {NETNS} busybox ping <IP>    # the guests' bridge lives in netns {NETNS}
   make down                   # delete the examples and stop everything
 """)
             return 0

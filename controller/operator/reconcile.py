@@ -166,22 +166,25 @@ async def _place(
 
 def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     phase = _PHASE.get(machine.state, Phase.UNKNOWN)
-    message = machine.message or f"{phase.value} on node"
+    node = out.current.get("nodeName") or out.patch.status.get("nodeName")
+    message = machine.message or f"{phase.value} on node {node}"
     if machine.state == pb.MACHINE_STATE_FAILED and machine.log_tail:
         message = f"{message}; last log lines:\n{machine.log_tail[-1500:]}"
     running = machine.state == pb.MACHINE_STATE_RUNNING
     paused = machine.state == pb.MACHINE_STATE_PAUSED
+    # Running means the VMM runs; Ready waits for our init's hand-over in container mode.
+    # A VM-mode guest boots its own init, which has no marker to wait for.
+    booted = machine.boot_duration_seconds > 0 or machine.boot_mode != pb.BOOT_MODE_CONTAINER
     settled = (
         machine.generation == target.generation and machine.state != pb.MACHINE_STATE_PROVISIONING
     )
     reason = machine.reason or phase.value
-    out.condition(
-        cond.PROVISIONED,
-        machine.state not in (pb.MACHINE_STATE_PROVISIONING, pb.MACHINE_STATE_FAILED),
-        reason,
-        message,
-    )
-    out.condition(cond.READY, running, reason, message)
+    provisioned = machine.state not in (pb.MACHINE_STATE_PROVISIONING, pb.MACHINE_STATE_FAILED)
+    out.condition(cond.PROVISIONED, provisioned, reason, message)
+    if running and not booted:
+        out.condition(cond.READY, False, "Booting", "the VM runs; its guest has not spoken yet")
+    else:
+        out.condition(cond.READY, running, reason, message)
     out.condition(
         cond.PAUSED,
         paused,

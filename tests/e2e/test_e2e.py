@@ -104,7 +104,11 @@ def test_apply_reaches_running_with_ip_and_entrypoint_output(fleet: Fleet) -> No
     assert st["nodeName"] in fleet.agents
     assert st["ip"].startswith("10.233.")
     assert st["bootMode"] == "container"
-    assert condition(st, "Ready")["status"] == "True"
+    st = wait_for(
+        lambda: (s := status(fleet, "web")) and condition(s, "Ready")["status"] == "True" and s,
+        timeout=120,
+        what="Ready once the guest's init handed over to the entrypoint",
+    )
     assert condition(st, "Scheduled")["status"] == "True"
     machine: Any = fleet.agents[st["nodeName"]].call("get", uid_of(fleet, "web"))
     wait_for(
