@@ -90,7 +90,10 @@ async def start_virtiofsd(
         raise VirtiofsError(f"share {share.tag!r}: {share.shared_dir} is not a directory")
     share.socket.parent.mkdir(parents=True, exist_ok=True)
     share.socket.unlink(missing_ok=True)  # a stale socket would look ready at once
-    ref = spawn_detached(daemon.argv(share), log_path, marker=str(share.socket))
+    try:
+        ref = spawn_detached(daemon.argv(share), log_path, marker=str(share.socket))
+    except OSError as exc:
+        raise VirtiofsError(f"share {share.tag!r}: cannot run {daemon.path}: {exc}") from exc
     bound = log.bind(tag=share.tag, socket=str(share.socket), pid=ref.pid)
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:

@@ -202,3 +202,12 @@ def test_virtiofsd_refuses_a_missing_directory(tmp_path: Path) -> None:
     share = FsShare("data", tmp_path / "fs.sock", tmp_path / "missing")
     with pytest.raises(VirtiofsError, match=r"share 'data'.*is not a directory"):
         asyncio.run(start_virtiofsd(share, tmp_path / "log"))
+
+
+def test_missing_binaries_are_typed_errors(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, shares=[FsShare("vroot", tmp_path / "fs.sock", tmp_path)])
+    with pytest.raises(HypervisorError, match=r"cannot run /nonexistent/qemu"):
+        asyncio.run(Qemu(binary="/nonexistent/qemu", accel="tcg").start(cfg))
+    daemon = Virtiofsd(Path("/nonexistent/virtiofsd"), Flavor.RUST)
+    with pytest.raises(VirtiofsError, match=r"cannot run /nonexistent/virtiofsd"):
+        asyncio.run(start_virtiofsd(cfg.shares[0], tmp_path / "log", daemon=daemon))

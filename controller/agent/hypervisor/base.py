@@ -250,7 +250,10 @@ class Hypervisor(ABC):
         # A stale socket (or CH >= 53's lock file) from a previous run blocks the bind.
         cfg.api_socket.unlink(missing_ok=True)
         cfg.api_socket.with_name(cfg.api_socket.name + ".lock").unlink(missing_ok=True)
-        ref = spawn_detached(self.argv(cfg), cfg.vmm_log, marker=str(cfg.api_socket))
+        try:
+            ref = spawn_detached(self.argv(cfg), cfg.vmm_log, marker=str(cfg.api_socket))
+        except OSError as exc:
+            raise HypervisorError(f"vm {cfg.vm_id!r}: cannot run {self.binary}: {exc}") from exc
         cfg.pid_file.write_text(json.dumps(asdict(ref)))
         vm = self.attach(cfg, ref)
         vm.log.info("VMM started", hypervisor=self.name, accel=self.acceleration())
