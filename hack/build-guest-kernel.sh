@@ -35,8 +35,8 @@ die() { echo "[guest-kernel] error: $*" >&2; exit 1; }
 custom_init="" output=""
 while (($#)); do
   case $1 in
-    --init) custom_init=$(realpath "$2"); shift 2 ;;
-    --output) output=$(realpath -m "$2"); shift 2 ;;
+    --init) custom_init=$(realpath "${2:?--init needs a file}"); shift 2 ;;
+    --output) output=$(realpath -m "${2:?--output needs a path}"); shift 2 ;;
     -h|--help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
