@@ -189,9 +189,11 @@ class Provisioner:
         if not mount.is_mounted(p.rootfs):
             await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
 
-    def observe(self, rec: MachineRecord) -> None:
-        """Periodic bookkeeping of a live VM: boot duration and serial log rotation."""
+    def observe(self, rec: MachineRecord) -> bool:
+        """Periodic bookkeeping of a live VM: boot duration and serial log rotation.
+        True when the record changed (the boot finished just now)."""
         p = self.paths(rec)
+        booted = False
         if not rec.boot_duration and time.time() - rec.started_at < BOOT_WATCH_SECONDS:
             try:
                 data = p.console_log.read_bytes()
@@ -199,8 +201,10 @@ class Provisioner:
                 data = b""
             if BOOTED_MARKER in data:
                 rec.boot_duration = time.time() - rec.started_at
+                booted = True
         for path in (p.console_log, p.vmm_log):
             rotate(path, self.config.log_rotate_bytes)
+        return booted
 
     def guest_powered_off(self, rec: MachineRecord) -> bool:
         """The serial console's last line is the guest kernel powering off."""

@@ -58,9 +58,11 @@ class Supervisor:
     async def _watch(self, rec: MachineRecord) -> None:
         prov = self.machines.prov
         if rec.vmm is not None and rec.vmm.alive():
-            prov.observe(rec)
+            changed = prov.observe(rec)
             if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
                 rec.crash_streak = 0
+                changed = True
+            if changed:
                 self.machines.store.save(rec)
             return
         code = exit_code(rec.vmm) if rec.vmm is not None else None
@@ -68,9 +70,7 @@ class Supervisor:
         # on the serial console tell a power-off from a crash.
         clean = code == 0 or (code is None and prov.guest_powered_off(rec))
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        bind.info(
-            "vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value
-        )
+        bind.info("vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value)
         await prov.stop(rec)
         policy = rec.spec.restart_policy
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):

@@ -230,12 +230,14 @@ def test_stats_and_metrics_report_the_vm(agent: AgentProcess, agent_netns: str) 
 def test_agent_sigkill_then_restart_adopts_the_running_vm(
     agent: AgentProcess, spec: pb.ZmachineSpec
 ) -> None:
-    pid = machine(agent).pid
+    before = machine(agent)
+    pid = before.pid
     agent.kill()
     assert qemu_pids() == [pid], "the VM must outlive the agent"
     agent.start()
     m = machine(agent)
     assert m.pid == pid and m.state == pb.MACHINE_STATE_RUNNING
+    assert m.boot_duration_seconds == before.boot_duration_seconds > 0  # nothing lost
     # The restarted agent knows the deployed generation from its state file: no-op.
     resp = agent.call("deploy", REF, 3, spec)
     assert isinstance(resp, pb.DeployResponse) and not resp.changed
