@@ -41,13 +41,17 @@ class Unavailable(AgentError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ProvisionFailed(Unavailable):
-    """A Deploy step failed; everything the Deploy created has been cleaned up."""
+class ProvisionFailed(AgentError):
+    """A Deploy step failed; everything the Deploy created has been cleaned up.
 
-    def __init__(self, step: str, cause: BaseException, log_tail: str = "") -> None:
-        detail = f"{step} failed: {cause}"
+    Keeps the status code of a typed cause (a bad flist layout stays INVALID_ARGUMENT);
+    anything else is UNAVAILABLE: the node could not do it now.
+    """
+
+    def __init__(self, what: str, step: str, cause: BaseException, log_tail: str = "") -> None:
+        detail = f"{what}: {step} failed: {cause}"
         if log_tail:
             detail += f"\n--- VM log tail ---\n{log_tail}"
         super().__init__(detail)
+        self.code = cause.code if isinstance(cause, AgentError) else grpc.StatusCode.UNAVAILABLE
         self.step = step
-        self.log_tail = log_tail
