@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Sequence
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str]) -> AgentConfig:
     a = build_parser().parse_args(argv)
+    try:
+        ipaddress.IPv4Network(a.cidr)
+    except ValueError as exc:
+        raise InvalidSpec(f"--cidr {a.cidr!r} is not an IPv4 network: {exc}") from exc
     tls: ServerTLS | None = None
     if a.insecure_dev:
         host = a.listen.rsplit(":", 1)[0].strip("[]")

@@ -54,4 +54,3 @@ class ProvisionFailed(AgentError):
             detail += f"\n--- VM log tail ---\n{log_tail}"
         super().__init__(detail)
         self.code = cause.code if isinstance(cause, AgentError) else grpc.StatusCode.UNAVAILABLE
-        self.step = step
