@@ -29,8 +29,12 @@ lock: ## re-resolve Python dependencies into constraints.txt
 kube-assets: ## build kube-apiserver, etcd and kubectl (cached)
 	@bash hack/build-kube-assets.sh >/dev/null
 
+helm: ## build helm from its Go module (cached)
+	@bash hack/build-helm.sh >/dev/null
+
 generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
 	@$(BIN)/python -m controller.api.crdgen --out crds
+	@bash hack/sync-chart-crds.sh
 	@bash hack/gen-proto.sh
 
 lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
@@ -39,7 +43,7 @@ lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
 	$(BIN)/mypy
 	$(BIN)/python -m controller.api.crdgen --out crds --check
 
-test: $(STAMP) kube-assets lint ## the whole test suite (what CI runs)
+test: $(STAMP) kube-assets helm lint ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
@@ -57,4 +61,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm generate lint test bench run down clean

@@ -32,12 +32,14 @@ class AgentPool:
     """Clients by agent address; `tls_dir` holds ca.crt, client.crt, client.key."""
 
     tls_dir: Path | None
+    # The name agent certificates carry; without it each is checked against its address.
+    server_name: str | None = None
     timeout: float = 60.0
     _clients: dict[str, AgentClient] = field(default_factory=dict)
 
     def client(self, address: str) -> Agent:
         if address not in self._clients:
-            tls = ClientTLS.from_dir(self.tls_dir) if self.tls_dir else None
+            tls = ClientTLS.from_dir(self.tls_dir, self.server_name) if self.tls_dir else None
             self._clients[address] = AgentClient(address, tls, timeout=self.timeout)
         return Agent(address, self._clients[address])
 

@@ -6,12 +6,15 @@ stops its own process (SIGTERM, so kopf shuts down cleanly) if it ever loses the
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import structlog
 from kubernetes import client
@@ -27,6 +30,29 @@ def _now() -> str:
     return utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class _StandbyHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+        self.wfile.write(b"standby\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes every few seconds are not worth a log line."""
+
+
+@contextlib.contextmanager
+def standby_health(port: int) -> Iterator[None]:
+    """Serve /healthz on `port` until kopf takes the port over for the leader."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), _StandbyHandler)
+    thread = threading.Thread(target=server.serve_forever, name="standby-health", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class LeaderElector:
     def __init__(self, api: client.ApiClient, namespace: str, duration: int = 15) -> None:
         self.coordination = client.CoordinationV1Api(api)
@@ -34,6 +60,7 @@ class LeaderElector:
         self.duration = duration
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.log = log.bind(identity=self.identity, lease=f"{namespace}/{LEASE_NAME}")
+        self._stopping = threading.Event()
 
     def try_acquire(self) -> bool:
         spec = {
@@ -70,6 +97,22 @@ class LeaderElector:
             raise
         return True
 
+    def release(self) -> None:
+        """Hand the Lease back on a clean stop so that a standby need not wait it out."""
+        self._stopping.set()
+        try:
+            lease = self.coordination.read_namespaced_lease(LEASE_NAME, self.namespace)
+            if lease.spec and lease.spec.holder_identity == self.identity:
+                version = lease.metadata.resource_version if lease.metadata else None
+                patch = {
+                    "metadata": {"resourceVersion": version},
+                    "spec": {"holderIdentity": None, "renewTime": None},
+                }
+                self.coordination.patch_namespaced_lease(LEASE_NAME, self.namespace, patch)
+                self.log.info("released leadership")
+        except (ApiException, OSError) as exc:
+            self.log.warning("could not release the lease; it expires by itself", error=str(exc))
+
     def acquire(self, retry: float = 2.0) -> None:
         announced = False
         while not self.try_acquire():
@@ -87,8 +130,7 @@ class LeaderElector:
     def _renew_loop(self) -> None:
         interval = self.duration / 3
         last_ok = time.monotonic()
-        while True:
-            time.sleep(interval)
+        while not self._stopping.wait(interval):
             try:
                 if self.try_acquire():
                     last_ok = time.monotonic()

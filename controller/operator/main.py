@@ -19,7 +19,7 @@ from controller.logs import configure_logging
 from controller.operator import handlers, metrics
 from controller.operator.agents import AgentPool
 from controller.operator.inventory import Inventory, Placement, request_of
-from controller.operator.leader import LeaderElector
+from controller.operator.leader import LeaderElector, standby_health
 from controller.operator.reconcile import Runtime
 
 
@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         help="plaintext gRPC to agents: development on loopback only",
     )
     parser.add_argument(
+        "--agent-tls-server-name",
+        default=None,
+        help="name in the agents' server certificates (default: each agent's address)",
+    )
+    parser.add_argument(
         "--delete-timeout",
         type=float,
         default=300.0,
@@ -104,14 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     # kopf reports every handler run at INFO; our own lines already say what happened.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     api = api_client(args.kubeconfig)
+    elector = None
     if not args.no_leader_election:
         elector = LeaderElector(api, args.lease_namespace)
-        elector.acquire()
+        # A standby is alive, only not leading: answer liveness probes while it waits.
+        with standby_health(args.health_port):
+            elector.acquire()
         elector.keep()
     metrics.serve(args.metrics_port)
     runtime = Runtime(
         inventory=Inventory(),
-        agents=AgentPool(None if args.agent_insecure_dev else args.agent_tls_dir),
+        agents=AgentPool(
+            None if args.agent_insecure_dev else args.agent_tls_dir, args.agent_tls_server_name
+        ),
         read_secret=_secret_reader(client.CoreV1Api(api)),
         list_placements=_placement_lister(client.CustomObjectsApi(api)),
         delete_timeout=args.delete_timeout,
@@ -124,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
         memo=kopf.Memo(runtime=runtime, coordination=client.CoordinationV1Api(api)),
     )
+    if elector is not None:
+        elector.release()
     return 0
 
 

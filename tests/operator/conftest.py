@@ -26,50 +26,55 @@ class RunningController:
     health_port: int
     log: Path
 
+    def healthz(self) -> str | None:
+        """The liveness body, or None when nothing answers."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"controller exited: {self.log.read_text()[-3000:]}")
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                body: bytes = response.read()
+                return body.decode()
+        except OSError:
+            return None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_controller(cluster: ControlPlane, log: Path, *extra: str) -> RunningController:
+    metrics_port, health_port = free_port(), free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    argv = [
+        sys.executable,
+        "-m",
+        "controller.operator.main",
+        "--agent-insecure-dev",
+        "--metrics-port",
+        str(metrics_port),
+        "--health-port",
+        str(health_port),
+        *extra,
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return RunningController(proc, metrics_port, health_port, log)
+
 
 @pytest.fixture(scope="module")
 def controller(
     cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningController]:
-    log = tmp_path_factory.mktemp("controller") / "controller.log"
-    metrics_port, health_port = free_port(), free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controller.operator.main",
-                "--agent-insecure-dev",
-                "--metrics-port",
-                str(metrics_port),
-                "--health-port",
-                str(health_port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    running = RunningController(proc, metrics_port, health_port, log)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"controller exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2):
-                return True
-        except OSError:
-            return False
-
+    running = start_controller(cluster, tmp_path_factory.mktemp("controller") / "controller.log")
     try:
-        wait_for(healthy, timeout=60, what="the controller's liveness endpoint")
+        wait_for(running.healthz, timeout=60, what="the controller's liveness endpoint")
         yield running
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        running.stop()
 
 
 def wait_for(
