@@ -1,0 +1,84 @@
+"""What the agent adds around a guest boot: Deploy, no-op Deploy, adoption after an agent
+SIGKILL, and Delete, measured through its real gRPC API (mTLS, QEMU under TCG).
+
+Run as root: ``.venv/bin/python -m tests.bench.agent_lifecycle --runs 3``. Prints the medians
+as a Markdown table for docs/benchmarks.md ("Agent").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.tls import write_dev_pki
+from controller.flist.pack import pack
+from tests.agent.agent_harness import AgentProcess
+from tests.agent.conftest import agent_process, guest_busybox_root
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = "/bin/sh -c 'echo bench-entry; while :; do sleep 3600; done'"
+
+
+def timed(fn: Callable[..., object], *args: object) -> float:
+    start = time.monotonic()
+    fn(*args)
+    return time.monotonic() - start
+
+
+def one_run(agent: AgentProcess, flist: Path, i: int) -> dict[str, float]:
+    uid = f"bench-{i}"
+    ref = pb.ZmachineRef(namespace="bench", name=uid, uid=uid)
+    spec = pb.ZmachineSpec(flist=f"file://{flist}", cpu=1, memory_bytes=256 << 20, entrypoint=ENTRY)
+    start = time.monotonic()
+    machine = agent.call("deploy", ref, 1, spec)
+    assert isinstance(machine, pb.DeployResponse)
+    out = {"Deploy RPC (flist mount, overlay, seed, virtiofsd, VMM up)": time.monotonic() - start}
+    out["identical Deploy (no-op)"] = timed(agent.call, "deploy", ref, 1, spec)
+    console = Path(machine.machine.console_log)
+    while "bench-entry" not in (console.read_text(errors="replace") if console.exists() else ""):
+        time.sleep(0.05)
+    out["Deploy call to entrypoint output (TCG boot)"] = time.monotonic() - start
+    agent.kill()
+    out["agent restart to serving, VM adopted"] = timed(agent.start)
+    got = agent.call("get", uid)
+    assert isinstance(got, pb.Machine) and got.pid == machine.machine.pid
+    out["Delete (power button ignored: 2 s grace, quit, cleanup)"] = timed(
+        agent.call, "delete", uid
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    guest = Path(
+        subprocess.run(
+            ["bash", str(REPO / "hack/build-guest-kernel.sh")],
+            check=True, capture_output=True, text=True,
+        ).stdout.split()[-1]
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="zm-bench-agent-") as tmp:
+        base = Path(tmp)
+        write_dev_pki(base / "pki")
+        flist = base / "busybox.fl"
+        pack(guest_busybox_root(base / "root"), flist, [f"dir://{base / 'store'}"])
+        agent = agent_process(base / "state", base / "pki", None, guest, base)
+        with agent.running():
+            runs = [one_run(agent, flist, i) for i in range(args.runs)]
+    for i, r in enumerate(runs, 1):
+        print(f"run {i}: " + ", ".join(f"{v:.3f}s" for v in r.values()))
+    print("\n| what | median |\n|---|---|")
+    for key in runs[0]:
+        value = statistics.median(r[key] for r in runs)
+        print(f"| {key} | {value * 1000:.0f} ms |" if value < 1 else f"| {key} | {value:.2f} s |")
+
+
+if __name__ == "__main__":
+    main()
