@@ -61,12 +61,14 @@ class Agent:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             metrics.AGENT_CALL_ERRORS.labels(method=method, code=code.name).inc()
-            detail = f"agent {self.address} {method}: {exc.details() or code.name}"
+            detail = f"{exc.details() or code.name} ({code.name})"
             if code == grpc.StatusCode.NOT_FOUND:
-                raise MachineNotFound(detail) from exc
+                raise MachineNotFound(f"agent at {self.address}: {detail}") from exc
             if code in _REJECTED:
-                raise AgentRejected(detail) from exc
-            raise AgentUnavailable(detail) from exc
+                raise AgentRejected(f"agent at {self.address} refused {method}: {detail}") from exc
+            raise AgentUnavailable(
+                f"agent at {self.address} did not answer {method}: {detail}"
+            ) from exc
         finally:
             metrics.AGENT_CALL_SECONDS.labels(method=method).observe(time.monotonic() - started)
 

@@ -132,8 +132,8 @@ async def converge(
             out.phase_to(Phase.FAILED, exc.reason, str(exc))
             return
         except ControllerError as exc:
-            logger.warning("agent call failed", error=str(exc))
-            out.set("message", str(exc))
+            logger.warning("agent call failed", node=node_name, error=str(exc))
+            out.set("message", f"node {node_name}: {exc}")
             return
         _report(out, target, machine)
         if machine.state in (pb.MACHINE_STATE_RUNNING, pb.MACHINE_STATE_PAUSED):

@@ -1,0 +1,86 @@
+"""A node that is registered and heartbeating but whose agent does not answer.
+
+No agent listens at the node's address (a closed loopback port), so every call fails the way
+a cut network does; the node's Lease is kept fresh by the test.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from hack.controlplane import ControlPlane, free_port
+from tests.api.test_admission import valid_manifest
+from tests.operator.conftest import RunningController, wait_for
+
+
+def register_ghost_node(cluster: ControlPlane, name: str) -> None:
+    node = {
+        "apiVersion": "zos.threefold.io/v1alpha1",
+        "kind": "ZmachineNode",
+        "metadata": {"name": name},
+        "spec": {"address": f"127.0.0.1:{free_port()}", "leaseNamespace": "zmachine-system"},
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(node))
+    status = {"status": {
+        "allocatable": {"cpu": 8, "memory": "16Gi"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }}  # fmt: skip
+    cluster.kubectl("patch", "zmn", name, "--subresource=status", "--type=merge",
+                    "-p", json.dumps(status))  # fmt: skip
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": f"zmachine-node-{name}", "namespace": "zmachine-system"},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 3600,
+                 "renewTime": "2099-01-01T00:00:00.000000Z"},
+    }  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(lease))
+
+
+def zm(cluster: ControlPlane, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", "zm", name, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def test_unreachable_agent_is_reported_and_force_delete_releases(
+    cluster: ControlPlane, controller: RunningController
+) -> None:
+    register_ghost_node(cluster, "ghost")
+    manifest = valid_manifest("stranded")
+    manifest["spec"]["nodeName"] = "ghost"
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    obj = wait_for(
+        lambda: (
+            (o := zm(cluster, "stranded"))
+            and "ghost" in str((o.get("status") or {}).get("message"))
+            and "UNAVAILABLE" in str(o["status"]["message"])
+            and o
+        ),
+        what="the failed agent call in status.message",
+    )
+    assert obj["status"]["nodeName"] == "ghost"
+    assert obj["status"]["phase"] == "Scheduled"
+
+    cluster.kubectl("delete", "zm", "stranded", "--wait=false")
+    held = wait_for(
+        lambda: (
+            (o := zm(cluster, "stranded"))
+            and "waiting for node ghost to confirm deletion" in str(o["status"].get("message"))
+            and o
+        ),
+        what="the finalizer to hold the object",
+    )
+    assert held["status"]["phase"] == "Terminating"
+    assert "zos.threefold.io/force-delete=true" in held["status"]["message"]
+
+    cluster.kubectl("annotate", "zm", "stranded", "zos.threefold.io/force-delete=true")
+    wait_for(lambda: zm(cluster, "stranded") is None, what="the forced release")
+    events = cluster.kubectl(
+        "get", "events", "--field-selector", "involvedObject.name=stranded", "-o", "json"
+    ).stdout
+    assert "ForceDeleted" in events
