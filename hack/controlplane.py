@@ -7,6 +7,7 @@ builds them once from their Go modules into a cache.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -163,6 +165,14 @@ class ControlPlane:
             check=check,
             input=input,
         )
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """The object as JSON, or None when it does not exist."""
+        result = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        if result.returncode != 0:
+            return None
+        obj: dict[str, Any] = json.loads(result.stdout)
+        return obj
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = (self.workdir / f"{name}.log").open("ab")

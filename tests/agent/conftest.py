@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ import pytest
 
 from controller.agent.tls import write_dev_pki
 from tests.agent.agent_harness import ROOT, AgentProcess
+from tests.netns import bridged_netns
 
 AGENT_GREETING_VAR = "ZM_GREETING"
 # The entrypoint prints the env var given in the spec, then idles as the guest's PID 1.
@@ -61,19 +61,8 @@ def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def agent_netns() -> Iterator[str]:
     """A network namespace with bridge zmbr0 (10.231.0.1/24): taps and guests live there."""
-    name = f"zmagent{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["link", "add", "zmbr0", "type", "bridge"],
-            ["addr", "add", "10.231.0.1/24", "dev", "zmbr0"],
-            ["link", "set", "zmbr0", "up"],
-            ["link", "set", "lo", "up"],
-        ):
-            subprocess.run(["ip", "-n", name, *cmd], check=True)
+    with bridged_netns("zmagent", "zmbr0", "10.231.0.1/24") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture
@@ -118,16 +107,6 @@ def guest_busybox_root(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def guest_netns() -> Iterator[tuple[str, str, str]]:
     """(netns, bridge, bridge IP/24): a namespace of the test's own for taps and guests."""
-    name, bridge, cidr = f"zmguest{os.getpid() % 100000}", "zmgbr0", "10.232.0.1/24"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["link", "add", bridge, "type", "bridge"],
-            ["addr", "add", cidr, "dev", bridge],
-            ["link", "set", bridge, "up"],
-            ["link", "set", "lo", "up"],
-        ):
-            subprocess.run(["ip", "-n", name, *cmd], check=True)
+    bridge, cidr = "zmgbr0", "10.232.0.1/24"
+    with bridged_netns("zmguest", bridge, cidr) as name:
         yield name, bridge, cidr
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -14,6 +14,7 @@ import pytest
 from hack.controlplane import ControlPlane, free_port
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
+from tests.netns import bridged_netns
 
 __all__ = ["agent_busybox_flist", "agent_guest_dir", "agent_pki"]
 
@@ -23,19 +24,8 @@ NODES = {"node-a": "10.233.1.0/24", "node-b": "10.233.2.0/24"}
 @pytest.fixture(scope="module")
 def e2e_netns() -> Iterator[str]:
     """One namespace with one bridge; each node hands out addresses from its own /24."""
-    name = f"zme2e{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["link", "add", "zmbr0", "type", "bridge"],
-            ["addr", "add", "10.233.0.1/16", "dev", "zmbr0"],
-            ["link", "set", "zmbr0", "up"],
-            ["link", "set", "lo", "up"],
-        ):
-            subprocess.run(["ip", "-n", name, *cmd], check=True)
+    with bridged_netns("zme2e", "zmbr0", "10.233.0.1/16") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @dataclass

@@ -39,13 +39,8 @@ def manifest(fleet: Fleet, name: str, **spec: Any) -> str:
     })  # fmt: skip
 
 
-def get(fleet: Fleet, name: str) -> dict[str, Any] | None:
-    result = fleet.cluster.kubectl("get", "zm", name, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
 def status(fleet: Fleet, name: str) -> dict[str, Any]:
-    obj = get(fleet, name)
+    obj = fleet.cluster.get("zm", name)
     return (obj or {}).get("status") or {}
 
 
@@ -70,7 +65,7 @@ def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def uid_of(fleet: Fleet, name: str) -> str:
-    obj = get(fleet, name)
+    obj = fleet.cluster.get("zm", name)
     assert obj is not None
     return str(obj["metadata"]["uid"])
 
@@ -157,7 +152,7 @@ def test_memory_change_restarts_with_the_new_size(fleet: Fleet) -> None:
     )  # fmt: skip
 
     def resized() -> bool:
-        obj = get(fleet, "web") or {}
+        obj = fleet.cluster.get("zm", "web") or {}
         st = obj.get("status") or {}
         return (
             st.get("observedGeneration") == obj["metadata"]["generation"]
@@ -193,7 +188,7 @@ def test_delete_leaves_nothing_on_the_node(fleet: Fleet) -> None:
         uid = uid_of(fleet, name)
         agent = fleet.agents[st["nodeName"]]
         fleet.cluster.kubectl("delete", "zm", name, "--wait=true", "--timeout=120s")
-        assert get(fleet, name) is None
+        assert fleet.cluster.get("zm", name) is None
         assert vm_pids(uid) == []
         mounts = Path("/proc/mounts").read_text()
         assert uid not in mounts

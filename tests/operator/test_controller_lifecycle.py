@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from typing import Any
 
 import yaml
 
 from hack.controlplane import ControlPlane
 from tests.api.test_admission import valid_manifest
 from tests.operator.conftest import RunningController, wait_for
-
-
-def get(cluster: ControlPlane, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", "zm", name, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
 
 
 def test_finalizer_status_events_and_release(
@@ -25,7 +19,7 @@ def test_finalizer_status_events_and_release(
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
     obj = wait_for(
-        lambda: (o := get(cluster, "lifecycle")) and o.get("status", {}).get("phase") and o,
+        lambda: (o := cluster.get("zm", "lifecycle")) and o.get("status", {}).get("phase") and o,
         what="a status phase",
     )
     assert "zos.threefold.io/finalizer" in obj["metadata"]["finalizers"]
@@ -50,13 +44,14 @@ def test_finalizer_status_events_and_release(
     assert "Pending" in printed
 
     cluster.kubectl("delete", "zm", "lifecycle", "--wait=true", "--timeout=60s")
-    assert get(cluster, "lifecycle") is None
+    assert cluster.get("zm", "lifecycle") is None
 
 
 def test_metrics_and_liveness(cluster: ControlPlane, controller: RunningController) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(valid_manifest("metered")))
     wait_for(
-        lambda: (o := get(cluster, "metered")) and o.get("status", {}).get("phase"), what="a phase"
+        lambda: (o := cluster.get("zm", "metered")) and o.get("status", {}).get("phase"),
+        what="a phase",
     )
 
     def scrape() -> str:

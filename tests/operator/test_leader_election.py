@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,10 +13,8 @@ from tests.operator.conftest import start_controller, wait_for
 
 
 def phase_of(cluster: ControlPlane, name: str) -> str | None:
-    result = cluster.kubectl("get", "zm", name, "-o", "json", check=False)
-    if result.returncode != 0:
-        return None
-    phase = (json.loads(result.stdout).get("status") or {}).get("phase")
+    obj = cluster.get("zm", name) or {}
+    phase = (obj.get("status") or {}).get("phase")
     return None if phase is None else str(phase)
 
 

@@ -7,7 +7,6 @@ a cut network does; the node's Lease is kept fresh by the test.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import yaml
 
@@ -41,11 +40,6 @@ def register_ghost_node(cluster: ControlPlane, name: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(lease))
 
 
-def zm(cluster: ControlPlane, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", "zm", name, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
 def test_unreachable_agent_is_reported_and_force_delete_releases(
     cluster: ControlPlane, controller: RunningController
 ) -> None:
@@ -56,7 +50,7 @@ def test_unreachable_agent_is_reported_and_force_delete_releases(
 
     obj = wait_for(
         lambda: (
-            (o := zm(cluster, "stranded"))
+            (o := cluster.get("zm", "stranded"))
             and "ghost" in str((o.get("status") or {}).get("message"))
             and "UNAVAILABLE" in str(o["status"]["message"])
             and o
@@ -69,7 +63,7 @@ def test_unreachable_agent_is_reported_and_force_delete_releases(
     cluster.kubectl("delete", "zm", "stranded", "--wait=false")
     held = wait_for(
         lambda: (
-            (o := zm(cluster, "stranded"))
+            (o := cluster.get("zm", "stranded"))
             and "waiting for node ghost to confirm deletion" in str(o["status"].get("message"))
             and o
         ),
@@ -79,7 +73,7 @@ def test_unreachable_agent_is_reported_and_force_delete_releases(
     assert "zos.threefold.io/force-delete=true" in held["status"]["message"]
 
     cluster.kubectl("annotate", "zm", "stranded", "zos.threefold.io/force-delete=true")
-    wait_for(lambda: zm(cluster, "stranded") is None, what="the forced release")
+    wait_for(lambda: cluster.get("zm", "stranded") is None, what="the forced release")
     events = cluster.kubectl(
         "get", "events", "--field-selector", "involvedObject.name=stranded", "-o", "json"
     ).stdout
