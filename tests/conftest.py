@@ -24,3 +24,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="module")
+def ns(cluster: ControlPlane, request: pytest.FixtureRequest) -> str:
+    """A namespace of the test module's own, so that no other area's controller sees its
+    objects and its controllers (started with --namespace) see no one else's."""
+    name: str = "t-" + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace(
+        "_", "-"
+    )
+    cluster.kubectl("create", "namespace", name, check=False)
+    return name

@@ -16,13 +16,13 @@ from hack.controlplane import ControlPlane
 Manifest = dict[str, Any]
 
 
-def valid_manifest(name: str | None = None) -> Manifest:
+def valid_manifest(name: str | None = None, namespace: str = "default") -> Manifest:
     return {
         "apiVersion": "zos.threefold.io/v1alpha1",
         "kind": "Zmachine",
-        "metadata": {"name": name or f"zm-{uuid.uuid4().hex[:8]}", "namespace": "default"},
+        "metadata": {"name": name or f"zm-{uuid.uuid4().hex[:8]}", "namespace": namespace},
         "spec": {
-            "flist": "https://hub.example/acme/ubuntu-24.04.fl",
+            "flist": "file:///srv/flists/ubuntu-24.04.fl",
             "computeCapacity": {"cpu": 2, "memory": "1Gi"},
         },
     }
@@ -33,23 +33,23 @@ def apply(cluster: ControlPlane, manifest: Manifest) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def test_minimal_manifest_is_accepted_and_defaulted(cluster: ControlPlane) -> None:
-    manifest = valid_manifest()
+def test_minimal_manifest_is_accepted_and_defaulted(cluster: ControlPlane, ns: str) -> None:
+    manifest = valid_manifest(namespace=ns)
     code, out = apply(cluster, manifest)
     assert code == 0, out
     got = json.loads(
-        cluster.kubectl("get", "zm", manifest["metadata"]["name"], "-o", "json").stdout
+        cluster.kubectl("get", "zm", "-n", ns, manifest["metadata"]["name"], "-o", "json").stdout
     )
     assert got["spec"]["restartPolicy"] == "Always"
     assert got["spec"]["paused"] is False
     assert got["spec"]["corex"] is False
 
 
-def test_full_manifest_is_accepted(cluster: ControlPlane) -> None:
-    manifest = valid_manifest()
+def test_full_manifest_is_accepted(cluster: ControlPlane, ns: str) -> None:
+    manifest = valid_manifest(namespace=ns)
     manifest["spec"].update(
         {
-            "flist": "file:///srv/flists/alpine.flist",
+            "flist": "https://hub.example/acme/alpine.flist",
             "computeCapacity": {"cpu": 4, "memory": 4294967296},
             "size": "10Gi",
             "entrypoint": "/sbin/zinit init",
@@ -191,9 +191,11 @@ REJECTIONS: dict[str, tuple[Callable[[Manifest], object], list[str]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-def test_bad_manifest_is_rejected_with_a_readable_message(cluster: ControlPlane, case: str) -> None:
+def test_bad_manifest_is_rejected_with_a_readable_message(
+    cluster: ControlPlane, ns: str, case: str
+) -> None:
     mutate, expected = REJECTIONS[case]
-    manifest = copy.deepcopy(valid_manifest())
+    manifest = copy.deepcopy(valid_manifest(namespace=ns))
     mutate(manifest)
     code, out = apply(cluster, manifest)
     assert code != 0, f"{case}: accepted but should be rejected"
@@ -202,23 +204,23 @@ def test_bad_manifest_is_rejected_with_a_readable_message(cluster: ControlPlane,
     assert "Traceback" not in out
 
 
-def test_nothing_is_stored_when_rejected(cluster: ControlPlane) -> None:
-    manifest = valid_manifest()
+def test_nothing_is_stored_when_rejected(cluster: ControlPlane, ns: str) -> None:
+    manifest = valid_manifest(namespace=ns)
     manifest["spec"]["computeCapacity"]["cpu"] = 0
     apply(cluster, manifest)
-    got = cluster.kubectl("get", "zm", manifest["metadata"]["name"], check=False)
+    got = cluster.kubectl("get", "zm", "-n", ns, manifest["metadata"]["name"], check=False)
     assert got.returncode != 0 and "NotFound" in got.stderr
 
 
-def test_explain_describes_fields(cluster: ControlPlane) -> None:
+def test_explain_describes_fields(cluster: ControlPlane, ns: str) -> None:
     out = cluster.kubectl("explain", "zmachine.spec.computeCapacity.memory").stdout
     assert "at least 250Mi" in out
     out = cluster.kubectl("explain", "zm.spec.restartPolicy").stdout
     assert "Always, OnFailure or Never" in out
 
 
-def test_short_name_and_printer_columns(cluster: ControlPlane) -> None:
-    manifest = valid_manifest()
+def test_short_name_and_printer_columns(cluster: ControlPlane, ns: str) -> None:
+    manifest = valid_manifest(namespace=ns)
     assert apply(cluster, manifest)[0] == 0
-    header = cluster.kubectl("get", "zm").stdout.splitlines()[0].split()
+    header = cluster.kubectl("get", "zm", "-n", ns).stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "NODE", "MODE", "IP", "AGE"]

@@ -206,9 +206,12 @@ def test_controller_runs_under_its_service_account(
     with process(argv, env, log) as proc:
         url = f"http://127.0.0.1:{health}/healthz"
         wait_for("/healthz", lambda: _http_text(url) is not None, proc, log)
+        # /healthz answers already while standing by; /metrics only once leading.
+        metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        wait_for("/metrics", lambda: _http_text(metrics_url) is not None, proc, log)
         lease = installed(cluster, "lease", LEADER_LEASE, NS)
         assert lease["spec"]["holderIdentity"]
-        exposition = _http_text(f"http://127.0.0.1:{metrics}/metrics") or ""
+        exposition = _http_text(metrics_url) or ""
         assert "# TYPE zmachine_reconciles_total counter" in exposition
     assert _forbidden(log) == []
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,14 @@ class Fleet:
     controller: subprocess.Popen[bytes]
     controller_log: Path
     flist: Path
+    ns: str
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        """kubectl in the fleet's namespace, failing the test on error."""
+        return self.cluster.kubectl("-n", self.ns, *args, input=input).stdout
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.cluster.get("zm", name, self.ns)
 
 
 def node_agent(
@@ -59,6 +68,7 @@ def node_agent(
 @pytest.fixture(scope="module")
 def fleet(
     cluster: ControlPlane,
+    ns: str,
     tmp_path_factory: pytest.TempPathFactory,
     agent_pki: Path,
     agent_guest_dir: Path,
@@ -77,14 +87,15 @@ def fleet(
         controller = subprocess.Popen(
             [sys.executable, "-m", "controller.operator.main",
              "--agent-tls-dir", str(agent_pki), "--metrics-port", str(free_port()),
-             "--health-port", str(free_port()), "--delete-timeout", "60"],
+             "--health-port", str(free_port()), "--delete-timeout", "60",
+             "--namespace", ns, "--lease-namespace", ns],
             env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         for agent in agents.values():
             agent.start()
-        yield Fleet(cluster, agents, controller, log, agent_busybox_flist)
+        yield Fleet(cluster, agents, controller, log, agent_busybox_flist, ns)
     finally:
         controller.terminate()
         controller.wait(30)

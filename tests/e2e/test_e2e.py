@@ -35,12 +35,12 @@ def manifest(fleet: Fleet, name: str, **spec: Any) -> str:
     body.update(spec)
     return yaml.safe_dump({
         "apiVersion": "zos.threefold.io/v1alpha1", "kind": "Zmachine",
-        "metadata": {"name": name, "namespace": "default"}, "spec": body,
+        "metadata": {"name": name, "namespace": fleet.ns}, "spec": body,
     })  # fmt: skip
 
 
 def status(fleet: Fleet, name: str) -> dict[str, Any]:
-    obj = fleet.cluster.get("zm", name)
+    obj = fleet.get(name)
     return (obj or {}).get("status") or {}
 
 
@@ -65,7 +65,7 @@ def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def uid_of(fleet: Fleet, name: str) -> str:
-    obj = fleet.cluster.get("zm", name)
+    obj = fleet.get(name)
     assert obj is not None
     return str(obj["metadata"]["uid"])
 
@@ -94,7 +94,7 @@ def test_nodes_register_with_capacity(fleet: Fleet) -> None:
 
 
 def test_apply_reaches_running_with_ip_and_entrypoint_output(fleet: Fleet) -> None:
-    fleet.cluster.kubectl("apply", "-f", "-", input=manifest(fleet, "web"))
+    fleet.kubectl("apply", "-f", "-", input=manifest(fleet, "web"))
     st = wait_phase(fleet, "web", "Running")
     assert st["nodeName"] in fleet.agents
     assert st["ip"].startswith("10.233.")
@@ -116,43 +116,41 @@ def test_apply_reaches_running_with_ip_and_entrypoint_output(fleet: Fleet) -> No
 def test_pinned_zmachine_runs_on_the_other_node(fleet: Fleet) -> None:
     first = status(fleet, "web")["nodeName"]
     other = next(n for n in fleet.agents if n != first)
-    fleet.cluster.kubectl("apply", "-f", "-", input=manifest(fleet, "pinned", nodeName=other))
+    fleet.kubectl("apply", "-f", "-", input=manifest(fleet, "pinned", nodeName=other))
     st = wait_phase(fleet, "pinned", "Running")
     assert st["nodeName"] == other
 
 
 def test_zmachine_that_fits_nowhere_stays_pending_with_the_reason(fleet: Fleet) -> None:
-    fleet.cluster.kubectl(
-        "apply", "-f", "-",
+    fleet.kubectl("apply", "-f", "-",
         input=manifest(fleet, "huge", computeCapacity={"cpu": 64, "memory": "256Mi"}),
     )  # fmt: skip
     st = wait_phase(fleet, "huge", "Pending", timeout=60)
     scheduled = condition(st, "Scheduled")
     assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
     assert "insufficient cpu" in scheduled["message"]
-    described = fleet.cluster.kubectl("describe", "zm", "huge").stdout
+    described = fleet.kubectl("describe", "zm", "huge")
     assert "Unschedulable" in described
-    fleet.cluster.kubectl("delete", "zm", "huge", "--wait=true", "--timeout=60s")
+    fleet.kubectl("delete", "zm", "huge", "--wait=true", "--timeout=60s")
 
 
 def test_pause_and_resume(fleet: Fleet) -> None:
-    fleet.cluster.kubectl("patch", "zm", "web", "--type=merge", "-p", '{"spec":{"paused":true}}')
+    fleet.kubectl("patch", "zm", "web", "--type=merge", "-p", '{"spec":{"paused":true}}')
     st = wait_phase(fleet, "web", "Paused", timeout=60)
     assert condition(st, "Paused")["status"] == "True"
-    fleet.cluster.kubectl("patch", "zm", "web", "--type=merge", "-p", '{"spec":{"paused":false}}')
+    fleet.kubectl("patch", "zm", "web", "--type=merge", "-p", '{"spec":{"paused":false}}')
     wait_phase(fleet, "web", "Running", timeout=60)
 
 
 def test_memory_change_restarts_with_the_new_size(fleet: Fleet) -> None:
     uid = uid_of(fleet, "web")
     before = vm_pids(uid)
-    fleet.cluster.kubectl(
-        "patch", "zm", "web", "--type=merge",
+    fleet.kubectl("patch", "zm", "web", "--type=merge",
         "-p", '{"spec":{"computeCapacity":{"cpu":1,"memory":"384Mi"}}}',
     )  # fmt: skip
 
     def resized() -> bool:
-        obj = fleet.cluster.get("zm", "web") or {}
+        obj = fleet.get("web") or {}
         st = obj.get("status") or {}
         return (
             st.get("observedGeneration") == obj["metadata"]["generation"]
@@ -187,8 +185,8 @@ def test_delete_leaves_nothing_on_the_node(fleet: Fleet) -> None:
         st = status(fleet, name)
         uid = uid_of(fleet, name)
         agent = fleet.agents[st["nodeName"]]
-        fleet.cluster.kubectl("delete", "zm", name, "--wait=true", "--timeout=120s")
-        assert fleet.cluster.get("zm", name) is None
+        fleet.kubectl("delete", "zm", name, "--wait=true", "--timeout=120s")
+        assert fleet.get(name) is None
         assert vm_pids(uid) == []
         mounts = Path("/proc/mounts").read_text()
         assert uid not in mounts

@@ -46,7 +46,8 @@ class RunningController:
             self.process.kill()
 
 
-def start_controller(cluster: ControlPlane, log: Path, *extra: str) -> RunningController:
+def start_controller(cluster: ControlPlane, ns: str, log: Path, *extra: str) -> RunningController:
+    """A controller that watches only `ns` and elects its leader there."""
     metrics_port, health_port = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     argv = [
@@ -58,6 +59,10 @@ def start_controller(cluster: ControlPlane, log: Path, *extra: str) -> RunningCo
         str(metrics_port),
         "--health-port",
         str(health_port),
+        "--namespace",
+        ns,
+        "--lease-namespace",
+        ns,
         *extra,
     ]
     with log.open("wb") as out:
@@ -67,9 +72,10 @@ def start_controller(cluster: ControlPlane, log: Path, *extra: str) -> RunningCo
 
 @pytest.fixture(scope="module")
 def controller(
-    cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+    cluster: ControlPlane, ns: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningController]:
-    running = start_controller(cluster, tmp_path_factory.mktemp("controller") / "controller.log")
+    log = tmp_path_factory.mktemp("controller") / "controller.log"
+    running = start_controller(cluster, ns, log)
     try:
         wait_for(running.healthz, timeout=60, what="the controller's liveness endpoint")
         yield running
@@ -82,6 +88,7 @@ def wait_for(
     timeout: float = 60.0,
     interval: float = 0.5,
     what: str = "condition",
+    on_timeout: Callable[[], str] | None = None,
 ) -> T:
     deadline = time.monotonic() + timeout
     last = None
@@ -90,4 +97,5 @@ def wait_for(
         if last:
             return last  # type: ignore[return-value]
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+    detail = on_timeout() if on_timeout else f"last value: {last!r}"
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; {detail}")

@@ -13,13 +13,15 @@ from tests.operator.conftest import RunningController, wait_for
 
 
 def test_finalizer_status_events_and_release(
-    cluster: ControlPlane, controller: RunningController
+    cluster: ControlPlane, ns: str, controller: RunningController
 ) -> None:
-    manifest = valid_manifest("lifecycle")
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    manifest = valid_manifest("lifecycle", ns)
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest))
 
     obj = wait_for(
-        lambda: (o := cluster.get("zm", "lifecycle")) and o.get("status", {}).get("phase") and o,
+        lambda: (
+            (o := cluster.get("zm", "lifecycle", ns)) and o.get("status", {}).get("phase") and o
+        ),
         what="a status phase",
     )
     assert "zos.threefold.io/finalizer" in obj["metadata"]["finalizers"]
@@ -33,24 +35,35 @@ def test_finalizer_status_events_and_release(
     events = wait_for(
         lambda: json.loads(
             cluster.kubectl(
-                "get", "events", "--field-selector", "involvedObject.name=lifecycle", "-o", "json"
+                "get",
+                "-n",
+                ns,
+                "events",
+                "--field-selector",
+                "involvedObject.name=lifecycle",
+                "-o",
+                "json",
             ).stdout
         )["items"],
         what="an Event on the Zmachine",
     )
     assert any("Pending" in e["message"] for e in events)
 
-    printed = cluster.kubectl("get", "zm", "lifecycle").stdout
+    printed = cluster.kubectl("get", "-n", ns, "zm", "lifecycle").stdout
     assert "Pending" in printed
 
-    cluster.kubectl("delete", "zm", "lifecycle", "--wait=true", "--timeout=60s")
-    assert cluster.get("zm", "lifecycle") is None
+    cluster.kubectl("delete", "-n", ns, "zm", "lifecycle", "--wait=true", "--timeout=60s")
+    assert cluster.get("zm", "lifecycle", ns) is None
 
 
-def test_metrics_and_liveness(cluster: ControlPlane, controller: RunningController) -> None:
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(valid_manifest("metered")))
+def test_metrics_and_liveness(
+    cluster: ControlPlane, ns: str, controller: RunningController
+) -> None:
+    cluster.kubectl(
+        "apply", "-n", ns, "-f", "-", input=yaml.safe_dump(valid_manifest("metered", ns))
+    )
     wait_for(
-        lambda: (o := cluster.get("zm", "metered")) and o.get("status", {}).get("phase"),
+        lambda: (o := cluster.get("zm", "metered", ns)) and o.get("status", {}).get("phase"),
         what="a phase",
     )
 
@@ -60,7 +73,12 @@ def test_metrics_and_liveness(cluster: ControlPlane, controller: RunningControll
             return body.decode()
 
     text = wait_for(
-        lambda: 'zmachines{phase="Pending"} 1.0' in (t := scrape()) and t, what="the phase gauge"
+        lambda: 'zmachines{phase="Pending"} 1.0' in (t := scrape()) and t,
+        what="the phase gauge",
+        timeout=20,
+        on_timeout=lambda: "\n".join(
+            line for line in scrape().splitlines() if line.startswith("zmachines")
+        ),
     )
     assert 'zmachine_reconciles_total{result="ok"}' in text
     assert "zmachine_reconcile_duration_seconds_bucket" in text

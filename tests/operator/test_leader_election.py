@@ -12,14 +12,16 @@ from tests.api.test_admission import valid_manifest
 from tests.operator.conftest import start_controller, wait_for
 
 
-def phase_of(cluster: ControlPlane, name: str) -> str | None:
-    obj = cluster.get("zm", name) or {}
+def phase_of(cluster: ControlPlane, name: str, ns: str) -> str | None:
+    obj = cluster.get("zm", name, ns) or {}
     phase = (obj.get("status") or {}).get("phase")
     return None if phase is None else str(phase)
 
 
-def test_standby_takes_over_when_the_leader_stops(cluster: ControlPlane, tmp_path: Path) -> None:
-    leader = start_controller(cluster, tmp_path / "a.log")
+def test_standby_takes_over_when_the_leader_stops(
+    cluster: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    leader = start_controller(cluster, ns, tmp_path / "a.log")
     standby = None
     try:
         wait_for(
@@ -27,13 +29,15 @@ def test_standby_takes_over_when_the_leader_stops(cluster: ControlPlane, tmp_pat
             timeout=60,
             what="the first controller to lead",
         )
-        standby = start_controller(cluster, tmp_path / "b.log")
+        standby = start_controller(cluster, ns, tmp_path / "b.log")
         # Alive for its liveness probe, yet acting on nothing.
         wait_for(lambda: standby.healthz() == "standby\n", timeout=60, what="a live standby")
         assert "standing by" in standby.log.read_text()
 
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(valid_manifest("led-1")))
-        wait_for(lambda: phase_of(cluster, "led-1"), what="the leader to reconcile")
+        cluster.kubectl(
+            "apply", "-n", ns, "-f", "-", input=yaml.safe_dump(valid_manifest("led-1", ns))
+        )
+        wait_for(lambda: phase_of(cluster, "led-1", ns), what="the leader to reconcile")
         assert "led-1" in leader.log.read_text()
         assert "led-1" not in standby.log.read_text()
 
@@ -47,10 +51,14 @@ def test_standby_takes_over_when_the_leader_stops(cluster: ControlPlane, tmp_pat
         )
         # The Lease was handed back, so the standby needs no expiry to pass (15 s).
         assert time.monotonic() - stopped < 15
-        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(valid_manifest("led-2")))
-        wait_for(lambda: phase_of(cluster, "led-2"), what="the new leader to reconcile")
+        cluster.kubectl(
+            "apply", "-n", ns, "-f", "-", input=yaml.safe_dump(valid_manifest("led-2", ns))
+        )
+        wait_for(lambda: phase_of(cluster, "led-2", ns), what="the new leader to reconcile")
     finally:
         leader.stop()
         if standby is not None:
             standby.stop()
-        cluster.kubectl("delete", "zm", "led-1", "led-2", "--ignore-not-found", "--wait=false")
+        cluster.kubectl(
+            "delete", "-n", ns, "zm", "led-1", "led-2", "--ignore-not-found", "--wait=false"
+        )

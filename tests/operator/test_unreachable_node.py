@@ -41,16 +41,24 @@ def register_ghost_node(cluster: ControlPlane, name: str) -> None:
 
 
 def test_unreachable_agent_is_reported_and_force_delete_releases(
-    cluster: ControlPlane, controller: RunningController
+    cluster: ControlPlane, ns: str, controller: RunningController
 ) -> None:
     register_ghost_node(cluster, "ghost")
-    manifest = valid_manifest("stranded")
+    try:
+        stranded_then_forced(cluster, ns)
+    finally:
+        cluster.kubectl("delete", "zmn", "ghost", "--wait=false")
+        cluster.kubectl("delete", "lease", "-n", "zmachine-system", "zmachine-node-ghost")
+
+
+def stranded_then_forced(cluster: ControlPlane, ns: str) -> None:
+    manifest = valid_manifest("stranded", ns)
     manifest["spec"]["nodeName"] = "ghost"
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest))
 
     obj = wait_for(
         lambda: (
-            (o := cluster.get("zm", "stranded"))
+            (o := cluster.get("zm", "stranded", ns))
             and "ghost" in str((o.get("status") or {}).get("message"))
             and "UNAVAILABLE" in str(o["status"]["message"])
             and o
@@ -60,10 +68,10 @@ def test_unreachable_agent_is_reported_and_force_delete_releases(
     assert obj["status"]["nodeName"] == "ghost"
     assert obj["status"]["phase"] == "Scheduled"
 
-    cluster.kubectl("delete", "zm", "stranded", "--wait=false")
+    cluster.kubectl("delete", "-n", ns, "zm", "stranded", "--wait=false")
     held = wait_for(
         lambda: (
-            (o := cluster.get("zm", "stranded"))
+            (o := cluster.get("zm", "stranded", ns))
             and "waiting for node ghost to confirm deletion" in str(o["status"].get("message"))
             and o
         ),
@@ -72,9 +80,9 @@ def test_unreachable_agent_is_reported_and_force_delete_releases(
     assert held["status"]["phase"] == "Terminating"
     assert "zos.threefold.io/force-delete=true" in held["status"]["message"]
 
-    cluster.kubectl("annotate", "zm", "stranded", "zos.threefold.io/force-delete=true")
-    wait_for(lambda: cluster.get("zm", "stranded") is None, what="the forced release")
+    cluster.kubectl("annotate", "-n", ns, "zm", "stranded", "zos.threefold.io/force-delete=true")
+    wait_for(lambda: cluster.get("zm", "stranded", ns) is None, what="the forced release")
     events = cluster.kubectl(
-        "get", "events", "--field-selector", "involvedObject.name=stranded", "-o", "json"
+        "get", "-n", ns, "events", "--field-selector", "involvedObject.name=stranded", "-o", "json"
     ).stdout
     assert "ForceDeleted" in events
