@@ -29,3 +29,9 @@ class SecretUnavailable(ControllerError):
     """A Secret named by spec.env[].valueFrom is missing or lacks the key."""
 
     reason = "SecretNotFound"
+
+
+class UnsupportedSpec(ControllerError):
+    """The spec asks for something no node agent can do yet; refused rather than ignored."""
+
+    reason = "Unsupported"

@@ -16,11 +16,21 @@ from controller.api import conditions as cond
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
 from controller.operator import metrics
 from controller.operator.agents import AgentPool
-from controller.operator.errors import AgentRejected, ControllerError, SecretUnavailable
+from controller.operator.errors import (
+    AgentRejected,
+    ControllerError,
+    SecretUnavailable,
+    UnsupportedSpec,
+)
 from controller.operator.inventory import Inventory, Placement, request_of
 from controller.operator.placement import choose_node
 from controller.operator.status import StatusWriter
-from controller.operator.translate import SecretReader, agent_spec, resolve_env
+from controller.operator.translate import (
+    SecretReader,
+    agent_spec,
+    refuse_unsupported,
+    resolve_env,
+)
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
@@ -82,6 +92,13 @@ async def converge(
     logger = log.bind(namespace=target.namespace, name=target.name, uid=target.uid)
     async with rt.locks[target.uid]:
         spec = ZmachineSpec.model_validate(dict(raw_spec))
+        try:
+            refuse_unsupported(spec)
+        except UnsupportedSpec as exc:
+            out.set("observedGeneration", target.generation)
+            out.condition(cond.READY, False, exc.reason, str(exc))
+            out.phase_to(Phase.FAILED, exc.reason, str(exc))
+            return
         node_name = out.current.get("nodeName")
         if not node_name:
             node_name = await _place(rt, target, raw_spec, spec, out)

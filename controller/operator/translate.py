@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.api.zmachine import RestartPolicy, ZmachineSpec
-from controller.operator.errors import SecretUnavailable
+from controller.operator.errors import SecretUnavailable, UnsupportedSpec
 from controller.operator.inventory import quantity_bytes
 
 # (namespace, secret name) -> the Secret's data (base64 values), or None when absent.
@@ -19,6 +19,25 @@ _POLICY = {
     RestartPolicy.ON_FAILURE: pb.RESTART_POLICY_ON_FAILURE,
     RestartPolicy.NEVER: pb.RESTART_POLICY_NEVER,
 }
+
+
+def refuse_unsupported(spec: ZmachineSpec) -> None:
+    """Fields admission accepts but the agents cannot honour yet: say so, never drop them."""
+    asked = []
+    if spec.gpu:
+        asked.append("spec.gpu (GPU passthrough)")
+    if spec.corex:
+        asked.append("spec.corex")
+    network = spec.network
+    if network is not None:
+        if network.planetary:
+            asked.append("spec.network.planetary (Yggdrasil)")
+        if network.mycelium is not None:
+            asked.append("spec.network.mycelium")
+        if network.public_ip:
+            asked.append("spec.network.publicIP")
+    if asked:
+        raise UnsupportedSpec(f"not supported by the node agents yet: {', '.join(asked)}")
 
 
 def resolve_env(spec: ZmachineSpec, namespace: str, read_secret: SecretReader) -> dict[str, str]:

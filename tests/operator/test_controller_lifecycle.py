@@ -93,3 +93,22 @@ def test_logs_are_json_with_object_identity(controller: RunningController) -> No
     reconciled = [entry for entry in lines if entry.get("event") == "reconciled"]
     assert reconciled, controller.log.read_text()[-2000:]
     assert {"namespace", "name", "uid"} <= reconciled[0].keys()
+
+
+def test_unsupported_fields_are_refused_not_dropped(
+    cluster: ControlPlane, ns: str, controller: RunningController
+) -> None:
+    manifest = valid_manifest("gpu-box", ns)
+    manifest["spec"]["gpu"] = ["0000:28:00.0/1002/731f"]
+    manifest["spec"]["network"] = {"planetary": True}
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest))
+    status = wait_for(
+        lambda: (o := cluster.get("zm", "gpu-box", ns)) and o.get("status", {}).get("phase") and o,
+        what="a phase",
+    )["status"]
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "Unsupported"
+    assert "spec.gpu" in ready["message"] and "spec.network.planetary" in ready["message"]
+    assert "nodeName" not in status  # nothing was placed or deployed
+    cluster.kubectl("delete", "-n", ns, "zm", "gpu-box", "--wait=true", "--timeout=60s")
