@@ -9,6 +9,7 @@ BENCHMARKS = (
     ["tests.bench.flist_bench", "--write"],
     ["tests.bench.guest_boot", "--runs", "3", "--write"],
     ["tests.bench.agent_lifecycle", "--runs", "3", "--write"],
+    ["tests.bench.controller_bench", "--objects", "100", "--write"],
 )
 
 

@@ -19,8 +19,8 @@ from controller.flist import xxtea
 from controller.flist.chunks import CHUNK_SIZE, decode, encode_v1
 from controller.flist.mount import mount_command, unmount, wait_mounted
 from controller.flist.pack import pack
+from tests.bench.report import write_section
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 COMMAND = ".venv/bin/python -m tests.bench.flist_bench --write"
 READ_SIZE = 1 << 20
 
@@ -156,26 +156,6 @@ paid once per chunk, the cache then holds plaintext.
 """
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the "## Flists" section, leaving other sections alone."""
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    lines = current.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Flists"), None)
-    if start is None:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        updated = (
-            "".join(lines[:start])
-            + text
-            + ("\n" if end < len(lines) else "")
-            + "".join(lines[end:])
-        )
-    DOCS.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--large-mib", type=int, default=256)
@@ -190,7 +170,7 @@ def main() -> None:
     text = section(figures, args)
     print(text)
     if args.write:
-        write_section(text)
+        write_section("Flists", text)
 
 
 if __name__ == "__main__":

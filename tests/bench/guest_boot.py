@@ -24,6 +24,7 @@ from controller.agent.seed import SeedConfig, write_seed
 from controller.agent.virtiofs import start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, VMConfig, kernel_cmdline
 from tests.agent.conftest import guest_busybox_root
+from tests.bench.report import write_section
 
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "## Guest boot"
@@ -115,15 +116,7 @@ def main() -> None:
     )
     print(section)
     if args.write:
-        doc = REPO / "docs/benchmarks.md"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        if SECTION in text:
-            head, _, rest = text.partition(SECTION)
-            tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        doc.write_text(text)
+        write_section(SECTION.removeprefix("## "), section)
 
 
 if __name__ == "__main__":
