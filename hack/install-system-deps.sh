@@ -7,6 +7,7 @@ packages=(
   qemu-system-x86 qemu-utils             # guests under TCG, virtiofsd (qemu-system-common)
   busybox-static linux-image-amd64       # container-mode initramfs and kernel
   dosfstools mtools                      # the cidata seed disk (vfat)
+  syslinux syslinux-common               # bootable disk images for the image-mode test
   iproute2 bridge-utils                  # bridges, taps and test namespaces
   chromium chromium-driver               # web console browser tests
   cpio zstd xz-utils kmod                # initramfs packing and kernel modules

@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.agent import hypervisor, network, seed, virtiofs, vmconfig
+from controller.agent import hypervisor, image, network, seed, virtiofs, vmconfig
 from controller.agent.config import AgentConfig
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
@@ -44,7 +44,7 @@ class HostBoot:
         self.config = config
         self.ipam = network.IPAllocator(config.cidr, config.state_dir / "ipam.json")
         self.driver = hypervisor.select_hypervisor(
-            config.hypervisor, config.accel, config.guest_kernel_dir
+            config.hypervisor, config.accel, config.guest_kernel_dir, config.firmware
         )
 
     def info(self) -> HypervisorInfo:
@@ -89,9 +89,12 @@ class HostBoot:
     # ----------------------------------------------------------------- seed
 
     async def write_seed(self, rec: MachineRecord, p: VMPaths) -> None:
+        """Image mode (as zos) carries no mounts, env or entrypoint: the image's own OS
+        mounts its disks and runs its own init; hostname, network and keys still apply."""
+        image_mode = rec.boot_mode == vmconfig.BootMode.IMAGE
         disks = [v for v in rec.spec.volumes if v.kind is VolumeKind.DISK]
         mounts = []
-        for m in rec.spec.mounts:
+        for m in () if image_mode else rec.spec.mounts:
             vol = next(v for v in rec.spec.volumes if v.name == m.name)
             if vol.kind is VolumeKind.DISK:
                 # Disks follow the order of spec.volumes: vda, vdb, ... (the seed is last).
@@ -115,31 +118,38 @@ class HostBoot:
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
             mounts=mounts,
-            env=rec.spec.env,
-            entrypoint=rec.spec.entrypoint,
+            env={} if image_mode else rec.spec.env,
+            entrypoint="" if image_mode else rec.spec.entrypoint,
         )
         await asyncio.to_thread(seed.write_seed, config, p.seed)
 
     # ----------------------------------------------------------------- processes
 
     def vm_config(self, rec: MachineRecord, p: VMPaths) -> vmconfig.VMConfig:
-        assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
-        shares = [vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs)]
-        disks = []
+        shares, disks = [], []
         for v in rec.spec.volumes:
             path = p.volume(v.name, v.kind is VolumeKind.DISK)
             if v.kind is VolumeKind.DISK:
                 disks.append(vmconfig.Disk(path))
             else:
                 shares.append(vmconfig.FsShare(v.name, p.run / f"vfs-{v.name}.sock", path))
+        if rec.boot_mode == vmconfig.BootMode.IMAGE:
+            # No kernel and no virtio-fs root: the firmware boots the boot disk, first.
+            disks.insert(0, disks.pop(_disk_index(rec, image.boot_disk(rec.ref, rec.spec))))
+            kernel, initrd, cmdline = None, None, ""
+        else:
+            assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
+            shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
+            kernel, initrd = assets.kernel, assets.initrd
+            cmdline = vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint)
         disks.append(vmconfig.Disk(p.seed, readonly=True))
         return vmconfig.VMConfig(
             vm_id=rec.ref.uid,
             cpus=rec.spec.cpu,
             memory_mib=rec.spec.memory_bytes >> 20,
-            kernel=assets.kernel,
-            initrd=assets.initrd,
-            cmdline=vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint),
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
             shares=shares,
             disks=disks,
             nics=[vmconfig.Nic(n.tap, n.mac) for n in rec.nics],
@@ -225,6 +235,12 @@ def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
         return 0, 0
     stats = json.loads(out.stdout)[0].get("stats64", {})
     return int(stats.get("rx", {}).get("bytes", 0)), int(stats.get("tx", {}).get("bytes", 0))
+
+
+def _disk_index(rec: MachineRecord, volume_index: int) -> int:
+    """Position among the disks (volumes of kind disk, in order) of spec.volumes[i]."""
+    kinds = [v.kind for v in rec.spec.volumes[:volume_index]]
+    return kinds.count(VolumeKind.DISK)
 
 
 def _hostname(name: str) -> str:

@@ -46,6 +46,7 @@ class AgentConfig:
     guest_kernel_dir: Path | None
     supervision: Supervision
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
+    firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dir with vmlinuz + initramfs.img for container mode (hack/build-guest-kernel.sh)",
     )
     p.add_argument(
+        "--firmware",
+        default=_env("firmware"),
+        help="rust-hypervisor-firmware (hypervisor-fw): cloud-hypervisor boots image-mode "
+        "disks with it (QEMU uses its own SeaBIOS)",
+    )
+    p.add_argument(
         "--flist-dir",
         action="append",
         default=[d for d in (_env("flist-dirs") or "").split(":") if d],
@@ -164,6 +171,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         accel=a.accel,
         guest_kernel_dir=Path(a.guest_kernel_dir) if a.guest_kernel_dir else None,
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
+        firmware=Path(a.firmware).resolve() if a.firmware else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

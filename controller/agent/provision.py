@@ -1,7 +1,8 @@
 """Provisioning in zos's order, and its exact inverse.
 
-provision(): fetch + mount the flist read-only, overlay with a per-VM upper dir (SSH host
-keys removed on first creation), detect the boot mode, write the seed, create taps,
+provision(): fetch the flist and detect the boot mode from its metadata; mount it
+read-only, overlay with a per-VM upper dir (SSH host keys removed on first creation), or,
+in image mode, copy its /image.raw onto a blank boot disk; write the seed, create taps,
 disks and shares, then launch(): virtiofsd, then the hypervisor, each detached in its
 own session. teardown() undoes all of it and is idempotent: it checks what exists, so
 it also cleans up after a Deploy that failed half-way.
@@ -18,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from controller.agent import boot
+from controller.agent import boot, image
 from controller.agent.config import AgentConfig
 from controller.agent.errors import AgentError, InvalidSpec, ProvisionFailed, Unavailable
 from controller.agent.hypervisor import log_tail
@@ -73,25 +74,24 @@ class Provisioner:
     async def provision(self, rec: MachineRecord) -> None:
         p = self.paths(rec)
         lg = self._log(rec)
-        first = not p.upper.exists()
-        for d in (p.root, p.run, p.upper, p.work, p.rootfs, p.lower):
+        for d in (p.root, p.run, p.lower):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         step = "flist"
         try:
-            await self._mount_root(rec)
-            if first:
-                for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
-                    key.unlink()
+            flist = await asyncio.to_thread(
+                fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
+            )
             step = "boot mode"
-            info = bootmode.detect_boot_mode(p.rootfs)
-            if info.mode is bootmode.BootMode.IMAGE:
-                raise InvalidSpec(
-                    f"spec.flist {rec.spec.flist} is a disk image "
-                    "(/image.raw); image mode is not supported by this agent yet"
-                )
+            info = await asyncio.to_thread(bootmode.detect_boot_mode_flist, flist)
             rec.boot_mode = info.mode.value
-            step = "volumes"
-            await self._volumes(rec)
+            if info.mode is bootmode.BootMode.IMAGE:
+                step = "image"
+                await self._image_disk(rec, flist)
+            else:
+                step = "flist"
+                await self._flist_root(rec, flist)
+                step = "volumes"
+                await self._volumes(rec, format_disks=True)
             step = "network"
             rec.nics = await self.host.create_nics(rec)
             step = "seed"
@@ -105,7 +105,45 @@ class Provisioner:
             typed = isinstance(exc, AgentError)
             logs = self.log_tail(rec) if step == "launch" and not typed else ""
             raise ProvisionFailed(f"zmachine {rec.ref}", step, exc, logs) from exc
-        lg.info("provisioned", boot_mode=rec.boot_mode, first=first)
+        lg.info("provisioned", boot_mode=rec.boot_mode)
+
+    async def _flist_root(self, rec: MachineRecord, flist: Path) -> None:
+        """Container and VM mode: the flist under a writable overlay is the guest's root."""
+        p = self.paths(rec)
+        first = not p.upper.exists()
+        for d in (p.upper, p.work, p.rootfs):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._mount_root(rec, flist)
+        if first:
+            for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
+                key.unlink()
+        rec.boot_mode = bootmode.detect_boot_mode(p.rootfs).mode.value
+
+    async def _image_disk(self, rec: MachineRecord, flist: Path) -> None:
+        """Image mode: the volumes, raw (zos formats none of them then), and /image.raw
+        copied onto the boot disk if it is blank. The flist is mounted only for the copy:
+        the guest never sees it (no virtio-fs root), so a running VM holds no mount."""
+        index = image.boot_disk(rec.ref, rec.spec)
+        self.host.driver.require_disk_boot()
+        await self._volumes(rec, format_disks=False)
+        p = self.paths(rec)
+        vol = rec.spec.volumes[index]
+        disk = p.volume(vol.name, disk=True)
+        if not await asyncio.to_thread(image.is_blank, disk):
+            self._log(rec).info("boot disk in use, image not copied", disk=vol.name)
+            return
+        await self._mount_flist(rec, flist)
+        try:
+            src = bootmode.detect_boot_mode(p.lower).image
+            if src is None:
+                raise Unavailable(f"{p.lower}: the mounted flist has no /image.raw")
+            what = f"zmachine {rec.ref}: spec.volumes[{index}] ({vol.name!r}, the boot disk)"
+            await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what)
+        finally:
+            await asyncio.to_thread(mount.unmount, p.lower)
+            for h in [h for h in rec.helpers if h.marker == str(p.lower)]:
+                await terminate(h)  # the FUSE server, done once unmounted
+            rec.helpers = [h for h in rec.helpers if h.marker != str(p.lower)]
 
     async def _mount_flist(self, rec: MachineRecord, flist: Path) -> None:
         p = self.paths(rec)
@@ -119,9 +157,10 @@ class Provisioner:
                 f"zmachine {rec.ref}", "flist mount", exc, log_tail(p.mount_log)
             ) from exc
 
-    async def _volumes(self, rec: MachineRecord) -> None:
-        """Share directories, and disks as sparse files formatted ext4 when new (the
-        guest mounts them by fstab entry; a blank device would fail that mount)."""
+    async def _volumes(self, rec: MachineRecord, format_disks: bool) -> None:
+        """Share directories, and disks as sparse files, formatted ext4 when new if
+        ``format_disks`` (the guest mounts them by fstab entry; a blank device would fail
+        that mount). Image mode leaves them blank: the guest's OS owns them."""
         p = self.paths(rec)
         for v in rec.spec.volumes:
             path = p.volume(v.name, v.kind is VolumeKind.DISK)
@@ -132,7 +171,8 @@ class Provisioner:
                 tmp = path.with_suffix(".new")
                 tmp.touch(mode=0o600)
                 os.truncate(tmp, v.size_bytes)  # sparse
-                await _run(["mkfs.ext4", "-q", "-F", "-L", v.name[:16], str(tmp)])
+                if format_disks:
+                    await _run(["mkfs.ext4", "-q", "-F", "-L", v.name[:16], str(tmp)])
                 tmp.rename(path)
 
     async def launch(self, rec: MachineRecord) -> None:
@@ -178,13 +218,17 @@ class Provisioner:
             await self._mount_root(rec)
             rec.state = State.RUNNING  # the supervisor sees the dead VMM and applies policy
 
-    async def _mount_root(self, rec: MachineRecord) -> None:
-        """The flist (FUSE, read-only) and the overlay on it; skips what is mounted."""
+    async def _mount_root(self, rec: MachineRecord, flist: Path | None = None) -> None:
+        """The flist (FUSE, read-only) and the overlay on it; skips what is mounted.
+        Image mode has no root to mount: the VM boots from its disk."""
         p = self.paths(rec)
+        if rec.boot_mode == bootmode.BootMode.IMAGE.value:
+            return
         if not mount.is_mounted(p.lower):
-            flist = await asyncio.to_thread(
-                fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
-            )
+            if flist is None:
+                flist = await asyncio.to_thread(
+                    fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
+                )
             await self._mount_flist(rec, flist)
         if not mount.is_mounted(p.rootfs):
             await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)

@@ -25,6 +25,7 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 class BootMode(StrEnum):
     CONTAINER = "container"  # our kernel + initramfs; the flist is only the root filesystem
     VM = "vm"  # the flist's own /boot/vmlinuz (+ /boot/initrd.img), root still over virtio-fs
+    IMAGE = "image"  # /image.raw copied onto the first disk; firmware boots its loader
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ class VMConfig:
     vm_id: str
     cpus: int
     memory_mib: int
-    kernel: Path
+    kernel: Path | None  # None: no direct kernel boot, firmware boots disks[0] (image mode)
     initrd: Path | None
-    cmdline: str
+    cmdline: str  # only with a kernel
     shares: list[FsShare]
     disks: list[Disk]
     nics: list[Nic]
@@ -62,6 +63,11 @@ class VMConfig:
     state_dir: Path  # pid file, VMM log
     netns: str | None = None  # taps live there, so the VMM runs there too
     serial_pty: bool = False  # also expose the serial console as a PTY (web console)
+
+    @property
+    def disk_boot(self) -> bool:
+        """No kernel: the firmware boots the loader on disks[0] (image mode)."""
+        return self.kernel is None
 
     @property
     def pid_file(self) -> Path:
@@ -83,6 +89,8 @@ class VMConfig:
         for path, name in ((self.kernel, "kernel"), (self.initrd, "initrd")):
             if path is not None and not path.is_file():
                 raise InvalidSpec(f"{where}: {name} {path} is not a file")
+        if self.kernel is None and (self.initrd is not None or not self.disks):
+            raise InvalidSpec(f"{where}: a disk boot needs a boot disk and no initrd")
         tags = [s.tag for s in self.shares]
         for tag in tags:
             if not tag or len(tag.encode()) > MAX_TAG_BYTES or "," in tag:

@@ -33,12 +33,16 @@ __all__ = [
 
 
 def select_hypervisor(
-    choice: str = "auto", accel: str = "auto", guest_dir: Path | None = None
+    choice: str = "auto",
+    accel: str = "auto",
+    guest_dir: Path | None = None,
+    firmware: Path | None = None,
 ) -> Hypervisor:
     """The driver for ``choice`` (``auto``, ``cloud-hypervisor`` or ``qemu``).
 
     ``guest_dir`` (hack/build-guest-kernel.sh's output) lets QEMU probe whether KVM really
-    runs guests when ``accel`` is ``auto``.
+    runs guests when ``accel`` is ``auto``. ``firmware`` is cloud-hypervisor's for image
+    mode (QEMU boots disks with its own SeaBIOS).
     """
     if choice == "cloud-hypervisor" or (
         choice == "auto" and accel != "tcg" and CloudHypervisor.available()
@@ -47,7 +51,7 @@ def select_hypervisor(
             raise HypervisorError("hypervisor cloud-hypervisor requested but not on PATH")
         if accel == "tcg":
             raise HypervisorError("cloud-hypervisor cannot run guests under TCG")
-        return CloudHypervisor()
+        return CloudHypervisor(firmware=firmware)
     if choice not in ("auto", "qemu"):
         raise HypervisorError(f"unknown hypervisor {choice!r} (auto, cloud-hypervisor, qemu)")
     kernel = guest_dir / "vmlinuz" if guest_dir else None

@@ -232,6 +232,11 @@ class Hypervisor(ABC):
         """The VMM's own argv for ``cfg`` (without the network-namespace prefix)."""
 
     @abstractmethod
+    def require_disk_boot(self) -> None:
+        """Raise FailedPrecondition if this node cannot boot a disk image (image mode);
+        checked before a Deploy touches anything."""
+
+    @abstractmethod
     def attach(self, cfg: VMConfig, ref: ProcessRef) -> VM:
         """A handle on an already running VMM process (no checks)."""
 

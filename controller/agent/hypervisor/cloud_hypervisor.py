@@ -2,14 +2,17 @@
 
 Launched like zos does: everything on the command line (no vm.create), ``--serial pty`` or
 ``file=``, ``--console off`` (the default ``tty`` would grab the agent's terminal) and
-``--memory shared=on`` because virtio-fs is a vhost-user device. Every device gets an
+``--memory shared=on`` because virtio-fs is a vhost-user device. Image mode boots
+``--firmware`` (rust-hypervisor-firmware) instead of ``--kernel``, as zos does. Every device gets an
 explicit ``id`` so ``vm.counters`` keys are stable (``net0``, ``disk0``...).
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+from controller.agent.errors import FailedPrecondition
 from controller.agent.hypervisor.base import VM, Hypervisor, HypervisorError, version_output
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI
 from controller.agent.procs import ProcessRef
@@ -57,8 +60,21 @@ class CloudHypervisorVM(VM):
 class CloudHypervisor(Hypervisor):
     name = "cloud-hypervisor"
 
-    def __init__(self, binary: str = "cloud-hypervisor") -> None:
+    def __init__(self, binary: str = "cloud-hypervisor", firmware: Path | None = None) -> None:
+        """``firmware``: rust-hypervisor-firmware (zos ships it as ``hypervisor-fw``), which
+        boots a disk image's own loader; CH has no BIOS of its own."""
         super().__init__(binary)
+        self.firmware = firmware
+
+    def require_disk_boot(self) -> None:
+        if self.firmware is None:
+            raise FailedPrecondition(
+                "image mode under cloud-hypervisor needs a firmware: start the agent with "
+                "--firmware (ZMACHINE_AGENT_FIRMWARE) naming rust-hypervisor-firmware "
+                "(hypervisor-fw)"
+            )
+        if not self.firmware.is_file():
+            raise FailedPrecondition(f"--firmware {self.firmware} is not a file")
 
     def version(self) -> str:
         # "cloud-hypervisor v39.0" -> "39.0"
@@ -69,12 +85,8 @@ class CloudHypervisor(Hypervisor):
         return "kvm"  # cloud-hypervisor has no emulation fallback
 
     def command(self, cfg: VMConfig) -> list[str]:
-        argv = [self.binary, "--api-socket", str(cfg.api_socket), "--kernel", str(cfg.kernel)]
-        if cfg.initrd is not None:
-            argv += ["--initramfs", str(cfg.initrd)]
+        argv = [self.binary, "--api-socket", str(cfg.api_socket), *self._payload(cfg)]
         argv += [
-            "--cmdline",
-            cfg.cmdline,
             "--cpus",
             f"boot={cfg.cpus}",
             "--memory",
@@ -100,6 +112,14 @@ class CloudHypervisor(Hypervisor):
             ]
         serial = "pty" if cfg.serial_pty else f"file={cfg.serial_log}"
         return [*argv, "--serial", serial, "--console", "off"]
+
+    def _payload(self, cfg: VMConfig) -> list[str]:
+        """Direct kernel boot, or (image mode) the firmware, which boots disks[0]."""
+        if cfg.kernel is None:
+            self.require_disk_boot()
+            return ["--firmware", str(self.firmware)]
+        initrd = ["--initramfs", str(cfg.initrd)] if cfg.initrd is not None else []
+        return ["--kernel", str(cfg.kernel), *initrd, "--cmdline", cfg.cmdline]
 
     def attach(self, cfg: VMConfig, ref: ProcessRef) -> CloudHypervisorVM:
         return CloudHypervisorVM(cfg, ref)

@@ -140,12 +140,8 @@ class Qemu(Hypervisor):
             "-no-user-config",
             "-display",
             "none",
-            "-kernel",
-            str(cfg.kernel),
+            *_kernel_args(cfg),
         ]
-        if cfg.initrd is not None:
-            argv += ["-initrd", str(cfg.initrd)]
-        argv += ["-append", cfg.cmdline]
         # (backend option, backend, frontend device) per share, disk and NIC.
         devices = [
             *(
@@ -161,7 +157,9 @@ class Qemu(Hypervisor):
                     "-drive",
                     f"file={d.path},if=none,id=disk{i},format=raw,"
                     f"readonly={'on' if d.readonly else 'off'}",
-                    f"virtio-blk-pci,drive=disk{i}",
+                    f"virtio-blk-pci,drive=disk{i}"
+                    # A disk boot: SeaBIOS boots this one (a direct kernel boot needs none).
+                    + (",bootindex=0" if i == 0 and cfg.disk_boot else ""),
                 )
                 for i, d in enumerate(cfg.disks)
             ),
@@ -188,8 +186,20 @@ class Qemu(Hypervisor):
         ]
         return argv
 
+    def require_disk_boot(self) -> None:
+        """Always possible: QEMU's default firmware (SeaBIOS) boots disks."""
+
     def attach(self, cfg: VMConfig, ref: ProcessRef) -> QemuVM:
         return QemuVM(cfg, ref)
+
+
+def _kernel_args(cfg: VMConfig) -> list[str]:
+    """Direct kernel boot; for a disk boot nothing: QEMU's default SeaBIOS boots the
+    first disk (``bootindex=0``), as the hypervisor firmware does under cloud-hypervisor."""
+    if cfg.kernel is None:
+        return []
+    initrd = ["-initrd", str(cfg.initrd)] if cfg.initrd is not None else []
+    return ["-kernel", str(cfg.kernel), *initrd, "-append", cfg.cmdline]
 
 
 @cache
