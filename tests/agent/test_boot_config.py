@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
 from controller.agent.hypervisor import CloudHypervisor, HypervisorError, Qemu, select_hypervisor
 from controller.agent.virtiofs import (
@@ -149,6 +150,33 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert f"null,id=serial0,logfile={tmp_path / 'serial.log'},logappend=on" in argv
 
 
+def test_qemu_disk_boot_has_no_kernel_and_boots_the_first_disk(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, kernel=None, initrd=None, cmdline="")
+    argv = Qemu(accel="tcg").command(cfg)
+    assert not {"-kernel", "-initrd", "-append", "-bios"} & set(argv)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    blk = [d for d in devices if d.startswith("virtio-blk-pci")]
+    assert blk == ["virtio-blk-pci,drive=disk0,bootindex=0", "virtio-blk-pci,drive=disk1"]
+    # A direct kernel boot sets no boot index (the kernel is what boots).
+    assert "bootindex" not in " ".join(Qemu(accel="tcg").command(make_config(tmp_path)))
+
+
+def test_disk_boot_config_needs_a_disk_and_no_initrd(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSpec, match="disk boot needs a boot disk"):
+        make_config(tmp_path, kernel=None, initrd=None, disks=[]).validate()
+    with pytest.raises(InvalidSpec, match="disk boot needs a boot disk and no initrd"):
+        make_config(tmp_path, kernel=None).validate()
+
+
+def test_firmware_flag_with_env_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_config(["--insecure-dev", "--listen", "127.0.0.1:1"]).firmware is None
+    monkeypatch.setenv("ZMACHINE_AGENT_FIRMWARE", "/opt/fw/hypervisor-fw")
+    config = parse_config(["--insecure-dev", "--listen", "127.0.0.1:1"])
+    assert config.firmware == Path("/opt/fw/hypervisor-fw")
+    flag = ["--insecure-dev", "--listen", "127.0.0.1:1", "--firmware", "/fw2"]
+    assert parse_config(flag).firmware == Path("/fw2")
+
+
 def test_accel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZM_ACCEL", "tcg")
     assert Qemu().acceleration() == "tcg"
@@ -166,6 +194,8 @@ def test_select_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
         select_hypervisor("cloud-hypervisor")
     monkeypatch.setattr(CloudHypervisor, "available", staticmethod(lambda: True))
     assert select_hypervisor().name == "cloud-hypervisor"
+    ch = select_hypervisor("cloud-hypervisor", firmware=Path("/fw"))
+    assert isinstance(ch, CloudHypervisor) and ch.firmware == Path("/fw")
     assert select_hypervisor(accel="tcg").name == "qemu"  # CH has no TCG
     assert select_hypervisor("qemu").name == "qemu"
     with pytest.raises(HypervisorError, match="unknown hypervisor"):

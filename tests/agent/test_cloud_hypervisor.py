@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from controller.agent.errors import FailedPrecondition
 from controller.agent.hypervisor import CloudHypervisor, HypervisorError
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI, CloudHypervisorAPIError
 from controller.agent.hypervisor.cloud_hypervisor import CloudHypervisorVM
@@ -90,7 +92,7 @@ def vmconfig_from_cli(argv: list[str]) -> dict[str, Any]:
         if arg.startswith("--"):
             flag = arg
             continue
-        if flag in ("--kernel", "--initramfs", "--cmdline"):
+        if flag in ("--kernel", "--initramfs", "--cmdline", "--firmware"):
             config["payload"][flag[2:]] = arg
         elif flag == "--api-socket":
             config["_api_socket"] = arg
@@ -154,6 +156,37 @@ def test_command_line_variants(tmp_path: Path) -> None:
     assert argv[argv.index("--serial") + 1] == "pty"
     netns = make_config(tmp_path, netns="zmns1")
     assert CloudHypervisor().argv(netns)[:5] == ["ip", "netns", "exec", "zmns1", "cloud-hypervisor"]
+
+
+def test_image_mode_boots_the_firmware_from_the_boot_disk(tmp_path: Path) -> None:
+    firmware = tmp_path / "hypervisor-fw"
+    firmware.write_bytes(b"fw")
+    cfg = make_config(tmp_path, kernel=None, initrd=None, cmdline="", shares=[])
+    argv = CloudHypervisor(firmware=firmware).command(cfg)
+    api = ["--api-socket", str(cfg.api_socket)]
+    assert argv[:5] == ["cloud-hypervisor", *api, "--firmware", str(firmware)]
+    assert not {"--kernel", "--initramfs", "--cmdline", "--fs"} & set(argv)
+    config = vmconfig_from_cli(argv)
+    assert config["payload"] == {"firmware": str(firmware)}
+    assert set(config["payload"]) <= DOC_FIELDS["payload"]
+    # The firmware boots the first disk: the boot disk, with the seed still last.
+    assert [d["path"] for d in config["disks"]] == [
+        str(tmp_path / "vol.img"),
+        str(tmp_path / "seed.img"),
+    ]
+
+
+def test_image_mode_without_firmware_is_a_failed_precondition(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, kernel=None, initrd=None, cmdline="")
+    with pytest.raises(
+        FailedPrecondition, match="needs a firmware: start the agent with --firmware"
+    ):
+        CloudHypervisor().require_disk_boot()
+    with pytest.raises(FailedPrecondition, match="--firmware"):
+        CloudHypervisor().command(cfg)
+    with pytest.raises(FailedPrecondition, match="is not a file"):
+        CloudHypervisor(firmware=tmp_path / "missing-fw").require_disk_boot()
+    assert FailedPrecondition.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @dataclass
