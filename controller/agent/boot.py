@@ -135,7 +135,7 @@ class HostBoot:
                 shares.append(vmconfig.FsShare(v.name, p.run / f"vfs-{v.name}.sock", path))
         if rec.boot_mode == vmconfig.BootMode.IMAGE:
             # No kernel and no virtio-fs root: the firmware boots the boot disk, first.
-            disks.insert(0, disks.pop(_disk_index(rec, image.boot_disk(rec.ref, rec.spec))))
+            disks.insert(0, disks.pop(_disk_index(rec, image.boot_disk(rec.spec))))
             kernel, initrd, cmdline = None, None, ""
         else:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from controller.agent.errors import InvalidSpec, Unavailable
-from controller.agent.spec import MachineSpec, Ref, VolumeKind
+from controller.agent.spec import MachineSpec, VolumeKind
 
 log = structlog.get_logger(__name__)
 
@@ -25,7 +25,7 @@ _ZEROS = bytes(CHUNK)
 PROGRESS_STEP = 10  # percent between progress lines in the log
 
 
-def boot_disk(ref: Ref, spec: MachineSpec) -> int:
+def boot_disk(spec: MachineSpec) -> int:
     """Index in ``spec.volumes`` of the boot disk: the first mount (in mount order, as zos
     takes ``mounts[0]``) whose volume is a disk."""
     for m in spec.mounts:
@@ -33,9 +33,9 @@ def boot_disk(ref: Ref, spec: MachineSpec) -> int:
             if v.name == m.name and v.kind is VolumeKind.DISK:
                 return i
     raise InvalidSpec(
-        f"zmachine {ref.namespace}/{ref.name}: spec.flist is a disk image (/image.raw); "
-        "image mode needs spec.mounts[0] to name a disk volume (the first disk mount is the "
-        "boot disk the image is copied onto), and spec.mounts names none"
+        "spec.flist is a disk image (/image.raw): image mode needs spec.mounts[0] to name "
+        "a disk volume (the first disk mount is the boot disk the image is copied onto), "
+        "and spec.mounts names none"
     )
 
 

@@ -123,7 +123,7 @@ class Provisioner:
         """Image mode: the volumes, raw (zos formats none of them then), and /image.raw
         copied onto the boot disk if it is blank. The flist is mounted only for the copy:
         the guest never sees it (no virtio-fs root), so a running VM holds no mount."""
-        index = image.boot_disk(rec.ref, rec.spec)
+        index = image.boot_disk(rec.spec)
         self.host.driver.require_disk_boot()
         await self._volumes(rec, format_disks=False)
         p = self.paths(rec)
@@ -137,7 +137,7 @@ class Provisioner:
             src = bootmode.detect_boot_mode(p.lower).image
             if src is None:
                 raise Unavailable(f"{p.lower}: the mounted flist has no /image.raw")
-            what = f"zmachine {rec.ref}: spec.volumes[{index}] ({vol.name!r}, the boot disk)"
+            what = f"spec.volumes[{index}] ({vol.name!r}, the boot disk)"
             await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what)
         finally:
             await asyncio.to_thread(mount.unmount, p.lower)
