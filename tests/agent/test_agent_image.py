@@ -2,9 +2,10 @@
 from Debian packages (a FAT "superfloppy" with syslinux, Debian's kernel and a tiny
 initramfs), booted by QEMU's SeaBIOS under TCG.
 
-The tests share one VM and run in file order, two guest boots in all: generation 1 is
+The tests share one VM and run in file order, three guest boots in all: generation 1 is
 deployed paused (so the host can compare the disk with the image before the guest writes
-to it) and resumed by generation 2; generation 3 is a new VM on the same disk.
+to it) and resumed by generation 2; generation 3 is a new VM on the same disk, and the
+Restart RPC a new VMM on it again.
 """
 
 from __future__ import annotations
@@ -256,6 +257,16 @@ def test_new_generation_keeps_what_the_guest_wrote(
         timeout=150,
     )
     assert "boot disk in use, image not copied" in [e["event"] for e in agent_events(agent)]
+
+
+def test_restart_rpc_boots_the_same_disk_without_any_mount(agent: AgentProcess) -> None:
+    old = agent.call("get", UID)
+    m = agent.call("restart", UID)
+    assert isinstance(m, pb.Machine) and isinstance(old, pb.Machine)
+    assert m.pid not in (0, old.pid) and m.restarts == old.restarts + 1
+    assert mounts_under(agent.state_dir) == []  # the disk is the root: nothing to mount
+    console = Path(m.console_log)
+    wait_for("the third boot's marker", lambda: f"{MARKER} boots=3" in console.read_text())
 
 
 def test_delete_leaves_nothing_behind(agent: AgentProcess) -> None:
