@@ -34,6 +34,7 @@ AGENT_NON_DEFAULTS = (
     "agent.metricsPort=9555",
     "agent.flistDirs={/srv/flists}",
     "agent.guestKernelDir=/opt/guest",
+    "agent.firmware=/opt/fw/hypervisor-fw",
 )
 
 
@@ -147,6 +148,7 @@ def test_agent_env_configures_the_real_agent(helm: Helm, monkeypatch: pytest.Mon
     assert (config.hypervisor, config.accel, config.metrics_port) == ("qemu", "tcg", 9555)
     assert config.flist_dirs == (Path("/srv/flists"),)
     assert config.guest_kernel_dir == Path("/opt/guest")
+    assert config.firmware == Path("/opt/fw/hypervisor-fw")
     assert config.tls == ServerTLS(
         Path("/etc/zmachine/tls/ca.crt"),
         Path("/etc/zmachine/tls/server.crt"),
@@ -168,7 +170,7 @@ def test_agent_host_directories_follow_values(helm: Helm) -> None:
     c, pod = _container(ds), _pod(ds)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
-    for path in ("/srv/zm", "/srv/flists", "/opt/guest"):
+    for path in ("/srv/zm", "/srv/flists", "/opt/guest", "/opt/fw/hypervisor-fw"):
         assert volumes[mounts[path]["name"]]["path"] == path
     assert mounts["/srv/flists"]["readOnly"] is True
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
