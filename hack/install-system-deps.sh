@@ -12,6 +12,7 @@ packages=(
   chromium chromium-driver               # web console browser tests
   cpio zstd xz-utils kmod                # initramfs packing and kernel modules
   capnproto                              # capnp encode: builds v1 flists in tests/flist
+  e2fsprogs mount                        # root images: mkfs.ext4, resize2fs; mount -o loop, losetup
 )
 missing=()
 for p in "${packages[@]}"; do

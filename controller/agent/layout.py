@@ -30,11 +30,27 @@ class VMPaths:
         return self.root / "lower"
 
     @property
-    def upper(self) -> Path:  # persistent writable layer
-        return self.root / "upper"
+    def root_image(self) -> Path:  # sparse ext4 of RootSize(): the quota of the root
+        return self.root / "rootfs.ext4"
+
+    @property
+    def layer(self) -> Path:  # root_image, loop-mounted
+        return self.root / "layer"
+
+    @property
+    def upper(self) -> Path:  # persistent writable layer; overlayfs wants upper and work
+        return self.layer / "upper"  # on one filesystem: both live in the image
 
     @property
     def work(self) -> Path:
+        return self.layer / "work"
+
+    @property
+    def old_upper(self) -> Path:  # agents before the root image: a plain dir, moved into it
+        return self.root / "upper"
+
+    @property
+    def old_work(self) -> Path:
         return self.root / "work"
 
     @property

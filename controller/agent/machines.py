@@ -152,6 +152,7 @@ class Machines:
 
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
         self._check_memory(rec.ref, spec, held=rec.spec.memory_bytes)
+        await self.prov.check_root_size(rec, spec)
         if spec.boot_hash() == rec.spec.boot_hash():
             # Only `paused` may differ: apply it to the running VM, nothing else to do.
             if spec.paused != rec.spec.paused and rec.state in (State.RUNNING, State.PAUSED):

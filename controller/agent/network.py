@@ -49,8 +49,13 @@ def mac_address(uid: str, index: int) -> str:
 
 
 def netns_argv(netns: str | None) -> list[str]:
-    """Prefix that runs a command inside ``netns`` (empty for the current namespace)."""
-    return ["ip", "netns", "exec", netns] if netns else []
+    """Prefix that runs a command inside ``netns`` (empty for the current namespace).
+
+    nsenter enters the network namespace only. ``ip netns exec`` would also give the VMM a
+    private copy of the host's mount table, and that copy would pin every mount of the time,
+    other VMs' root images included: their loop devices could never be detached while
+    this VMM runs (and lazily unmounted overlays and FUSE mounts would linger in it)."""
+    return ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
 
 
 def _ip(netns: str | None, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,8 @@
 """Provisioning in zos's order, and its exact inverse.
 
 provision(): fetch the flist and detect the boot mode from its metadata; mount it
-read-only, overlay with a per-VM upper dir (SSH host keys removed on first creation), or,
+read-only, overlay with a per-VM upper dir on a loop-mounted ext4 image of RootSize() (the
+root's quota; SSH host keys removed on first creation), or,
 in image mode, copy its /image.raw onto a blank boot disk; write the seed, create taps,
 disks and shares, then launch(): virtiofsd, then the hypervisor, each detached in its
 own session. teardown() undoes all of it and is idempotent: it checks what exists, so
@@ -19,13 +20,19 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from controller.agent import boot, image
+from controller.agent import boot, image, rootlayer
 from controller.agent.config import AgentConfig
-from controller.agent.errors import AgentError, InvalidSpec, ProvisionFailed, Unavailable
+from controller.agent.errors import (
+    AgentError,
+    FailedPrecondition,
+    InvalidSpec,
+    ProvisionFailed,
+    Unavailable,
+)
 from controller.agent.hypervisor import log_tail
 from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
-from controller.agent.spec import MachineSpec, Ref, VolumeKind
+from controller.agent.spec import MachineSpec, Ref, VolumeKind, human_size, root_size
 from controller.agent.state import MachineRecord, State
 from controller.flist import bootmode, fetch, mount, overlay
 
@@ -58,6 +65,21 @@ class Provisioner:
             raise InvalidSpec(
                 f"zmachine {ref}: spec.flist {spec.flist!r} is outside the directories "
                 f"allowed for file:// flists: {allowed}"
+            )
+
+    async def check_root_size(self, rec: MachineRecord, spec: MachineSpec) -> None:
+        """A new generation may grow the root, never shrink it (ext4 shrinks only offline
+        and only into free space; zos's quota cannot go below what is used either).
+        spec.size 0 asks for "the minimum": a root already larger satisfies that."""
+        p = self.paths(rec)
+        if not spec.size_bytes or not p.root_image.exists():
+            return
+        current = await asyncio.to_thread(rootlayer.fs_size, p.root_image)
+        wanted = root_size(spec)
+        if wanted < current:
+            raise FailedPrecondition(
+                f"zmachine {rec.ref}: spec.size: root size can only grow: "
+                f"{human_size(current)} -> {human_size(wanted)}"
             )
 
     def hypervisor_info(self) -> boot.HypervisorInfo:
@@ -110,6 +132,7 @@ class Provisioner:
     async def _flist_root(self, rec: MachineRecord, flist: Path) -> None:
         """Container and VM mode: the flist under a writable overlay is the guest's root."""
         p = self.paths(rec)
+        await self._mount_layer(rec)
         first = not p.upper.exists()
         for d in (p.upper, p.work, p.rootfs):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -118,6 +141,37 @@ class Provisioner:
             for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
                 key.unlink()
         rec.boot_mode = bootmode.detect_boot_mode(p.rootfs).mode.value
+
+    async def _mount_layer(self, rec: MachineRecord) -> None:
+        """The root image (created, or grown to the spec's RootSize()) mounted at
+        ``layer/``; skipped when mounted at the right size. Only called while the VMM is
+        not running, so a mount too small can be taken down and grown."""
+        p = self.paths(rec)
+        size = root_size(rec.spec)
+        exists = p.root_image.exists()
+        small = exists and await asyncio.to_thread(rootlayer.fs_size, p.root_image) < size
+        if mount.is_mounted(p.layer) and not small:
+            return
+        if small:
+            await self._unmount_root(rec)
+            self._log(rec).info("growing root", size=human_size(size))
+            await asyncio.to_thread(rootlayer.grow, p.root_image, size)
+        elif not exists:
+            await asyncio.to_thread(rootlayer.create, p.root_image, size)
+        await asyncio.to_thread(rootlayer.mount, p.root_image, p.layer)
+        if p.old_upper.is_dir() and not p.upper.exists():
+            self._log(rec).info("moving the writable layer into the root image")
+            try:
+                await asyncio.to_thread(
+                    rootlayer.adopt_plain_upper, p.old_upper, p.old_work, p.upper
+                )
+            except Unavailable as exc:
+                if "No space left" not in str(exc):
+                    raise
+                raise FailedPrecondition(
+                    f"zmachine {rec.ref}: spec.size: the writable layer does not fit in a "
+                    f"root of {human_size(size)}; deploy a larger size"
+                ) from exc
 
     async def _image_disk(self, rec: MachineRecord, flist: Path) -> None:
         """Image mode: the volumes, raw (zos formats none of them then), and /image.raw
@@ -230,8 +284,16 @@ class Provisioner:
                     fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
                 )
             await self._mount_flist(rec, flist)
+        await self._mount_layer(rec)  # before the overlay: upper and work live in it
         if not mount.is_mounted(p.rootfs):
             await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
+
+    async def _unmount_root(self, rec: MachineRecord) -> None:
+        """The overlay, then the root image under it; the flist mount stays."""
+        p = self.paths(rec)
+        if mount.is_mounted(p.rootfs):
+            await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
+        await asyncio.to_thread(rootlayer.unmount, p.root_image, p.layer)
 
     def observe(self, rec: MachineRecord) -> bool:
         """Periodic bookkeeping of a live VM: boot duration and serial log rotation.
@@ -288,14 +350,13 @@ class Provisioner:
         await self.stop(rec)
         await self.host.delete_nics(rec)
         rec.nics = []
-        if mount.is_mounted(p.rootfs):
-            await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
+        await self._unmount_root(rec)
         if mount.is_mounted(p.lower):
             await asyncio.to_thread(mount.unmount, p.lower)
         for h in rec.helpers:
             await terminate(h)
         rec.helpers = []
-        if mount.is_mounted(p.rootfs) or mount.is_mounted(p.lower):
+        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer)):
             raise Unavailable(f"zmachine {rec.ref}: {p.root} still has a busy mount; retry")
         if not keep_data:
             if p.root.exists():

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from controller.agent.errors import InvalidSpec
 
 MIN_MEMORY = 128 << 20
+MIB, GIB = 1 << 20, 1 << 30
 _UID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _VOLUME = re.compile(r"^[a-z0-9_-]{1,36}$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -110,6 +111,25 @@ class MachineSpec:
         )
 
 
+def min_root_size(cpu: int, memory_bytes: int) -> int:
+    """zos's MinRootSize(): 2 GiB once cpu x memory reaches 8 GiB (integer maths), else
+    500 MiB; the CRD's admission rule is the same."""
+    return 2 * GIB if cpu * memory_bytes // (8 * GIB) >= 1 else 500 * MIB
+
+
+def root_size(spec: MachineSpec) -> int:
+    """zos's RootSize(): the writable root's size, spec.size or the minimum if larger."""
+    return max(spec.size_bytes, min_root_size(spec.cpu, spec.memory_bytes))
+
+
+def human_size(nbytes: int) -> str:
+    """Bytes as the Kubernetes quantity a user wrote ("2Gi", "500Mi"), else plain bytes."""
+    for unit, factor in (("Gi", GIB), ("Mi", MIB)):
+        if nbytes and nbytes % factor == 0:
+            return f"{nbytes // factor}{unit}"
+    return str(nbytes)
+
+
 def validate_ref(ref: Ref) -> None:
     if not _UID.match(ref.uid):
         raise InvalidSpec(f"ref.uid {ref.uid!r}: must be a Kubernetes UID ([a-z0-9-], ≤64 chars)")
@@ -147,6 +167,14 @@ def validate_spec(ref: Ref, spec: MachineSpec) -> None:
 
 
 def _validate_storage(where: str, spec: MachineSpec) -> None:
+    least = min_root_size(spec.cpu, spec.memory_bytes)
+    if 0 < spec.size_bytes < least:
+        # The same rule as the CRD's admission; a smaller root would be a quota zos refuses.
+        raise InvalidSpec(
+            f"{where}: spec.size {human_size(spec.size_bytes)} is below the minimum root size "
+            f"{human_size(least)} for {spec.cpu} vCPU and {human_size(spec.memory_bytes)} "
+            "memory (0 means the minimum)"
+        )
     names: set[str] = set()
     for i, v in enumerate(spec.volumes):
         # Volume names become file names under the state dir and virtio-fs tags (≤36).

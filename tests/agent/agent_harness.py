@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def loop_backing_files() -> list[str]:
+    """The backing file of every loop device on the host (a deleted one ends "(deleted)")."""
+    out = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return [line.strip() for line in out.stdout.splitlines()]
+
+
 class AgentProcess:
     """One agent: fixed state dir and port, so a restart finds what the last one left."""
 

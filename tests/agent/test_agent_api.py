@@ -114,6 +114,7 @@ def _deploy(agent: AgentProcess, uid: str, spec: pb.ZmachineSpec) -> grpc.aio.Ai
         ("u3", _spec(memory_bytes=1 << 20), "spec.memory"),
         ("u4", _spec(cpu=0), "spec.cpu"),
         ("u5", _spec(flist="file:///etc/passwd"), "allowed for file:// flists"),
+        ("u6", _spec(size_bytes=100 << 20), "spec.size 100Mi is below the minimum root size 500Mi"),
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(

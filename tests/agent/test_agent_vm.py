@@ -8,6 +8,7 @@ keep guest boots at three: the first boot, the supervisor's restart, the new gen
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 
 from controller.agent.procs import cmdline
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from tests.agent.agent_harness import AgentProcess, EventRecorder
+from tests.agent.agent_harness import AgentProcess, EventRecorder, loop_backing_files
 from tests.agent.conftest import AGENT_ENTRYPOINT, AGENT_GREETING_VAR, agent_process
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
@@ -61,6 +62,11 @@ def vm_processes() -> list[int]:
 
 def qemu_pids() -> list[int]:
     return [pid for pid, argv0 in vm_pids_of(UID) if "qemu-system" in argv0]
+
+
+def loops_of(image: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+    return out.stdout.splitlines()
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -152,11 +158,37 @@ def test_container_vm_boots_and_entrypoint_sees_env(
         lambda: shared.exists() and shared.read_text() == "from-guest\n",
         timeout=20,
     )
-    rootfs = agent.state_dir / "vms" / UID / "upper"
+    upper = agent.state_dir / "vms" / UID / "layer/upper"
     # The image's SSH host key was dropped from the VM's writable layer on first creation.
     assert not (agent.state_dir / "vms" / UID / "rootfs/etc/ssh/ssh_host_ed25519_key").exists()
-    assert rootfs.is_dir()
+    assert upper.is_dir()
     wait_for("boot duration", lambda: machine(agent).boot_duration_seconds > 0, timeout=10)
+
+
+def test_root_is_limited_to_root_size(agent: AgentProcess) -> None:
+    """spec.size 0 with 1 vCPU/256 MiB: zos's minimum, 500 MiB. The guest's writes go
+    through virtiofsd to the host overlay, so writing through that overlay is what the
+    guest would do: past the size it gets ENOSPC."""
+    vm_dir = agent.state_dir / "vms" / UID
+    image = vm_dir / "rootfs.ext4"
+    assert image.stat().st_size == 500 << 20
+    assert image.stat().st_blocks * 512 < 64 << 20, "the image must be sparse"
+    assert len(loops_of(image)) == 1
+    assert {str(vm_dir / "layer"), str(vm_dir / "rootfs")} <= set(mounts_under(vm_dir))
+    st = os.statvfs(vm_dir / "rootfs")
+    assert 400 << 20 < st.f_blocks * st.f_frsize <= 500 << 20
+    big = vm_dir / "rootfs/root/big"
+    try:
+        with open(big, "wb") as f, pytest.raises(OSError) as err:
+            os.posix_fallocate(f.fileno(), 0, 520 << 20)
+        assert err.value.errno == errno.ENOSPC
+    finally:
+        big.unlink(missing_ok=True)
+    (vm_dir / "rootfs/root/kept").write_text("written before the grow\n")
+    # The VMM runs in the agent's mount namespace (nsenter --net, not ip netns exec): a
+    # private copy of the mount table would pin every root image mounted at its start.
+    qemu = qemu_pids()[0]
+    assert os.readlink(f"/proc/{qemu}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
 
 
 def test_second_identical_deploy_is_a_noop(agent: AgentProcess, spec: pb.ZmachineSpec) -> None:
@@ -293,7 +325,8 @@ def test_node_reboot_while_agent_down_brings_the_vm_back(
     m = wait_for("the VM to be restarted", back, timeout=60)
     assert qemu_pids() == [m.pid]
     vm_dir = agent.state_dir / "vms" / UID
-    assert {str(vm_dir / "lower"), str(vm_dir / "rootfs")} <= set(mounts_under(vm_dir))
+    assert {str(vm_dir / d) for d in ("lower", "layer", "rootfs")} <= set(mounts_under(vm_dir))
+    assert len(loops_of(vm_dir / "rootfs.ext4")) == 1
     assert subprocess.run(["ip", "-n", agent_netns, "link", "show", tap]).returncode == 0
 
 
@@ -304,11 +337,17 @@ def test_new_generation_replaces_the_vm_with_the_new_spec(
     changed = pb.ZmachineSpec()
     changed.CopyFrom(spec)
     changed.env[AGENT_GREETING_VAR] = "second-generation"
+    changed.size_bytes = 600 << 20  # the root grows from the 500 MiB minimum
     resp = agent.call("deploy", REF, 4, changed)
     assert isinstance(resp, pb.DeployResponse) and resp.changed
     m = resp.machine
     assert m.generation == 4 and m.pid not in (0, old) and m.restarts == 0
     assert qemu_pids() == [m.pid]
+    vm_dir = agent.state_dir / "vms" / UID
+    assert (vm_dir / "rootfs.ext4").stat().st_size == 600 << 20
+    st = os.statvfs(vm_dir / "rootfs")
+    assert 500 << 20 < st.f_blocks * st.f_frsize <= 600 << 20
+    assert (vm_dir / "rootfs/root/kept").read_text() == "written before the grow\n"
     wait_for(
         "the new generation's output",
         lambda: "zm-test-entry second-generation" in Path(m.console_log).read_text(),
@@ -316,14 +355,33 @@ def test_new_generation_replaces_the_vm_with_the_new_spec(
     )
 
 
+def test_root_size_cannot_shrink(agent: AgentProcess, spec: pb.ZmachineSpec) -> None:
+    pid = machine(agent).pid
+    smaller = pb.ZmachineSpec()
+    smaller.CopyFrom(spec)
+    smaller.size_bytes = 500 << 20
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        agent.call("deploy", REF, 5, smaller)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "spec.size: root size can only grow: 600Mi -> 500Mi" in (err.value.details() or "")
+    m = machine(agent)
+    assert m.generation == 4 and m.pid == pid and m.state == pb.MACHINE_STATE_RUNNING
+
+
 def test_delete_leaves_no_process_mount_tap_or_file(agent: AgentProcess, agent_netns: str) -> None:
     m = machine(agent)
     tap = m.interfaces[0].tap
+    image = agent.state_dir / "vms" / UID / "rootfs.ext4"
     assert subprocess.run(["ip", "-n", agent_netns, "link", "show", tap]).returncode == 0
     assert vm_processes() and mounts_under(agent.state_dir / "vms" / UID)
+    assert loops_of(image)
     assert agent.call("delete", UID) is True
     assert vm_processes() == [], [cmdline(p) for p in vm_processes()]
     assert mounts_under(agent.state_dir) == []
+    assert str(agent.state_dir) not in Path("/proc/mounts").read_text()
+    assert loops_of(image) == []
+    # Also no device left on the deleted file (losetup -j needs the file to exist).
+    assert not [f for f in loop_backing_files() if f.startswith(str(agent.state_dir))]
     link = subprocess.run(["ip", "-n", agent_netns, "link", "show", tap], capture_output=True)
     assert link.returncode != 0, "tap still exists"
     assert not (agent.state_dir / "vms" / UID).exists()

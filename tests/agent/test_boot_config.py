@@ -125,7 +125,7 @@ def test_validate_names_the_field(
 def test_qemu_command_line(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, netns="zmns", serial_pty=True)
     argv = Qemu(accel="tcg").argv(cfg)
-    assert argv[:5] == ["ip", "netns", "exec", "zmns", "qemu-system-x86_64"]
+    assert argv[:4] == ["nsenter", "--net=/run/netns/zmns", "--", "qemu-system-x86_64"]
     joined = " ".join(argv)
     for part in (
         "-machine q35,accel=tcg,memory-backend=ram0",

@@ -155,7 +155,12 @@ def test_command_line_variants(tmp_path: Path) -> None:
     assert not {"--fs", "--disk", "--net"} & set(argv)
     assert argv[argv.index("--serial") + 1] == "pty"
     netns = make_config(tmp_path, netns="zmns1")
-    assert CloudHypervisor().argv(netns)[:5] == ["ip", "netns", "exec", "zmns1", "cloud-hypervisor"]
+    assert CloudHypervisor().argv(netns)[:4] == [
+        "nsenter",
+        "--net=/run/netns/zmns1",
+        "--",
+        "cloud-hypervisor",
+    ]
 
 
 def test_image_mode_boots_the_firmware_from_the_boot_disk(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def still_running(ref: ProcessRef) -> bool:
     """Same pid and start time, not a zombie: enough for a process we identified already.
 
     The command-line marker (ProcessRef.alive) is for adoption after a restart; it is
-    briefly absent while a process execs (e.g. "ip netns exec" becoming the VMM).
+    briefly absent while a process execs (e.g. "nsenter --net" becoming the VMM).
     """
     if exit_code(ref) is not None:
         return False

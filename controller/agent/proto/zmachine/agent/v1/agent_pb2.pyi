@@ -299,7 +299,7 @@ class ZmachineSpec(_message.Message):
     cpu: _builtins.int
     memory_bytes: _builtins.int
     size_bytes: _builtins.int
-    """rootfs size hint; 0 = minimum"""
+    """the writable root's size (its quota); 0 = minimum (zos MinRootSize)"""
     entrypoint: _builtins.str
     restart_policy: Global___RestartPolicy.ValueType
     paused: _builtins.bool

@@ -1,0 +1,131 @@
+"""The quota of a Zmachine's writable root: a sparse ext4 image, loop-mounted.
+
+zos puts the overlay's upper layer on a btrfs subvolume with a quota of RootSize(). The
+agent gets the same limit from a filesystem of exactly that size: a sparse file formatted
+ext4 (no journal: the guest's writes already go through the host page cache and virtiofsd,
+and it keeps the image small), mounted with ``mount -o loop`` (autoclear: the loop device
+goes away with the last unmount). The overlay's upper and work dirs live inside it, so a
+guest that fills it gets ENOSPC. Growing is done offline (truncate, e2fsck, resize2fs):
+online resizing needs EXT4_IOC_RESIZE_FS, which container runtimes commonly deny.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from controller.agent.errors import Unavailable
+from controller.flist import syscalls
+
+TIMEOUT = 600.0  # e2fsck/resize2fs of a large, full image take a while
+UNMOUNT_WAIT = 5.0  # a lazily detached overlay on top may take a moment to let go
+
+
+def _run(argv: Sequence[str], ok: Sequence[int] = (0,)) -> str:
+    out = subprocess.run(list(argv), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    if out.returncode not in ok:
+        raise Unavailable(
+            f"{argv[0]} failed ({out.returncode}): {(out.stderr or out.stdout)[-2000:]}"
+        )
+    return out.stdout
+
+
+def create(image: Path, size: int) -> None:
+    """A new sparse image of ``size`` bytes; made under a temporary name so an interrupted
+    mkfs never leaves a half-formatted image that later looks like the VM's root."""
+    tmp = image.with_suffix(".new")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=0o600)
+    os.truncate(tmp, size)
+    # -m 0: no blocks reserved for root, so every guest user gets the whole size.
+    _run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "zmroot", str(tmp)])
+    tmp.rename(image)
+
+
+def fs_size(image: Path) -> int:
+    """The filesystem's size in bytes, from its superblock (the file may be larger when a
+    grow was interrupted between truncate and resize2fs)."""
+    fields: dict[str, str] = {}
+    for line in _run(["dumpe2fs", "-h", str(image)]).splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    try:
+        return int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError) as exc:
+        raise Unavailable(f"{image}: not an ext4 image (dumpe2fs: no {exc})") from None
+
+
+def grow(image: Path, size: int) -> None:
+    """Grow the unmounted image's file and filesystem to ``size`` bytes."""
+    if image.stat().st_size < size:
+        os.truncate(image, size)
+    # resize2fs refuses a filesystem not checked since its last mount; 1 = errors fixed.
+    _run(["e2fsck", "-f", "-p", str(image)], ok=(0, 1))
+    _run(["resize2fs", str(image)])
+
+
+def loop_devices(image: Path) -> list[str]:
+    """Loop devices backed by ``image`` (``losetup -j``)."""
+    out = _run(["losetup", "-j", str(image)])
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
+
+
+def mount(image: Path, target: Path) -> None:
+    """Mount ``image`` at ``target``. A loop device still attached to it (an unmount the
+    kernel has not finished) is reused: a second device on the same file would be a second
+    ext4 instance writing the same blocks."""
+    target.mkdir(mode=0o700, exist_ok=True)
+    attached = loop_devices(image)
+    if attached:
+        _run(["mount", "-o", "noatime", attached[0], str(target)])
+    else:
+        _run(["mount", "-o", "loop,noatime", str(image), str(target)])
+
+
+def unmount(image: Path, target: Path) -> None:
+    """Unmount ``target`` (not lazily: a lazy unmount would keep the loop device and the
+    deleted image alive) and detach any loop device left on ``image``."""
+    text = os.path.abspath(target)
+    deadline = time.monotonic() + UNMOUNT_WAIT
+    while text in syscalls.mountpoints():
+        try:
+            syscalls.umount(text)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                break
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise Unavailable(f"{target}: unmount failed: {exc.strerror}") from None
+            time.sleep(0.1)
+    # The kernel detaches an autoclear device asynchronously after the unmount; detach
+    # leftovers ourselves (losetup -d fails harmlessly on one already going away) and wait
+    # until none is left, so a deleted image never stays alive behind a loop device.
+    while image.exists() and (attached := loop_devices(image)):
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"{image}: loop device {', '.join(attached)} still attached")
+        for dev in attached:
+            _run(["losetup", "-d", dev], ok=(0, 1))
+        time.sleep(0.1)
+
+
+def adopt_plain_upper(old_upper: Path, old_work: Path, upper: Path) -> None:
+    """Agents before the root image kept the overlay's upper and work dirs as plain
+    directories in the VM dir: copy the upper layer into the mounted image (``cp -a`` keeps
+    overlayfs's whiteouts, 0:0 character devices, and its trusted.overlay.* xattrs), then
+    drop the old dirs (work holds nothing once the overlay is unmounted). A layer that does
+    not fit fails with ENOSPC and is kept as it was, for a retry with a larger spec.size."""
+    tmp = upper.with_name(upper.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an interrupted earlier copy
+    try:
+        _run(["cp", "-a", str(old_upper), str(tmp)])
+    except Unavailable:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back to the guest
+        raise
+    tmp.rename(upper)
+    shutil.rmtree(old_upper)
+    shutil.rmtree(old_work, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""The writable root's size without a VM: zos's MinRootSize()/RootSize() rule, the agent's
+validation of spec.size, and the loop-mounted ext4 image that enforces it (real mkfs,
+loop device, ENOSPC, offline grow, unmount leaving no loop device)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from controller.agent import rootlayer
+from controller.agent.errors import InvalidSpec, Unavailable
+from controller.agent.spec import (
+    GIB,
+    MIB,
+    MachineSpec,
+    Ref,
+    human_size,
+    min_root_size,
+    root_size,
+    validate_spec,
+)
+from tests.agent.agent_harness import loop_backing_files
+
+REF = Ref("default", "vm", "u-root-size")
+
+
+@pytest.mark.parametrize(
+    ("cpu", "memory", "minimum"),
+    [
+        (1, 4 * GIB, 500 * MIB),  # zos's own examples (reference 1.3)
+        (2, 4 * GIB, 2 * GIB),
+        (1, 8 * GIB, 2 * GIB),  # cpu x memory = 8 GiB exactly: the 2 GiB side
+        (1, 8 * GIB - 1, 500 * MIB),  # integer maths: just below rounds down to 0
+        (4, 256 * MIB, 500 * MIB),
+    ],
+)
+def test_min_root_size_follows_zos(cpu: int, memory: int, minimum: int) -> None:
+    assert min_root_size(cpu, memory) == minimum
+
+
+def test_root_size_is_the_larger_of_size_and_minimum() -> None:
+    assert root_size(MachineSpec("file:///x.fl", 1, 4 * GIB)) == 500 * MIB  # 0 = minimum
+    assert root_size(MachineSpec("file:///x.fl", 2, 4 * GIB, size_bytes=3 * GIB)) == 3 * GIB
+
+
+def test_a_size_below_the_minimum_is_refused_naming_spec_size() -> None:
+    validate_spec(REF, MachineSpec("file:///x.fl", 1, 4 * GIB, size_bytes=500 * MIB))
+    validate_spec(REF, MachineSpec("file:///x.fl", 1, 4 * GIB, size_bytes=0))
+    too_small = MachineSpec("file:///x.fl", 2, 4 * GIB, size_bytes=1 * GIB)
+    with pytest.raises(InvalidSpec, match=r"spec\.size 1Gi is below the minimum root size 2Gi"):
+        validate_spec(REF, too_small)
+
+
+def test_human_size() -> None:
+    assert [human_size(n) for n in (2 * GIB, 500 * MIB, 1536 * MIB, 1000)] == [
+        "2Gi",
+        "500Mi",
+        "1536Mi",
+        "1000",
+    ]
+
+
+@pytest.mark.fuse  # root: loop devices and mount
+def test_the_image_is_a_quota_that_grows_and_unmounts_cleanly(tmp_path: Path) -> None:
+    image, layer = tmp_path / "rootfs.ext4", tmp_path / "layer"
+    rootlayer.create(image, 64 * MIB)
+    assert image.stat().st_size == 64 * MIB
+    assert image.stat().st_blocks * 512 < 8 * MIB, "the image must be sparse"
+    assert rootlayer.fs_size(image) == 64 * MIB
+    rootlayer.mount(image, layer)
+    try:
+        assert len(rootlayer.loop_devices(image)) == 1
+        big = layer / "big"
+        with open(big, "wb") as f, pytest.raises(OSError) as err:
+            os.posix_fallocate(f.fileno(), 0, 70 * MIB)
+        assert err.value.errno == errno.ENOSPC
+        big.unlink()
+        (layer / "kept").write_text("survives the grow\n")
+    finally:
+        rootlayer.unmount(image, layer)
+    assert rootlayer.loop_devices(image) == []
+    rootlayer.grow(image, 96 * MIB)
+    assert image.stat().st_size == rootlayer.fs_size(image) == 96 * MIB
+    rootlayer.mount(image, layer)
+    try:
+        assert (layer / "kept").read_text() == "survives the grow\n"
+        with open(layer / "big", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 70 * MIB)  # fits now
+    finally:
+        rootlayer.unmount(image, layer)
+    assert str(image) not in loop_backing_files()
+    assert str(layer) not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.fuse  # root: loop devices, mknod, trusted.* xattrs
+def test_a_plain_upper_dir_from_an_older_agent_moves_into_the_image(tmp_path: Path) -> None:
+    old_upper, old_work = tmp_path / "upper", tmp_path / "work"
+    (old_upper / "etc").mkdir(parents=True)
+    (old_work / "work").mkdir(parents=True)
+    (old_upper / "etc/hostname").write_text("kept\n")
+    os.mknod(old_upper / "etc/deleted", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # whiteout
+    os.setxattr(old_upper / "etc", "trusted.overlay.opaque", b"y")
+    image, layer = tmp_path / "rootfs.ext4", tmp_path / "layer"
+    rootlayer.create(image, 16 * MIB)
+    rootlayer.mount(image, layer)
+    try:
+        rootlayer.adopt_plain_upper(old_upper, old_work, layer / "upper")
+        upper = layer / "upper"
+        assert (upper / "etc/hostname").read_text() == "kept\n"
+        whiteout = (upper / "etc/deleted").lstat()
+        assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == os.makedev(0, 0)
+        assert os.getxattr(upper / "etc", "trusted.overlay.opaque") == b"y"
+        assert not old_upper.exists() and not old_work.exists()
+        # Too big for the image: ENOSPC, and the old layer stays for a retry.
+        (tmp_path / "upper").mkdir()
+        (tmp_path / "upper/big").write_bytes(os.urandom(20 * MIB))
+        with pytest.raises(Unavailable, match="No space left"):
+            rootlayer.adopt_plain_upper(old_upper, old_work, layer / "upper2")
+        assert (old_upper / "big").exists() and not (layer / "upper2.new").exists()
+    finally:
+        rootlayer.unmount(image, layer)
