@@ -43,6 +43,11 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def micro_time() -> str:
+    """Now as metav1.MicroTime: exactly six fractional digits, which isoformat may omit."""
+    return utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def lease_is_fresh(lease: client.V1Lease, now: datetime.datetime | None = None) -> bool:
     spec = lease.spec
     if spec is None or spec.renew_time is None:

@@ -46,6 +46,15 @@ def kube_assets() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+def guest_kernel_dir() -> Path:
+    """vmlinuz + initramfs.img for container mode, built (cached) by hack/build-guest-kernel.sh."""
+    result = subprocess.run(
+        ["bash", str(HACK / "build-guest-kernel.sh")], stdout=subprocess.PIPE, text=True,
+        check=True, timeout=600,
+    )  # fmt: skip
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ Everything lives under .cache/ in the checkout; process ids go to .cache/pids so
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from hack.controlplane import ControlPlane, free_port
+from hack.controlplane import ControlPlane, free_port, guest_kernel_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
@@ -97,13 +98,7 @@ def _network() -> None:
 
 def _guest_kernel() -> Path:
     say("building the container-mode guest kernel and initramfs (cached)")
-    out = subprocess.run(
-        ["bash", str(REPO / "hack/build-guest-kernel.sh")],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
+    return guest_kernel_dir()
 
 
 def _pki() -> Path:
@@ -207,6 +202,7 @@ Next:
     return 1
 
 
+@functools.cache
 def _kubectl() -> Path:
     from hack.controlplane import kube_assets
 

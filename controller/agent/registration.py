@@ -12,7 +12,7 @@ from kubernetes import client
 
 from controller.api.conditions import set_condition
 from controller.api.zmachinenode import PLURAL
-from controller.kube import GROUP, VERSION, ApiException, api_client, get_object, utcnow
+from controller.kube import GROUP, VERSION, ApiException, api_client, get_object, micro_time
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
@@ -54,11 +54,12 @@ class Registrar:
             await asyncio.sleep(self.reg.interval)
 
     def beat(self, info: Any) -> None:
-        self._ensure_node()
-        self._patch_status(info)
+        current = self._ensure_node()
+        self._patch_status(current, info)
         self._renew_lease()
 
-    def _ensure_node(self) -> None:
+    def _ensure_node(self) -> dict[str, Any]:
+        """The node's ZmachineNode as stored, created or its spec corrected first."""
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "ZmachineNode",
@@ -72,13 +73,14 @@ class Registrar:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+            created = self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
             self.log.info("registered ZmachineNode", address=self.reg.address)
-            return
+            return get_object(created)
         if current.get("spec") != body["spec"]:
             self.custom.patch_cluster_custom_object(
                 GROUP, VERSION, PLURAL, self.reg.node_name, {"spec": body["spec"]}
             )
+        return current
 
     def _labels(self) -> dict[str, str]:
         try:
@@ -89,10 +91,7 @@ class Registrar:
             raise
         return dict((node.metadata.labels if node.metadata else None) or {})
 
-    def _patch_status(self, info: Any) -> None:
-        current = get_object(
-            self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.reg.node_name)
-        )
+    def _patch_status(self, current: dict[str, Any], info: Any) -> None:
         existing = (current.get("status") or {}).get("conditions") or []
         status = {
             "capacity": {"cpu": info.capacity.cpu, "memory": _mi(info.capacity.memory_bytes)},
@@ -115,8 +114,7 @@ class Registrar:
 
     def _renew_lease(self) -> None:
         name, ns = lease_name(self.reg.node_name), self.reg.lease_namespace
-        # MicroTime wants exactly six fractional digits, which isoformat() may omit.
-        now = utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = micro_time()
         spec = {
             "holderIdentity": self.reg.node_name,
             "leaseDurationSeconds": self.reg.lease_seconds,

@@ -13,8 +13,13 @@ PAUSED = "Paused"
 NODE_READY = "NodeReady"
 
 
+def format_time(when: datetime.datetime) -> str:
+    """metav1.Time: RFC 3339 in UTC, whole seconds."""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.datetime.now(datetime.UTC))
 
 
 def set_condition(

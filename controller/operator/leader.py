@@ -19,15 +19,11 @@ from collections.abc import Iterator
 import structlog
 from kubernetes import client
 
-from controller.kube import ApiException, lease_is_fresh, utcnow
+from controller.kube import ApiException, lease_is_fresh, micro_time
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 LEASE_NAME = "zmachine-controller"
-
-
-def _now() -> str:
-    return utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _StandbyHandler(http.server.BaseHTTPRequestHandler):
@@ -66,14 +62,14 @@ class LeaderElector:
         spec = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": self.duration,
-            "renewTime": _now(),
+            "renewTime": micro_time(),
         }
         try:
             lease = self.coordination.read_namespaced_lease(LEASE_NAME, self.namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            body = {"metadata": {"name": LEASE_NAME}, "spec": spec | {"acquireTime": _now()}}
+            body = {"metadata": {"name": LEASE_NAME}, "spec": spec | {"acquireTime": micro_time()}}
             try:
                 self.coordination.create_namespaced_lease(self.namespace, body)  # type: ignore[arg-type]
             except ApiException as create_exc:
@@ -88,7 +84,7 @@ class LeaderElector:
         version = lease.metadata.resource_version if lease.metadata else None
         patch: dict[str, object] = {"metadata": {"resourceVersion": version}, "spec": spec}
         if holder != self.identity:
-            patch["spec"] = spec | {"acquireTime": _now()}
+            patch["spec"] = spec | {"acquireTime": micro_time()}
         try:
             self.coordination.patch_namespaced_lease(LEASE_NAME, self.namespace, patch)
         except ApiException as exc:

@@ -59,6 +59,7 @@ class Runtime:
     read_secret: SecretReader
     list_placements: Callable[[], list[tuple[str, Placement]]]
     delete_timeout: float = 300.0
+    placements_seeded: bool = False
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
@@ -161,9 +162,12 @@ async def _place(
     rt: Runtime, target: Target, raw_spec: Mapping[str, Any], spec: ZmachineSpec, out: StatusWriter
 ) -> str | None:
     async with rt.placement_lock:
-        # Count what the API says is placed, plus placements not yet visible there.
-        for uid, placement in await asyncio.to_thread(rt.list_placements):
-            rt.inventory.placements[uid] = placement
+        if not rt.placements_seeded:
+            # The watch may not have delivered every placed Zmachine yet right after start:
+            # count what the API says once; from then on the watch and our own reservations do.
+            for uid, placement in await asyncio.to_thread(rt.list_placements):
+                rt.inventory.placements[uid] = placement
+            rt.placements_seeded = True
         decision = choose_node(
             rt.inventory, request_of(raw_spec), spec.node_selector, pinned=spec.node_name
         )
@@ -225,7 +229,7 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
 def _observe_time_to_running(target: Target) -> None:
     if not target.created:
         return
-    created = datetime.datetime.fromisoformat(target.created.replace("Z", "+00:00"))
+    created = datetime.datetime.fromisoformat(target.created)
     elapsed = datetime.datetime.now(datetime.UTC) - created
     metrics.TIME_TO_RUNNING.observe(elapsed.total_seconds())
 
@@ -236,7 +240,7 @@ async def _sample_metrics(
     previous = (out.current.get("metrics") or {}).get("sampledAt")
     now = datetime.datetime.now(datetime.UTC)
     if previous:
-        taken = datetime.datetime.fromisoformat(str(previous).replace("Z", "+00:00"))
+        taken = datetime.datetime.fromisoformat(str(previous))
         if now - taken < METRICS_INTERVAL:
             return
     try:
@@ -253,7 +257,7 @@ async def _sample_metrics(
             "netTxBytes": stats.net_tx_bytes,
             "diskReadBytes": stats.block_read_bytes,
             "diskWriteBytes": stats.block_write_bytes,
-            "sampledAt": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sampledAt": cond.format_time(now),
         },
     )
 
@@ -305,7 +309,7 @@ async def release(
         deleting_since = meta.get("deletionTimestamp")
         waited = 0.0
         if deleting_since:
-            since = datetime.datetime.fromisoformat(str(deleting_since).replace("Z", "+00:00"))
+            since = datetime.datetime.fromisoformat(str(deleting_since))
             waited = (datetime.datetime.now(datetime.UTC) - since).total_seconds()
         if waited >= rt.delete_timeout:
             out.event(

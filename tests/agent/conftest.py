@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from controller.agent.tls import write_dev_pki
-from tests.agent.agent_harness import ROOT, AgentProcess
+from hack.controlplane import guest_kernel_dir
+from tests.agent.agent_harness import AgentProcess
 from tests.netns import bridged_netns
 
 AGENT_GREETING_VAR = "ZM_GREETING"
@@ -32,11 +32,7 @@ def agent_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def agent_guest_dir() -> Path:
     """vmlinuz + initramfs.img for container mode, built (cached) from Debian packages."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "hack/build-guest-kernel.sh")],
-        check=True, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    return Path(out.stdout.strip().splitlines()[-1])
+    return guest_kernel_dir()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 
 from controller.agent.procs import cmdline
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from hack.controlplane import guest_kernel_dir
 from tests.agent.agent_harness import ROOT, AgentProcess
 from tests.agent.conftest import agent_process
 from tests.agent.test_agent_vm import mounts_under, vm_pids_of, wait_for
@@ -64,11 +65,7 @@ LABEL linux
 
 def debian_kernel() -> Path:
     """The kernel hack/build-guest-kernel.sh uses (its modules go into the initramfs)."""
-    guest = subprocess.run(
-        ["bash", str(ROOT / "hack/build-guest-kernel.sh")],
-        check=True, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    return Path(guest.stdout.strip().splitlines()[-1]) / "vmlinuz"
+    return guest_kernel_dir() / "vmlinuz"
 
 
 def build_boot_image(work: Path, image: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.tls import write_dev_pki
 from controller.flist.pack import pack
+from hack.controlplane import guest_kernel_dir
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process, guest_busybox_root
 from tests.bench.report import write_section
@@ -60,12 +60,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    guest = Path(
-        subprocess.run(
-            ["bash", str(REPO / "hack/build-guest-kernel.sh")],
-            check=True, capture_output=True, text=True,
-        ).stdout.split()[-1]
-    )  # fmt: skip
+    guest = guest_kernel_dir()
     with tempfile.TemporaryDirectory(prefix="zm-bench-agent-") as tmp:
         base = Path(tmp)
         write_dev_pki(base / "pki")

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from controller.agent.procs import terminate
 from controller.agent.seed import SeedConfig, write_seed
 from controller.agent.virtiofs import start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, VMConfig, kernel_cmdline
+from hack.controlplane import guest_kernel_dir
 from tests.agent.conftest import guest_busybox_root
 from tests.bench.report import write_section
 
@@ -93,12 +93,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
-    guest = Path(
-        subprocess.run(
-            ["bash", str(REPO / "hack/build-guest-kernel.sh")],
-            check=True, capture_output=True, text=True,
-        ).stdout.split()[-1]
-    )  # fmt: skip
+    guest = guest_kernel_dir()
     accel = Qemu().acceleration() if os.environ.get("ZM_ACCEL") else "tcg"
     runs = []
     for i in range(args.runs):
