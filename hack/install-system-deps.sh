@@ -9,10 +9,10 @@ packages=(
   dosfstools mtools                      # the cidata seed disk (vfat)
   syslinux syslinux-common               # bootable disk images for the image-mode test
   iproute2 bridge-utils                  # bridges, taps and test namespaces
-  chromium chromium-driver               # web console browser tests
   cpio zstd xz-utils kmod                # initramfs packing and kernel modules
   capnproto                              # capnp encode: builds v1 flists in tests/flist
   e2fsprogs mount                        # root images: mkfs.ext4, resize2fs; mount -o loop, losetup
+  util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
 )
 missing=()
 for p in "${packages[@]}"; do
