@@ -1,0 +1,1 @@
+"""Fault tests: kill, freeze or restart a component at each step, then look for leaks."""
