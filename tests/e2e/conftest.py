@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -100,4 +101,7 @@ def fleet(
         controller.terminate()
         controller.wait(30)
         for agent in agents.values():
+            # VMs outlive their agent by design: a failed test must not leave them running.
+            with contextlib.suppress(Exception):
+                agent.delete_all()
             agent.stop()

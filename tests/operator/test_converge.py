@@ -132,3 +132,30 @@ def test_an_unreachable_agent_makes_ready_unknown(
     ready = next(c for c in out.conditions if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("Unknown", "AgentUnreachable")
     assert out.phase == "Unknown"
+
+
+def test_a_lost_node_loses_its_unpinned_zmachines(
+    world: World, named: str, events: list[posting.K8sEvent]
+) -> None:
+    fleet, rt, body = world.deployed(named)
+    first = world.body(named)["status"]["nodeName"]
+    rt.node_lost_timeout = 0.0
+    rt.inventory.mark_unready(first)
+    asyncio.run(run_converge(rt, world.body(named)))  # cleared and placed again at once
+    assert any(e.reason == "Rescheduling" for e in events)
+    other = world.body(named)["status"]["nodeName"]
+    assert other != first
+    assert other in fleet.running(body["metadata"]["uid"])
+
+
+def test_a_lost_node_keeps_its_pinned_zmachines(
+    world: World, named: str, events: list[posting.K8sEvent]
+) -> None:
+    _, rt, _ = world.deployed(named, nodeName="node-a")
+    rt.node_lost_timeout = 0.0
+    rt.inventory.forget_node("node-a")
+    out = asyncio.run(run_converge(rt, world.body(named)))
+    assert world.body(named)["status"]["nodeName"] == "node-a"
+    node_ready = next(c for c in out.conditions if c["type"] == "NodeReady")
+    assert node_ready["reason"] == "NodeDeleted" and "spec.nodeName" in node_ready["message"]
+    assert out.phase == "Unknown"
