@@ -34,6 +34,7 @@ from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
 from controller.agent.spec import MachineSpec, Ref, VolumeKind, human_size, root_size
 from controller.agent.state import MachineRecord, State
+from controller.agent.vmconfig import RUN_LOG
 from controller.flist import bootmode, fetch, mount, overlay
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,8 @@ class Provisioner:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host = boot.HostBoot(config)
-        # (uid, event) from the VMMs' event streams, for the supervisor to act on.
+        # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
+        # virtiofsd(s) the reboot disconnected.
         self.guest_events: asyncio.Queue[tuple[str, GuestEvent]] = asyncio.Queue()
 
     def paths(self, rec: MachineRecord) -> VMPaths:
@@ -301,7 +303,8 @@ class Provisioner:
     def _watch(self, rec: MachineRecord) -> None:
         def on_event(event: GuestEvent) -> None:
             self._log(rec).info("guest event", guest_event=event.value)
-            self.guest_events.put_nowait((rec.ref.uid, event))
+            if event is GuestEvent.REBOOT and self.host.driver.reboot_reconnects_shares:
+                self.guest_events.put_nowait((rec.ref.uid, event))
 
         self.host.watch(rec, self.paths(rec), on_event)
 
@@ -334,7 +337,11 @@ class Provisioner:
     def log_tail(self, rec: MachineRecord) -> str:
         """The end of the serial console and of the VMM's own log, for FAILED reports."""
         p = self.paths(rec)
-        return f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        tail = f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        run_log = p.root / RUN_LOG  # cloud-hypervisor's own log (--log-file)
+        if run_log.exists():
+            tail += f"\n[{RUN_LOG}]\n{log_tail(run_log, 1024)}"
+        return tail
 
     async def stats(self, rec: MachineRecord) -> boot.VMStats:
         return await self.host.stats(rec, self.paths(rec))

@@ -30,8 +30,8 @@ from controller.agent.state import MachineRecord, State
 log = structlog.get_logger(__name__)
 
 
-# Seconds for a virtiofsd to exit after a reboot event before the supervisor decides it
-# survived (QEMU keeps the vhost-user connection across a guest reset).
+# Seconds for the old virtiofsd to exit after cloud-hypervisor's reboot event (it does
+# once CH drops the connection) before a new one takes its socket path.
 REBOOT_SHARE_WAIT = 3.0
 
 

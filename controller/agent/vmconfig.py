@@ -20,6 +20,7 @@ BASE_ARGS = ("rw", "console=ttyS0", "reboot=k", "panic=1")
 MAX_TAG_BYTES = 36  # virtio-fs tag limit (cloud-hypervisor, virtiofs spec)
 MIN_MEMORY_MIB = 64
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+RUN_LOG = "vmm-run.log"  # in state_dir: the VMM's own log of its current run
 
 
 class BootMode(StrEnum):
@@ -87,7 +88,7 @@ class VMConfig:
     def run_log(self) -> Path:
         """The VMM's own log of its current run, where it can keep one apart from
         ``vmm_log`` (cloud-hypervisor's --log-file, truncated at each start)."""
-        return self.state_dir / "vmm-run.log"
+        return self.state_dir / RUN_LOG
 
     @property
     def exit_file(self) -> Path:

@@ -346,6 +346,8 @@ def test_reboot_and_panic_keep_the_vm_and_its_console(
             follower = asyncio.create_task(vm.follow_events(seen.append))
             virtiofsd_before = sorted(p.pid for p in _virtiofsd_refs(tmp_path))
             await wait_for(cfg.serial_log, "zm-boot 3", within=3 * BOOT_WITHIN)
+            # Two resets later the same daemons serve the root (they end with QEMU).
+            assert sorted(p.pid for p in _virtiofsd_refs(tmp_path)) == virtiofsd_before
             ended = await guest_ended(vm)
             await asyncio.wait_for(follower, 10)
             log = serial_text(cfg.serial_log)
@@ -355,9 +357,12 @@ def test_reboot_and_panic_keep_the_vm_and_its_console(
                 "zm-boot 3",
             ]
             assert "Kernel panic" in log and "Rebooting in 1 seconds" in log
-            assert seen.count(GuestEvent.REBOOT) == 2, seen
+            # One or more RESET per reboot (under TCG the kernel's keyboard-controller
+            # reset loop can queue several before QEMU acts), all before the power-off.
+            first_shutdown = seen.index(GuestEvent.SHUTDOWN)
+            assert seen[:first_shutdown].count(GuestEvent.REBOOT) >= 2, seen
+            assert GuestEvent.REBOOT not in seen[first_shutdown:], seen
             assert ended.exit is GuestExit.POWEROFF, ended
-            assert sorted(p.pid for p in _virtiofsd_refs(tmp_path)) == virtiofsd_before
 
     asyncio.run(scenario())
 

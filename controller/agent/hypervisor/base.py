@@ -382,6 +382,9 @@ class VM(ABC):
 
 class Hypervisor(ABC):
     name: ClassVar[str]
+    # A guest reboot drops the vhost-user connections (virtiofsd then exits) and the VMM
+    # reconnects: true of cloud-hypervisor, which rebuilds its devices; QEMU keeps them.
+    reboot_reconnects_shares: ClassVar[bool] = False
 
     def __init__(self, binary: str) -> None:
         self.binary = binary

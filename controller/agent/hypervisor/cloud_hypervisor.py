@@ -169,6 +169,7 @@ class CloudHypervisorVM(VM):
 
 class CloudHypervisor(Hypervisor):
     name = "cloud-hypervisor"
+    reboot_reconnects_shares = True
 
     def __init__(self, binary: str = "cloud-hypervisor", firmware: Path | None = None) -> None:
         """``firmware``: rust-hypervisor-firmware (zos ships it as ``hypervisor-fw``), which

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ import qemu.qmp
 from qemu.qmp import QMPClient
 
 from controller.agent.hypervisor.base import HypervisorError
+
+RUNSTATE_POLL_SECONDS = 0.5
+# The library logs every failed connect at ERROR through stdlib logging; here each failure
+# is raised as a QMPError and logged (or not) by the caller, once.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class QMPError(HypervisorError):
@@ -29,21 +35,22 @@ class QMP:
         self.timeout = timeout
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        client = QMPClient(f"zm-{self.socket.parent.name}")
+        client = QMPClient(f"zm-{self.socket}")
+        connected = False
         try:
             async with asyncio.timeout(self.timeout):
                 await client.connect(str(self.socket))
+                connected = True
                 try:
                     return await client.execute(command, arguments)
                 finally:
-                    await client.disconnect()
+                    with contextlib.suppress(qemu.qmp.QMPError, OSError, EOFError):
+                        await client.disconnect()
         except qemu.qmp.ExecuteError as exc:
             raise QMPError(f"QMP {self.socket}: {command}: {exc.error_class}: {exc}") from exc
-        except qemu.qmp.ExecInterruptedError:
-            if command == "quit":  # QEMU may exit before its reply gets out
-                return None
-            raise QMPError(f"QMP {self.socket}: {command}: connection closed") from None
         except (qemu.qmp.QMPError, OSError, TimeoutError, EOFError) as exc:
+            if command == "quit" and connected:  # QEMU may exit before its reply gets out
+                return None
             raise QMPError(f"QMP {self.socket}: {command} failed: {exc!r}") from exc
 
 
@@ -52,7 +59,7 @@ async def follow_events(socket: Path, on_event: Callable[[dict[str, Any]], None]
 
     Raises QMPError if the monitor cannot be reached at all.
     """
-    client = QMPClient(f"zm-events-{socket.parent.name}")
+    client = QMPClient(f"zm-events-{socket}")
     try:
         await client.connect(str(socket))
     except (qemu.qmp.QMPError, OSError) as exc:
@@ -60,14 +67,12 @@ async def follow_events(socket: Path, on_event: Callable[[dict[str, Any]], None]
     try:
         with client.listener() as listener:
             while client.runstate is qemu.qmp.Runstate.RUNNING:
-                event = asyncio.ensure_future(listener.get())
-                changed = asyncio.ensure_future(client.runstate_changed())
-                await asyncio.wait((event, changed), return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                if not event.done():
-                    event.cancel()
+                # Polled: runstate_changed() misses a change that happens before it runs.
+                try:
+                    event = await asyncio.wait_for(listener.get(), RUNSTATE_POLL_SECONDS)
+                except TimeoutError:
                     continue
-                on_event(dict(event.result()))
+                on_event(dict(event))
             for rest in listener.clear():  # events that arrived with the disconnect
                 on_event(dict(rest))
     finally:
