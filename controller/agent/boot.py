@@ -211,9 +211,9 @@ class HostBoot:
         self._cancel_watch(rec.ref.uid)
         vm = self.driver.attach(self.vm_config(rec, p), rec.vmm)
         bound = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        self._watches[rec.ref.uid] = asyncio.create_task(
-            _follow(vm, self.console(rec, p), on_event, bound)
-        )
+        console = self.console(rec, p)
+        console.open_log()  # console.log exists once the VMM runs, output or not
+        self._watches[rec.ref.uid] = asyncio.create_task(_follow(vm, console, on_event, bound))
 
     async def unwatch(self, rec: MachineRecord, forget: bool) -> None:
         """After the VMM stopped: let the watch read what is left, then end it.

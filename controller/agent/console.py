@@ -91,15 +91,20 @@ class ConsoleStream:
             self._log.close()
             self._log = None
 
-    def _append(self, data: bytes) -> None:
+    def open_log(self) -> BinaryIO:
+        """The console log, opened for appending (created if missing)."""
         if self._log is None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while streaming
-        if self._log.tell() + len(data) > self.max_bytes and self._log.tell() > 0:
+        return self._log
+
+    def _append(self, data: bytes) -> None:
+        log_file = self.open_log()
+        if log_file.tell() + len(data) > self.max_bytes and log_file.tell() > 0:
             self._rotate()
-            self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self._log.write(data)
-        self._log.flush()
+            log_file = self.open_log()
+        log_file.write(data)
+        log_file.flush()
 
     def _rotate(self) -> None:
         """console.log -> .1 -> .2 ... ; the oldest beyond ``keep`` is dropped."""
@@ -121,6 +126,7 @@ class ConsoleStream:
         """Read the VM's serial PTY into the stream while its VMM runs; re-open it when
         it closes (a guest reboot under cloud-hypervisor makes a new one)."""
         bound = vm.log.bind(console=str(self.log_path))
+        self.open_log()  # the log exists from the VMM's start on, output or not
         while vm.alive():
             try:
                 path = await vm.console_pty()

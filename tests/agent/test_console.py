@@ -131,6 +131,8 @@ def test_follow_reads_the_pty_and_reopens_a_new_one(tmp_path: Path) -> None:
         stream = ConsoleStream(log, max_bytes=1 << 20, keep=1)
         vmm = PtyVMM()
         follower = asyncio.create_task(stream.follow(vmm))
+        await asyncio.sleep(0)
+        assert log.exists()  # from the start on, before any output
         try:
             with stream.subscribe() as live:
                 vmm.write(b"first boot\n")

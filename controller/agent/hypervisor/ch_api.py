@@ -7,6 +7,7 @@ Content-Length either).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ import httpx
 from controller.agent.hypervisor.base import HypervisorError
 
 API_PREFIX = "/api/v1/"
+# httpx logs every request at INFO through stdlib logging (several a second per VM);
+# failures are raised here and logged by the caller.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class CloudHypervisorAPIError(HypervisorError):

@@ -115,7 +115,16 @@ class CloudHypervisorVM(VM):
         return info.get("state") in RUNNING_STATES
 
     async def guest_powered_off(self) -> bool:
-        return powered_off_by_events(read_events(self.cfg.events_file))
+        if not powered_off_by_events(read_events(self.cfg.events_file)):
+            return False
+        # SIGTERM and vmm.shutdown write vm/shutdown too, then vm/deleted and vmm/shutdown,
+        # all in one step of CH's control loop, which also answers the API: a VM state
+        # after that step, with vm/shutdown still last, is the guest's power-off. A VMM on
+        # its way out answers with an error or not at all (HypervisorError: undecided).
+        state = (await self.api.info()).get("state")
+        return state not in RUNNING_STATES and powered_off_by_events(
+            read_events(self.cfg.events_file)
+        )
 
     def classify_exit(self, status: ExitStatus | None) -> tuple[GuestExit, str]:
         try:
