@@ -11,6 +11,7 @@ lock, adoption, exit classification, a VMM-side reboot that reconnects virtio-fs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -248,6 +249,10 @@ def test_reboot_reconnects_virtiofs_when_virtiofsd_is_restarted_on_the_event(
                 finally:
                     follower.cancel()
 
+            stream = ConsoleStream(cfg.serial_log, 1 << 20, 1)
+            console = asyncio.create_task(stream.follow(vm))
+            old_pty = await vm.console_pty()
+            await wait_open(old_pty)
             restarter = asyncio.create_task(restart_on_reboot())
             started = time.monotonic()
             vm.api.timeout = 70
@@ -258,8 +263,28 @@ def test_reboot_reconnects_virtiofs_when_virtiofsd_is_restarted_on_the_event(
             assert names.count("vm/rebooted") == 1, names
             assert took < 20, f"reboot took {took:.0f}s"
             assert vm.alive() and await vm.ready()
+            # CH made a new PTY for the rebooted VM; the console stream reads that one.
+            new_pty = await vm.console_pty()
+            assert new_pty != old_pty
+            await wait_open(new_pty)
+            console.cancel()
 
     asyncio.run(scenario())
+
+
+def open_by_us(path: str | None) -> bool:
+    targets = []
+    for fd in Path(f"/proc/{os.getpid()}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            targets.append(os.readlink(fd))
+    return path is not None and path in targets
+
+
+async def wait_open(path: str | None, within: float = 5) -> None:
+    deadline = time.monotonic() + within
+    while not open_by_us(path):
+        assert time.monotonic() < deadline, f"the console stream did not open {path}"
+        await asyncio.sleep(0.05)
 
 
 def test_auto_selection_probes_the_real_binary(agent_guest_dir: Path) -> None:
