@@ -54,6 +54,7 @@ class AgentConfig:
     lease_namespace: str = "zmachine-system"
     register: bool = False
     log_rotate_bytes: int = 8 << 20
+    console_log_keep: int = 3  # rotated console logs kept (console.log.1 ... .3)
 
     @property
     def flist_cache(self) -> Path:

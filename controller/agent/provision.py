@@ -29,11 +29,12 @@ from controller.agent.errors import (
     ProvisionFailed,
     Unavailable,
 )
-from controller.agent.hypervisor import log_tail
+from controller.agent.hypervisor import ExitRecord, GuestEvent, log_tail
 from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
 from controller.agent.spec import MachineSpec, Ref, VolumeKind, human_size, root_size
 from controller.agent.state import MachineRecord, State
+from controller.agent.vmconfig import RUN_LOG
 from controller.flist import bootmode, fetch, mount, overlay
 
 log = structlog.get_logger(__name__)
@@ -42,13 +43,15 @@ log = structlog.get_logger(__name__)
 BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 MOUNT_TIMEOUT = 30.0
-POWER_OFF_LINE = "reboot: Power down"  # Linux's last console line on a power-off
 
 
 class Provisioner:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host = boot.HostBoot(config)
+        # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
+        # virtiofsd(s) the reboot disconnected.
+        self.guest_events: asyncio.Queue[tuple[str, GuestEvent]] = asyncio.Queue()
 
     def paths(self, rec: MachineRecord) -> VMPaths:
         return VMPaths.for_uid(self.config.state_dir, rec.ref.uid)
@@ -238,6 +241,7 @@ class Provisioner:
         rec.started_at = time.time()
         rec.boot_duration = 0.0
         rec.vmm = await self.host.start_vmm(rec, p)
+        self._watch(rec)
         rec.hypervisor = self.host.info().name
         rec.state, rec.reason, rec.message, rec.log_tail = State.RUNNING, "", "", ""
         if rec.spec.paused:
@@ -266,6 +270,7 @@ class Provisioner:
             rec.vmm = found
         if rec.vmm is not None and rec.vmm.alive():
             lg.info("adopted running vm", pid=rec.vmm.pid)
+            self._watch(rec)
             return
         if rec.state in (State.RUNNING, State.PAUSED):
             lg.warning("vm not running after agent restart")
@@ -295,8 +300,26 @@ class Provisioner:
             await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
         await asyncio.to_thread(rootlayer.unmount, p.root_image, p.layer)
 
+    def _watch(self, rec: MachineRecord) -> None:
+        def on_event(event: GuestEvent) -> None:
+            self._log(rec).info("guest event", guest_event=event.value)
+            if event is GuestEvent.REBOOT and self.host.driver.reboot_reconnects_shares:
+                self.guest_events.put_nowait((rec.ref.uid, event))
+
+        self.host.watch(rec, self.paths(rec), on_event)
+
+    async def restart_dead_shares(self, rec: MachineRecord, wait: float = 0.0) -> bool:
+        """virtiofsd again for shares whose daemon exited under a running VMM (a guest
+        reboot under cloud-hypervisor); True when the record changed."""
+        return await self.host.restart_dead_shares(rec, self.paths(rec), wait)
+
+    async def guest_exit(self, rec: MachineRecord) -> ExitRecord | None:
+        """None while the guest runs; else why it ended (see hypervisor.GuestExit)."""
+        return await self.host.guest_exit(rec, self.paths(rec))
+
     def observe(self, rec: MachineRecord) -> bool:
-        """Periodic bookkeeping of a live VM: boot duration and serial log rotation.
+        """Periodic bookkeeping of a live VM: boot duration and VMM log rotation (the
+        console stream rotates console.log itself).
         True when the record changed (the boot finished just now)."""
         p = self.paths(rec)
         booted = False
@@ -308,35 +331,35 @@ class Provisioner:
             if BOOTED_MARKER in data:
                 rec.boot_duration = time.time() - rec.started_at
                 booted = True
-        for path in (p.console_log, p.vmm_log):
-            rotate(path, self.config.log_rotate_bytes)
+        rotate(p.vmm_log, self.config.log_rotate_bytes)
         return booted
-
-    def guest_powered_off(self, rec: MachineRecord) -> bool:
-        """The serial console's last line is the guest kernel powering off."""
-        lines = log_tail(self.paths(rec).console_log, 512).splitlines()
-        return bool(lines) and POWER_OFF_LINE in lines[-1]
 
     def log_tail(self, rec: MachineRecord) -> str:
         """The end of the serial console and of the VMM's own log, for FAILED reports."""
         p = self.paths(rec)
-        return f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        tail = f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        run_log = p.root / RUN_LOG  # cloud-hypervisor's own log (--log-file)
+        if run_log.exists():
+            tail += f"\n[{RUN_LOG}]\n{log_tail(run_log, 1024)}"
+        return tail
 
     async def stats(self, rec: MachineRecord) -> boot.VMStats:
         return await self.host.stats(rec, self.paths(rec))
 
     # ----------------------------------------------------------------- teardown
 
-    async def stop(self, rec: MachineRecord) -> None:
+    async def stop(self, rec: MachineRecord, forget_console: bool = False) -> None:
         """Stop the VMM and the virtiofsd(s); mounts, overlay and files stay."""
         p = self.paths(rec)
         if rec.vmm is not None:
             await self.host.stop_vmm(rec, p)
             await terminate(rec.vmm)
+        await self.host.unwatch(rec, forget=forget_console)
         for h in [h for h in rec.helpers if h.marker != str(p.lower)]:
             await terminate(h)
         rec.helpers = [h for h in rec.helpers if h.marker == str(p.lower)]
-        for sock in p.run.glob("*") if p.run.exists() else ():
+        # Sockets only: a *.lock is the VMM's own guard (see Hypervisor.clear_stale_socket).
+        for sock in p.run.glob("*.sock*") if p.run.exists() else ():
             sock.unlink(missing_ok=True)
 
     async def teardown(self, rec: MachineRecord, keep_data: bool) -> None:
@@ -347,7 +370,7 @@ class Provisioner:
         for a new generation) keeps the writable layer, volumes and logs.
         """
         p = self.paths(rec)
-        await self.stop(rec)
+        await self.stop(rec, forget_console=not keep_data)
         await self.host.delete_nics(rec)
         rec.nics = []
         await self._unmount_root(rec)

@@ -58,6 +58,7 @@ class MachineRecord:
     started_at: float = 0.0  # wall clock of the last VMM start
     boot_duration: float = 0.0  # seconds from VMM start to the guest's first output
     log_tail: str = ""
+    last_exit: str = ""  # hypervisor.GuestExit of the last VM end the supervisor saw
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

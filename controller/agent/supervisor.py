@@ -1,14 +1,16 @@
 """Keeps every VM in the state its restart policy asks for.
 
 Rules (docs/agent.md "Supervision"):
-* a VMM that exits is restarted per restartPolicy: Always restarts on any exit, OnFailure
-  only when the exit was not a clean guest power-off (exit status 0), Never never;
+* a VM that ends is restarted per restartPolicy: Always restarts on any end, OnFailure
+  only when it was not a clean guest power-off, Never never. How it ended is the
+  driver's GuestExit, read from the VMM's own events (so it survives an agent restart),
+  never the bare exit status: cloud-hypervisor and QEMU exit 0 on SIGTERM too;
 * restarts wait an exponential backoff (base * 2^(streak-1), capped);
 * more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
-* an exit whose status is unknown (the VMM was adopted from a previous agent, so it is
-  not our child) is clean only if the serial console ends with the guest kernel's
-  power-off message, else a failure.
+* a guest reboot keeps the VM in its VMM; a virtiofsd that exited with the reboot's
+  disconnect (cloud-hypervisor) is started again at once, driven by the VMM's reboot
+  event, and every round as a fallback.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import structlog
 
 from controller.agent.config import Supervision
 from controller.agent.events import EventType
+from controller.agent.hypervisor import GuestEvent
 from controller.agent.machines import Machines
-from controller.agent.procs import exit_code
 from controller.agent.spec import RestartPolicy
 from controller.agent.state import MachineRecord, State
 
 log = structlog.get_logger(__name__)
+
+
+# Seconds for the old virtiofsd to exit after cloud-hypervisor's reboot event (it does
+# once CH drops the connection) before a new one takes its socket path.
+REBOOT_SHARE_WAIT = 3.0
 
 
 class Supervisor:
@@ -35,6 +42,28 @@ class Supervisor:
         self._next_start: dict[str, float] = {}
 
     async def run(self) -> None:
+        events = asyncio.create_task(self._guest_events())
+        try:
+            await self._rounds()
+        finally:
+            events.cancel()
+
+    async def _guest_events(self) -> None:
+        while True:
+            uid, event = await self.machines.prov.guest_events.get()
+            if event is not GuestEvent.REBOOT:
+                continue
+            try:
+                async with self.machines.locked(uid):
+                    rec = self.machines.records.get(uid)
+                    if rec is None or rec.state not in (State.RUNNING, State.PAUSED):
+                        continue
+                    if await self.machines.prov.restart_dead_shares(rec, REBOOT_SHARE_WAIT):
+                        self.machines.store.save(rec)
+            except Exception:
+                log.exception("restarting virtiofsd after a guest reboot failed", uid=uid)
+
+    async def _rounds(self) -> None:
         while True:
             for uid in list(self.machines.records):
                 if self.machines.busy(uid):
@@ -57,39 +86,38 @@ class Supervisor:
 
     async def _watch(self, rec: MachineRecord) -> None:
         prov = self.machines.prov
-        if rec.vmm is not None and rec.vmm.alive():
+        ended = await prov.guest_exit(rec)
+        if ended is None:
             changed = prov.observe(rec)
+            changed |= await prov.restart_dead_shares(rec)
             if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
                 rec.crash_streak = 0
                 changed = True
             if changed:
                 self.machines.store.save(rec)
             return
-        code = exit_code(rec.vmm) if rec.vmm is not None else None
-        # Not our child (adopted after an agent restart): the guest kernel's last words
-        # on the serial console tell a power-off from a crash.
-        clean = code == 0 or (code is None and prov.guest_powered_off(rec))
+        clean = ended.exit.clean
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        bind.info("vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value)
-        await prov.stop(rec)
         policy = rec.spec.restart_policy
+        bind.info("vm ended", exit=ended.exit.value, detail=ended.detail, policy=policy.value)
+        rec.last_exit = ended.exit.value
+        await prov.stop(rec)
+        why = f"the VM ended: {ended.exit.value} ({ended.detail})"
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
             rec.state = State.SUCCEEDED if clean else State.FAILED
             rec.reason = "PoweredOff" if clean else "VMMExited"
-            rec.message = f"the VMM exited with status {code}; restartPolicy is {policy.value}"
+            rec.message = f"{why}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
             self.machines.emit(rec, EventType.EXITED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
-            self._fail(
-                rec, f"the VMM exited {rec.crash_streak} times in a row (last status {code})"
-            )
+            self._fail(rec, f"the VM ended {rec.crash_streak} times in a row (last: {why})")
             return
         delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
-        rec.message = f"the VMM exited with status {code}; restarting in {delay:.0f}s"
+        rec.message = f"{why}; restarting in {delay:.0f}s"
         self.machines.emit(rec, EventType.EXITED)
 
     async def _relaunch(self, rec: MachineRecord) -> None:

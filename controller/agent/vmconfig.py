@@ -20,6 +20,7 @@ BASE_ARGS = ("rw", "console=ttyS0", "reboot=k", "panic=1")
 MAX_TAG_BYTES = 36  # virtio-fs tag limit (cloud-hypervisor, virtiofs spec)
 MIN_MEMORY_MIB = 64
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+RUN_LOG = "vmm-run.log"  # in state_dir: the VMM's own log of its current run
 
 
 class BootMode(StrEnum):
@@ -77,6 +78,23 @@ class VMConfig:
     def vmm_log(self) -> Path:
         return self.state_dir / "vmm.log"
 
+    @property
+    def events_file(self) -> Path:
+        """The VMM's lifecycle events: cloud-hypervisor's --event-monitor file (it
+        truncates it at each start), or the QMP events the agent saw (JSON lines)."""
+        return self.state_dir / "vmm-events.json"
+
+    @property
+    def run_log(self) -> Path:
+        """The VMM's own log of its current run, where it can keep one apart from
+        ``vmm_log`` (cloud-hypervisor's --log-file, truncated at each start)."""
+        return self.state_dir / RUN_LOG
+
+    @property
+    def exit_file(self) -> Path:
+        """Why the last VMM ended, once the agent knows (hypervisor.ExitRecord)."""
+        return self.state_dir / "vmm-exit.json"
+
     def validate(self) -> None:
         """Raise InvalidSpec naming the first field that no hypervisor would accept."""
         where = f"vm {self.vm_id!r}"
@@ -99,6 +117,7 @@ class VMConfig:
             raise InvalidSpec(f"{where}: virtio-fs tags must be unique, got {tags}")
         # Both VMMs parse these inside "key=value,key=value" options.
         in_options = [d.path for d in self.disks] + [self.serial_log, self.api_socket]
+        in_options.append(self.events_file)
         for path in in_options + [s.socket for s in self.shares]:
             if "," in str(path):
                 raise InvalidSpec(f"{where}: path {path} must not contain ','")

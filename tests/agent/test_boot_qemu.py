@@ -1,7 +1,8 @@
 """Real guests under QEMU/TCG: our kernel + initramfs, virtiofsd roots, the cidata seed, taps.
 
 Each test boots one guest (~10-30 s under TCG on a busy 2-core machine) and reads what the
-guest printed on its serial console.
+guest printed on its serial console. With ``serial_pty`` the console is read from QEMU's
+PTY by the agent's ConsoleStream, as in production.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from controller.agent.hypervisor import VM, Qemu
+from controller.agent.console import ConsoleStream
+from controller.agent.hypervisor import VM, ExitRecord, GuestEvent, GuestExit, Qemu
 from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
-from controller.agent.procs import ProcessRef, terminate
+from controller.agent.procs import ProcessRef, cmdline, terminate
 from controller.agent.seed import Interface, Mount, Route, SeedConfig, write_seed
 from controller.agent.virtiofs import Flavor, Virtiofsd, start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
@@ -35,6 +37,17 @@ BOOT_WITHIN = 150.0  # seconds for a TCG boot to reach the entrypoint, with marg
 
 def serial_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def guest_ended(vm: VM, within: float = 60) -> ExitRecord:
+    """Once the guest has ended (QEMU runs with -no-shutdown: a power-off keeps it up
+    until the agent, here guest_exit(), ends it), why."""
+    deadline = time.monotonic() + within
+    while (ended := await vm.guest_exit()) is None:
+        assert time.monotonic() < deadline, "the guest did not end"
+        await asyncio.sleep(0.25)
+    assert await vm.wait(10), "QEMU still runs after its guest ended"
+    return ended
 
 
 async def wait_for(path: Path, text: str, within: float = BOOT_WITHIN) -> str:
@@ -95,17 +108,37 @@ async def running_vm(
         serial_pty=serial_pty,
     )
     vm: VM | None = None
+    console: asyncio.Task[None] | None = None
     try:
         for share in shares:
             log = tmp / f"virtiofsd-{share.tag}.log"
             helpers.append(await start_virtiofsd(share, log, daemon=daemon))
         vm = await (start_elsewhere(cfg) if elsewhere else Qemu(accel="tcg").start(cfg))
+        if serial_pty:  # what the agent does: it owns the console
+            stream = ConsoleStream(cfg.serial_log, 1 << 20, 1)
+            console = asyncio.create_task(stream.follow(vm))
         yield vm, cfg
     finally:
         if vm is not None:
             await vm.stop(grace=1, hard_grace=5, term_grace=5)
+        if console is not None:
+            await asyncio.wait_for(console, 5)
         for ref in helpers:
             await terminate(ref, grace=2)
+
+
+def container_vm(
+    tmp: Path,
+    root: Path,
+    guest_dir: Path,
+    seed: SeedConfig,
+    serial_pty: bool = False,
+    daemon: Virtiofsd | None = None,
+) -> AbstractAsyncContextManager[tuple[VM, VMConfig]]:
+    """running_vm for a container-mode guest (our kernel + initramfs, the seed)."""
+    assets = (guest_dir / "vmlinuz", guest_dir / "initramfs.img")
+    cmdline = make_cmdline(BootMode.CONTAINER)
+    return running_vm(tmp, root, assets, cmdline, seed=seed, serial_pty=serial_pty, daemon=daemon)
 
 
 def _start_and_exit(cfg: VMConfig) -> None:
@@ -195,9 +228,7 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             assert "default via fd00:232::1 dev eth0" in log
             seed_disk = (await vm.counters())["disk1"]
             assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
-            assert await vm.wait(60), "guest did not power off"
-            status = vm.exit_status()
-            assert status is not None and status.poweroff, status
+            assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
 
     try:
         asyncio.run(scenario())
@@ -283,16 +314,68 @@ def test_boot_failure_is_reported_on_the_console_and_powers_off(
 async def _failure_scenario(
     tmp_path: Path, root: Path, agent_guest_dir: Path, seed: SeedConfig
 ) -> None:
-    async with running_vm(
-        tmp_path,
-        root,
-        (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img"),
-        make_cmdline(BootMode.CONTAINER),
-        seed=seed,
-    ) as (vm, cfg):
+    async with container_vm(tmp_path, root, agent_guest_dir, seed) as (vm, cfg):
         log = await wait_for(cfg.serial_log, "zm-init: FATAL")
         assert "entrypoint '/usr/bin/missing' does not exist" in log
-        assert await vm.wait(60), "guest did not power off after the failure"
+        assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
+
+
+def test_reboot_and_panic_keep_the_vm_and_its_console(
+    tmp_path: Path, agent_guest_dir: Path
+) -> None:
+    """``reboot=k panic=1``: a reboot and a panic both reset the guest inside the same
+    QEMU (virtiofsd keeps serving the root across the reset), the console keeps every
+    boot's output, the QMP events record both resets, and only the final power-off ends
+    the VM, classified as such."""
+    root = guest_busybox_root(tmp_path / "root")
+    entry = (
+        "/bin/sh -c 'n=$(cat /boots 2>/dev/null || echo 0); n=$((n+1)); echo $n >/boots; "
+        'echo "zm-boot $n"; '
+        "if [ $n = 1 ]; then /bin/busybox reboot -f; "
+        "elif [ $n = 2 ]; then echo c >/proc/sysrq-trigger; "
+        "else /bin/busybox poweroff -f; fi'"
+    )
+    seed = SeedConfig(instance_id="rb", hostname="rb", entrypoint=entry)
+
+    async def scenario() -> None:
+        async with container_vm(tmp_path, root, agent_guest_dir, seed, serial_pty=True) as (
+            vm,
+            cfg,
+        ):
+            seen: list[GuestEvent] = []
+            follower = asyncio.create_task(vm.follow_events(seen.append))
+            virtiofsd_before = sorted(p.pid for p in _virtiofsd_refs(tmp_path))
+            await wait_for(cfg.serial_log, "zm-boot 3", within=3 * BOOT_WITHIN)
+            # Two resets later the same daemons serve the root (they end with QEMU).
+            assert sorted(p.pid for p in _virtiofsd_refs(tmp_path)) == virtiofsd_before
+            ended = await guest_ended(vm)
+            await asyncio.wait_for(follower, 10)
+            log = serial_text(cfg.serial_log)
+            assert [line for line in log.splitlines() if line.startswith("zm-boot")] == [
+                "zm-boot 1",
+                "zm-boot 2",
+                "zm-boot 3",
+            ]
+            assert "Kernel panic" in log and "Rebooting in 1 seconds" in log
+            # One or more RESET per reboot (under TCG the kernel's keyboard-controller
+            # reset loop can queue several before QEMU acts), all before the power-off.
+            first_shutdown = seen.index(GuestEvent.SHUTDOWN)
+            assert seen[:first_shutdown].count(GuestEvent.REBOOT) >= 2, seen
+            assert GuestEvent.REBOOT not in seen[first_shutdown:], seen
+            assert ended.exit is GuestExit.POWEROFF, ended
+
+    asyncio.run(scenario())
+
+
+def _virtiofsd_refs(tmp: Path) -> list[ProcessRef]:
+    """The test's virtiofsd processes still running (their socket is on the cmdline)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            ref = ProcessRef.of(int(entry.name), str(tmp / "run"))
+            if ref.start_time and ref.alive() and "virtiofsd" in " ".join(cmdline(ref.pid)):
+                found.append(ref)
+    return found
 
 
 # The flist's own initrd for the VM-mode test, packed from the same busybox + modules as
@@ -329,15 +412,13 @@ def test_container_root_served_by_the_rust_virtiofsd(tmp_path: Path, agent_guest
     entry = "/bin/sh -c 'echo rust-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
     (root / "etc/marker").write_text("served\n")
     seed = SeedConfig(instance_id="rs", hostname="rs", entrypoint=entry)
-    assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
 
     async def scenario() -> None:
-        cmdline = make_cmdline(BootMode.CONTAINER)
-        async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=daemon) as (
+        async with container_vm(tmp_path, root, agent_guest_dir, seed, daemon=daemon) as (
             vm,
             cfg,
         ):
             await wait_for(cfg.serial_log, "rust-virtiofsd served")
-            assert await vm.wait(60), "guest did not power off"
+            assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
 
     asyncio.run(scenario())
