@@ -16,7 +16,7 @@ from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
 from controller.agent.procs import ProcessRef
-from controller.agent.spec import VolumeKind
+from controller.agent.spec import VolumeKind, hostname_label
 from controller.agent.state import MachineRecord, NicStatus
 
 NAMESERVERS = ("8.8.8.8", "1.1.1.1")
@@ -46,6 +46,7 @@ class HostBoot:
         self.driver = hypervisor.select_hypervisor(
             config.hypervisor, config.accel, config.guest_kernel_dir, config.firmware
         )
+        self.virtiofsd = virtiofs.find_virtiofsd(config.virtiofsd)
 
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(
@@ -113,7 +114,7 @@ class HostBoot:
         ]
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
-            hostname=rec.spec.hostname or _hostname(rec.ref.name),
+            hostname=rec.spec.hostname or hostname_label(rec.ref.name),
             interfaces=interfaces,
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
@@ -141,7 +142,9 @@ class HostBoot:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
             shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
             kernel, initrd = assets.kernel, assets.initrd
-            cmdline = vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint)
+            cmdline = vmconfig.kernel_cmdline(
+                assets.mode, rec.spec.entrypoint, nonce=rec.boot_nonce
+            )
         disks.append(vmconfig.Disk(p.seed, readonly=True))
         return vmconfig.VMConfig(
             vm_id=rec.ref.uid,
@@ -168,7 +171,9 @@ class HostBoot:
         refs = []
         for share in self.vm_config(rec, p).shares:
             refs.append(
-                await virtiofs.start_virtiofsd(share, p.root / f"virtiofsd-{share.tag}.log")
+                await virtiofs.start_virtiofsd(
+                    share, p.root / f"virtiofsd-{share.tag}.log", daemon=self.virtiofsd
+                )
             )
         return refs
 
@@ -241,8 +246,3 @@ def _disk_index(rec: MachineRecord, volume_index: int) -> int:
     """Position among the disks (volumes of kind disk, in order) of spec.volumes[i]."""
     kinds = [v.kind for v in rec.spec.volumes[:volume_index]]
     return kinds.count(VolumeKind.DISK)
-
-
-def _hostname(name: str) -> str:
-    """A DNS label from a Kubernetes name (which may contain dots)."""
-    return name.lower().replace(".", "-")[:63].strip("-") or "zmachine"

@@ -1,8 +1,10 @@
 """Keeps every VM in the state its restart policy asks for.
 
-Rules (docs/agent.md "Supervision"):
-* a VMM that exits is restarted per restartPolicy: Always restarts on any exit, OnFailure
-  only when the exit was not a clean guest power-off (exit status 0), Never never;
+Rules (docs/agent.md "Supervision"), as Kubernetes applies restartPolicy to containers:
+* a VM that stops is restarted per restartPolicy: Always on any exit, OnFailure only when
+  it failed, Never never. Success is the container entrypoint's exit code 0 when our
+  init reported one (its exit marker on the serial console), else a clean guest
+  power-off (VMM exit status 0);
 * restarts wait an exponential backoff (base * 2^(streak-1), capped);
 * more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -26,6 +29,13 @@ from controller.agent.spec import RestartPolicy
 from controller.agent.state import MachineRecord, State
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    clean: bool  # a success for restartPolicy OnFailure/Never
+    reason: str  # the machine's reason when it ends there
+    what: str  # for messages: what stopped, with which code
 
 
 class Supervisor:
@@ -65,32 +75,55 @@ class Supervisor:
             if changed:
                 self.machines.store.save(rec)
             return
-        code = exit_code(rec.vmm) if rec.vmm is not None else None
-        # Not our child (adopted after an agent restart): the guest kernel's last words
-        # on the serial console tell a power-off from a crash.
-        clean = code == 0 or (code is None and prov.guest_powered_off(rec))
+        outcome = self._outcome(rec)
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        bind.info("vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value)
+        bind.info(
+            "vmm exited",
+            exit_code=rec.exit_code,
+            clean=outcome.clean,
+            what=outcome.what,
+            policy=rec.spec.restart_policy.value,
+        )
         await prov.stop(rec)
         policy = rec.spec.restart_policy
-        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
-            rec.state = State.SUCCEEDED if clean else State.FAILED
-            rec.reason = "PoweredOff" if clean else "VMMExited"
-            rec.message = f"the VMM exited with status {code}; restartPolicy is {policy.value}"
+        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and outcome.clean):
+            rec.state = State.SUCCEEDED if outcome.clean else State.FAILED
+            rec.reason = outcome.reason
+            rec.message = f"{outcome.what}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
             self.machines.emit(rec, EventType.EXITED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
             self._fail(
-                rec, f"the VMM exited {rec.crash_streak} times in a row (last status {code})"
+                rec, f"the VM stopped {rec.crash_streak} times in a row (last: {outcome.what})"
             )
             return
         delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
-        rec.message = f"the VMM exited with status {code}; restarting in {delay:.0f}s"
+        rec.message = f"{outcome.what}; restarting in {delay:.0f}s"
         self.machines.emit(rec, EventType.EXITED)
+
+    def _outcome(self, rec: MachineRecord) -> _Outcome:
+        """Why the VM stopped. Our init's exit marker (container mode with an entrypoint)
+        gives the entrypoint's code, recorded on ``rec``; without one the VMM's status
+        decides, and for a VMM that is not our child (adopted after an agent restart) the
+        guest kernel's last words on the serial console tell a power-off from a crash."""
+        prov = self.machines.prov
+        exited = prov.entrypoint_exit(rec)
+        if exited is not None:
+            rec.exit_code, rec.exit_reason = exited.code, exited.reason
+            return _Outcome(
+                exited.code == 0,
+                exited.reason,
+                f"the entrypoint exited with code {exited.code} ({exited.reason})",
+            )
+        code = exit_code(rec.vmm) if rec.vmm is not None else None
+        clean = code == 0 or (code is None and prov.guest_powered_off(rec))
+        return _Outcome(
+            clean, "PoweredOff" if clean else "VMMExited", f"the VMM exited with status {code}"
+        )
 
     async def _relaunch(self, rec: MachineRecord) -> None:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import shutil
 import subprocess
 import time
@@ -18,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from controller.agent.guestexit import EntrypointExit, find_exit, new_nonce
 from controller.agent.hypervisor import VM, Qemu
 from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
 from controller.agent.procs import ProcessRef, terminate
 from controller.agent.seed import Interface, Mount, Route, SeedConfig, write_seed
-from controller.agent.virtiofs import Flavor, Virtiofsd, start_virtiofsd
+from controller.agent.virtiofs import QEMU_VIRTIOFSD, Flavor, Virtiofsd, start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
 from controller.agent.vmconfig import kernel_cmdline as make_cmdline
-from tests.agent.conftest import guest_busybox_root
+from hack.controlplane import virtiofsd_path
+from tests.agent.conftest import guest_busybox_root, guest_install_binary
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -95,6 +96,7 @@ async def running_vm(
         serial_pty=serial_pty,
     )
     vm: VM | None = None
+    daemon = daemon or Virtiofsd(virtiofsd_path(), Flavor.RUST)  # the agent's default
     try:
         for share in shares:
             log = tmp / f"virtiofsd-{share.tag}.log"
@@ -125,15 +127,21 @@ async def start_elsewhere(cfg: VMConfig) -> VM:
 def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     tmp_path: Path, agent_guest_dir: Path, guest_netns: tuple[str, str, str]
 ) -> None:
+    """Also: env names of the init's own variables reach the entrypoint without changing
+    the init; mount targets with non-ASCII names and behind an absolute symlink land in
+    the root; the image's real ssh-keygen runs although the image's /dev is empty;
+    cgroup2 is mounted."""
     netns, bridge, bridge_cidr = guest_netns
     gateway = bridge_cidr.split("/")[0]
     root = guest_busybox_root(tmp_path / "root")
     (root / "bin/ip").symlink_to("busybox")
-    # Stands in for the image's own ssh-keygen: the init must run it chrooted in the root.
-    (root / "usr/bin").mkdir(parents=True)
-    keygen = root / "usr/bin/ssh-keygen"
-    keygen.write_text('#!/bin/sh\necho "$@" >/tmp/ssh-keygen-args\n')
-    keygen.chmod(0o755)
+    (root / "bin/grep").symlink_to("busybox")
+    (root / "etc/ssh").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    guest_install_binary(root, Path("/usr/bin/ssh-keygen"))
+    assert not list((root / "dev").iterdir())
+    (root / "var/srv").mkdir(parents=True)
+    (root / "srv").symlink_to("/var/srv")  # absolute: must resolve inside the root
     data = tmp_path / "data"
     data.mkdir()
     (data / "note.txt").write_text("from-a-second-share\n")
@@ -148,8 +156,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     nic = Nic(tap_name(uid, 0), mac_address(uid, 0))
     create_tap(nic.tap, bridge, netns)
     entry = (
-        "echo hello $GREETING from $(hostname); cat /data/note.txt /vol/disk.txt; "
-        "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; "
+        "echo hello $GREETING from $(hostname); cat /srv/data/note.txt /völume/disk.txt; "
+        'echo "env ROOT=$ROOT SEED=$SEED init=$init"; '
+        "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; grep cgroup2 /proc/mounts; "
         f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 3; poweroff -f"
     )
     seed = SeedConfig(
@@ -165,9 +174,10 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             )
         ],
         nameservers=[gateway],
-        ssh_keys=["ssh-ed25519 AAAAtestkey tester@zm"],
-        mounts=[Mount("data", "/data", "virtiofs"), Mount("vda", "/vol")],
-        env={"GREETING": "zmachine world"},
+        ssh_keys=["ssh-ed25519 AAAAtestkey testér@zm"],
+        mounts=[Mount("data", "/srv/data", "virtiofs"), Mount("vda", "/völume")],
+        # The init's own variable names: they must not steer the init.
+        env={"GREETING": "zmachine world", "ROOT": "/nowhere", "SEED": "/x", "init": "/y"},
         entrypoint=f"/bin/sh -c '{entry}'",
     )
     assets = detect_boot(root, agent_guest_dir)
@@ -189,10 +199,13 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             assert "hello zmachine world from web-1" in log
             assert "from-a-second-share" in log
             assert "from-an-ext4-disk" in log
-            assert "ssh-ed25519 AAAAtestkey tester@zm" in log
+            assert "env ROOT=/nowhere SEED=/x init=/y" in log
+            assert "ssh-ed25519 AAAAtestkey testér@zm" in log
             assert f"default via {gateway} dev eth0" in log
             assert f"10.99.0.0/16 via {gateway} dev eth0" in log
             assert "default via fd00:232::1 dev eth0" in log
+            assert "cgroup2 /sys/fs/cgroup cgroup2" in log
+            assert "zm-init: SSH host keys present" in log
             seed_disk = (await vm.counters())["disk1"]
             assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
             assert await vm.wait(60), "guest did not power off"
@@ -206,7 +219,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
         assert (root / "root/.ssh/authorized_keys").read_text().count("AAAAtestkey") == 1
         assert (root / "etc/hostname").read_text() == "web-1\n"
         assert "127.0.1.1\tweb-1" in (root / "etc/hosts").read_text()
-        assert (root / "tmp/ssh-keygen-args").read_text() == "-A\n"
+        keys = sorted(k.name for k in (root / "etc/ssh").glob("ssh_host_*_key"))
+        assert keys == ["ssh_host_ecdsa_key", "ssh_host_ed25519_key", "ssh_host_rsa_key"]
+        assert (root / "völume").is_dir() and (root / "var/srv/data").is_dir()
     finally:
         delete_tap(nic.tap, netns)
 
@@ -283,16 +298,19 @@ def test_boot_failure_is_reported_on_the_console_and_powers_off(
 async def _failure_scenario(
     tmp_path: Path, root: Path, agent_guest_dir: Path, seed: SeedConfig
 ) -> None:
+    nonce = new_nonce()
     async with running_vm(
         tmp_path,
         root,
         (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img"),
-        make_cmdline(BootMode.CONTAINER),
+        make_cmdline(BootMode.CONTAINER, nonce=nonce),
         seed=seed,
     ) as (vm, cfg):
         log = await wait_for(cfg.serial_log, "zm-init: FATAL")
         assert "entrypoint '/usr/bin/missing' does not exist" in log
         assert await vm.wait(60), "guest did not power off after the failure"
+        exited = find_exit(cfg.serial_log.read_bytes(), nonce)
+        assert exited == EntrypointExit(127, "NotFound")
 
 
 # The flist's own initrd for the VM-mode test, packed from the same busybox + modules as
@@ -313,31 +331,24 @@ exec switch_root /new_root "$init" "$@"
 """
 
 
-RUST_VIRTIOFSD = os.environ.get("ZM_VIRTIOFSD_RS") or shutil.which("virtiofsd")
-
-
-@pytest.mark.skipif(
-    RUST_VIRTIOFSD is None,
-    reason="the Rust virtiofsd is not on PATH and ZM_VIRTIOFSD_RS is unset "
-    "(`cargo install virtiofsd` needs libcap-ng-dev and libseccomp-dev)",
-)
-def test_container_root_served_by_the_rust_virtiofsd(tmp_path: Path, agent_guest_dir: Path) -> None:
-    """The daemon production uses (zos ships virtiofsd-rs), with our flags for it."""
-    assert RUST_VIRTIOFSD is not None
-    daemon = Virtiofsd(Path(RUST_VIRTIOFSD), Flavor.RUST)
+def test_container_root_served_by_the_deprecated_c_virtiofsd(
+    tmp_path: Path, agent_guest_dir: Path
+) -> None:
+    """The fallback when no Rust virtiofsd is installed: QEMU 7.2's C daemon, its flags."""
+    c_daemon = Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU)
     root = guest_busybox_root(tmp_path / "root")
-    entry = "/bin/sh -c 'echo rust-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
+    entry = "/bin/sh -c 'echo c-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
     (root / "etc/marker").write_text("served\n")
-    seed = SeedConfig(instance_id="rs", hostname="rs", entrypoint=entry)
+    seed = SeedConfig(instance_id="c", hostname="c", entrypoint=entry)
     assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
 
     async def scenario() -> None:
         cmdline = make_cmdline(BootMode.CONTAINER)
-        async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=daemon) as (
+        async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=c_daemon) as (
             vm,
             cfg,
         ):
-            await wait_for(cfg.serial_log, "rust-virtiofsd served")
+            await wait_for(cfg.serial_log, "c-virtiofsd served")
             assert await vm.wait(60), "guest did not power off"
 
     asyncio.run(scenario())
