@@ -2,12 +2,13 @@
 
 Our init stays PID 1, reports the entrypoint's exit code on the serial console with the
 boot's nonce and powers off; the agent applies restartPolicy as Kubernetes does for
-containers. One agent, five machines booting at once (seven boots):
+containers. One agent, six machines booting at once (eight boots):
 
 * Never, a forged marker (wrong nonce, code 0) then ``exit 3``: FAILED, code 3, Error;
 * OnFailure, ``exit 0``: SUCCEEDED, code 0, Completed, not restarted;
 * OnFailure, ``exit 3``: restarted, then CrashLoop (limit 1) with code 3;
 * Always, ``exit 0``: restarted although it succeeded, then CrashLoop with code 0;
+* Never, the entrypoint killed by SIGSEGV: FAILED, code 139, and no kernel panic;
 * Never, a missing entrypoint: FAILED, code 127, NotFound.
 """
 
@@ -47,6 +48,12 @@ CASES = {
         pb.RESTART_POLICY_ALWAYS, "/bin/sh -c 'echo bye; exit 0'",
         pb.MACHINE_STATE_FAILED, "CrashLoop", 0, "Completed", 1,
     ),
+    # A crash used to kill PID 1 and so panic the kernel, which rebooted in the VMM: the
+    # machine stayed Running. Now the init reports the signal (128 + 11).
+    "never-segv": (
+        pb.RESTART_POLICY_NEVER, "/bin/sh -c 'echo bye; kill -SEGV $$'",
+        pb.MACHINE_STATE_FAILED, "Error", 139, "Error", 0,
+    ),
     "never-missing": (
         pb.RESTART_POLICY_NEVER, "/usr/bin/missing --flag",
         pb.MACHINE_STATE_FAILED, "NotFound", 127, "NotFound", 0,
@@ -78,8 +85,10 @@ def test_entrypoint_exit_codes_under_each_restart_policy(
         got = (m.reason, m.exit_code, m.exit_reason, m.restarts)
         assert got == (reason, code, exit_reason, restarts), (name, m)
         assert f"code {code}" in m.message, (name, m.message)
+        console = Path(m.console_log).read_text()
+        assert "Kernel panic" not in console, (name, console[-2000:])
         if name != "never-missing":
-            assert "bye" in Path(m.console_log).read_text()
+            assert "bye" in console
 
     for uid in uids.values():
         assert agent.call("delete", uid) is True

@@ -331,24 +331,28 @@ exec switch_root /new_root "$init" "$@"
 """
 
 
-def test_container_root_served_by_the_deprecated_c_virtiofsd(
+def test_no_entrypoint_hands_pid_1_to_the_roots_init_over_the_c_virtiofsd(
     tmp_path: Path, agent_guest_dir: Path
 ) -> None:
-    """The fallback when no Rust virtiofsd is installed: QEMU 7.2's C daemon, its flags."""
+    """Without an entrypoint the root's /sbin/init becomes PID 1, with the spec's env.
+    Served by the fallback daemon, QEMU 7.2's deprecated C virtiofsd, with its flags."""
     c_daemon = Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU)
     root = guest_busybox_root(tmp_path / "root")
-    entry = "/bin/sh -c 'echo c-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
-    (root / "etc/marker").write_text("served\n")
-    seed = SeedConfig(instance_id="c", hostname="c", entrypoint=entry)
+    (root / "sbin").mkdir()
+    init = root / "sbin/init"
+    init.write_text('#!/bin/sh\necho "sbin-init pid=$$ greeting=$GREETING"; sleep 1; poweroff -f\n')
+    init.chmod(0o755)
+    seed = SeedConfig(instance_id="c", hostname="c", env={"GREETING": "hi"})
     assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
 
     async def scenario() -> None:
-        cmdline = make_cmdline(BootMode.CONTAINER)
+        cmdline = make_cmdline(BootMode.CONTAINER, nonce=new_nonce())
         async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=c_daemon) as (
             vm,
             cfg,
         ):
-            await wait_for(cfg.serial_log, "c-virtiofsd served")
+            await wait_for(cfg.serial_log, "sbin-init pid=1 greeting=hi")
             assert await vm.wait(60), "guest did not power off"
+            assert "zm-init: exit" not in serial_text(cfg.serial_log)  # no entrypoint to report
 
     asyncio.run(scenario())
