@@ -331,18 +331,20 @@ exec switch_root /new_root "$init" "$@"
 """
 
 
+@pytest.mark.parametrize("entrypoint", ["", "/sbin/init"])
 def test_no_entrypoint_hands_pid_1_to_the_roots_init_over_the_c_virtiofsd(
-    tmp_path: Path, agent_guest_dir: Path
+    tmp_path: Path, agent_guest_dir: Path, entrypoint: str
 ) -> None:
-    """Without an entrypoint the root's /sbin/init becomes PID 1, with the spec's env.
-    Served by the fallback daemon, QEMU 7.2's deprecated C virtiofsd, with its flags."""
+    """Without an entrypoint, or with exactly /sbin/init, the root's /sbin/init becomes
+    PID 1 (an init system must), with the spec's env. Served by the fallback daemon, QEMU
+    7.2's deprecated C virtiofsd, with its flags."""
     c_daemon = Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU)
     root = guest_busybox_root(tmp_path / "root")
     (root / "sbin").mkdir()
     init = root / "sbin/init"
     init.write_text('#!/bin/sh\necho "sbin-init pid=$$ greeting=$GREETING"; sleep 1; poweroff -f\n')
     init.chmod(0o755)
-    seed = SeedConfig(instance_id="c", hostname="c", env={"GREETING": "hi"})
+    seed = SeedConfig(instance_id="c", hostname="c", env={"GREETING": "hi"}, entrypoint=entrypoint)
     assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
 
     async def scenario() -> None:
