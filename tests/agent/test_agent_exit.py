@@ -19,6 +19,7 @@ import subprocess
 from functools import partial
 from pathlib import Path
 
+import grpc
 import pytest
 
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
@@ -61,6 +62,12 @@ CASES = {
 }  # fmt: skip
 
 
+def ended(agent: AgentProcess, uid: str, generation: int) -> pb.Machine | None:
+    """The machine once its run of ``generation`` ended SUCCEEDED."""
+    m = in_state(agent, uid, pb.MACHINE_STATE_SUCCEEDED)
+    return m if m is not None and m.generation == generation else None
+
+
 @pytest.fixture(scope="module")
 def agent(agent_strict: AgentProcess) -> AgentProcess:
     return agent_strict
@@ -98,7 +105,8 @@ def test_entrypoint_exit_codes_under_each_restart_policy(
 def test_a_share_volume_is_limited_to_its_size(
     agent: AgentProcess, agent_busybox_flist: Path
 ) -> None:
-    """A 32 MiB share: the guest's 48 MiB write ends in ENOSPC, the node's disk is safe;
+    """A 32 MiB share: the guest's 48 MiB write ends in ENOSPC, the node's disk is safe.
+    64 MiB in a new generation grows it offline (the write fits); 16 MiB is refused.
     Delete leaves no loop device."""
     uid = f"x-share-{os.getpid()}"
     entry = (
@@ -111,18 +119,27 @@ def test_a_share_volume_is_limited_to_its_size(
         mounts=[pb.Mount(name="data", mountpoint="/srv")],
         restart_policy=pb.RESTART_POLICY_NEVER,
     )  # fmt: skip
-    agent.call("deploy", pb.ZmachineRef(namespace="default", name="share", uid=uid), 1, spec)
-    m = wait_for(
-        "the share test to end",
-        lambda: in_state(agent, uid, pb.MACHINE_STATE_SUCCEEDED),
-        timeout=240,
-    )
+    ref = pb.ZmachineRef(namespace="default", name="share", uid=uid)
+    agent.call("deploy", ref, 1, spec)
+    m = wait_for("the share test to end", partial(ended, agent, uid, 1), timeout=240)
     console = Path(m.console_log).read_text()
     assert "No space left on device" in console and "dd-rc=1" in console, console[-2000:]
     share = agent.state_dir / "vms" / uid / "shares"
     image = share / "data.ext4"
     assert image.stat().st_size == 32 << 20
     assert (share / "data/fill").stat().st_size < 32 << 20
+
+    spec.volumes[0].size_bytes = 64 << 20
+    agent.call("deploy", ref, 2, spec)
+    m = wait_for("the grown share's run to end", partial(ended, agent, uid, 2), timeout=240)
+    assert Path(m.console_log).read_text().count("dd-rc=0") == 1
+    assert image.stat().st_size == 64 << 20
+    assert (share / "data/fill").stat().st_size == 48 << 20
+    spec.volumes[0].size_bytes = 16 << 20
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        agent.call("deploy", ref, 3, spec)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "spec.volumes[0].size ('data'): a share can only grow" in (err.value.details() or "")
     assert agent.call("delete", uid) is True
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
     assert str(agent.state_dir) not in loops, loops
