@@ -20,7 +20,7 @@ from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
 from controller.agent.procs import ProcessRef
-from controller.agent.spec import VolumeKind
+from controller.agent.spec import VolumeKind, hostname_label
 from controller.agent.state import MachineRecord, NicStatus
 
 log = structlog.get_logger(__name__)
@@ -61,6 +61,7 @@ class HostBoot:
         # subscribers carry over) and the task following the current VMM.
         self.consoles: dict[str, ConsoleStream] = {}
         self._watches: dict[str, asyncio.Task[None]] = {}
+        self.virtiofsd = virtiofs.find_virtiofsd(config.virtiofsd)
 
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(
@@ -128,7 +129,7 @@ class HostBoot:
         ]
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
-            hostname=rec.spec.hostname or _hostname(rec.ref.name),
+            hostname=rec.spec.hostname or hostname_label(rec.ref.name),
             interfaces=interfaces,
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
@@ -156,7 +157,9 @@ class HostBoot:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
             shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
             kernel, initrd = assets.kernel, assets.initrd
-            cmdline = vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint)
+            cmdline = vmconfig.kernel_cmdline(
+                assets.mode, rec.spec.entrypoint, nonce=rec.boot_nonce
+            )
         disks.append(vmconfig.Disk(p.seed, readonly=True))
         return vmconfig.VMConfig(
             vm_id=rec.ref.uid,
@@ -181,7 +184,7 @@ class HostBoot:
         return self.config.guest_kernel_dir
 
     async def start_shares(self, rec: MachineRecord, p: VMPaths) -> list[ProcessRef]:
-        return [await _start_share(share, p) for share in self.vm_config(rec, p).shares]
+        return [await self._start_share(share, p) for share in self.vm_config(rec, p).shares]
 
     async def start_vmm(self, rec: MachineRecord, p: VMPaths) -> ProcessRef:
         cfg = self.vm_config(rec, p)
@@ -279,10 +282,14 @@ class HostBoot:
                 await asyncio.sleep(0.05)
             if any(map(hypervisor.still_running, current)):
                 continue
-            ref = await _start_share(share, p)
+            ref = await self._start_share(share, p)
             rec.helpers = [h for h in rec.helpers if h.marker != str(share.socket)] + [ref]
             started = True
         return started
+
+    async def _start_share(self, share: vmconfig.FsShare, p: VMPaths) -> ProcessRef:
+        log_path = p.root / f"virtiofsd-{share.tag}.log"
+        return await virtiofs.start_virtiofsd(share, log_path, daemon=self.virtiofsd)
 
     async def pause(self, rec: MachineRecord, p: VMPaths) -> None:
         await self._vm(rec, p).pause()
@@ -308,10 +315,6 @@ class HostBoot:
             tap_rx, tap_tx = await asyncio.to_thread(_link_bytes, n.tap, self.config.netns)
             rx, tx = rx + tap_tx, tx + tap_rx
         return VMStats(s.cpu_seconds, s.rss_bytes, rx, tx, read, written)
-
-
-async def _start_share(share: vmconfig.FsShare, p: VMPaths) -> ProcessRef:
-    return await virtiofs.start_virtiofsd(share, p.root / f"virtiofsd-{share.tag}.log")
 
 
 async def _follow(
@@ -346,8 +349,3 @@ def _disk_index(rec: MachineRecord, volume_index: int) -> int:
     """Position among the disks (volumes of kind disk, in order) of spec.volumes[i]."""
     kinds = [v.kind for v in rec.spec.volumes[:volume_index]]
     return kinds.count(VolumeKind.DISK)
-
-
-def _hostname(name: str) -> str:
-    """A DNS label from a Kubernetes name (which may contain dots)."""
-    return name.lower().replace(".", "-")[:63].strip("-") or "zmachine"

@@ -7,6 +7,7 @@ different VMs runs concurrently while two operations on one VM never interleave.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -113,6 +114,10 @@ class Machines:
                     f"generation {rec.generation}; refusing to roll back"
                 )
             if generation == rec.generation:
+                if spec != rec.spec and dataclasses.replace(spec, env=rec.spec.env) == rec.spec:
+                    # Only env changed: a Secret it refers to has a new value. Roll it out.
+                    await self._update(rec, generation, spec)
+                    return rec, True
                 if spec != rec.spec:
                     raise FailedPrecondition(
                         f"zmachine {ref}: generation {generation} is already deployed with a "
@@ -153,6 +158,7 @@ class Machines:
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
         self._check_memory(rec.ref, spec, held=rec.spec.memory_bytes)
         await self.prov.check_root_size(rec, spec)
+        await self.prov.check_share_sizes(rec, spec)
         if spec.boot_hash() == rec.spec.boot_hash():
             # Only `paused` may differ: apply it to the running VM, nothing else to do.
             if spec.paused != rec.spec.paused and rec.state in (State.RUNNING, State.PAUSED):
@@ -168,6 +174,7 @@ class Machines:
         await self.prov.teardown(rec, keep_data=True)
         rec.generation, rec.spec = generation, spec
         rec.restarts = rec.crash_streak = 0
+        rec.exit_code, rec.exit_reason = None, ""  # a new VM: no last exit yet
         try:
             await self.prov.provision(rec)
         except BaseException as exc:

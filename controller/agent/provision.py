@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from controller.agent import boot, image, rootlayer
+from controller.agent import boot, confined, guestexit, image, rootlayer
 from controller.agent.config import AgentConfig
 from controller.agent.errors import (
     AgentError,
@@ -32,7 +32,7 @@ from controller.agent.errors import (
 from controller.agent.hypervisor import ExitRecord, GuestEvent, log_tail
 from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
-from controller.agent.spec import MachineSpec, Ref, VolumeKind, human_size, root_size
+from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
 from controller.agent.state import MachineRecord, State
 from controller.agent.vmconfig import RUN_LOG
 from controller.flist import bootmode, fetch, mount, overlay
@@ -141,8 +141,9 @@ class Provisioner:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self._mount_root(rec, flist)
         if first:
-            for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
-                key.unlink()
+            # Confined: the flist's etc/ssh may be a symlink to anywhere on the host.
+            dropped = confined.remove_in_root(p.rootfs, "/etc/ssh", "ssh_host_")
+            self._log(rec).info("dropped the image's SSH host keys", keys=dropped)
         rec.boot_mode = bootmode.detect_boot_mode(p.rootfs).mode.value
 
     async def _mount_layer(self, rec: MachineRecord) -> None:
@@ -224,6 +225,7 @@ class Provisioner:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if v.kind is VolumeKind.SHARE:
                 path.mkdir(exist_ok=True, mode=0o755)
+                await self._mount_share(rec, v)
             elif not path.exists():
                 tmp = path.with_suffix(".new")
                 tmp.touch(mode=0o600)
@@ -231,6 +233,48 @@ class Provisioner:
                 if format_disks:
                     await _run(["mkfs.ext4", "-q", "-F", "-L", v.name[:16], str(tmp)])
                 tmp.rename(path)
+
+    async def _mount_share(self, rec: MachineRecord, v: Volume) -> None:
+        """A share with a size is a loop-mounted sparse ext4 image of that size (as the
+        root is), so a guest filling it gets ENOSPC instead of filling the node's disk;
+        grown offline to a larger size. Size 0: a plain directory, unlimited."""
+        if not v.size_bytes:
+            return
+        p = self.paths(rec)
+        path, image = p.volume(v.name, disk=False), p.share_image(v.name)
+        if image.exists():
+            current = await asyncio.to_thread(rootlayer.fs_size, image)
+            if current >= v.size_bytes and mount.is_mounted(path):
+                return
+            await asyncio.to_thread(rootlayer.unmount, image, path)
+            if current < v.size_bytes:
+                self._log(rec).info("growing share", volume=v.name, size=human_size(v.size_bytes))
+                await asyncio.to_thread(rootlayer.grow, image, v.size_bytes)
+        else:
+            await asyncio.to_thread(rootlayer.create, image, v.size_bytes)
+        await asyncio.to_thread(rootlayer.mount, image, path)
+
+    async def _unmount_shares(self, rec: MachineRecord) -> None:
+        p = self.paths(rec)
+        for v in rec.spec.volumes:
+            if v.kind is VolumeKind.SHARE and p.share_image(v.name).exists():
+                await asyncio.to_thread(
+                    rootlayer.unmount, p.share_image(v.name), p.volume(v.name, disk=False)
+                )
+
+    async def check_share_sizes(self, rec: MachineRecord, spec: MachineSpec) -> None:
+        """Shares grow, never shrink (as the root): refused naming the volume's field."""
+        p = self.paths(rec)
+        for i, v in enumerate(spec.volumes):
+            image = p.share_image(v.name)
+            if v.kind is not VolumeKind.SHARE or not v.size_bytes or not image.exists():
+                continue
+            current = await asyncio.to_thread(rootlayer.fs_size, image)
+            if v.size_bytes < current:
+                raise FailedPrecondition(
+                    f"zmachine {rec.ref}: spec.volumes[{i}].size ({v.name!r}): a share can "
+                    f"only grow: {human_size(current)} -> {human_size(v.size_bytes)}"
+                )
 
     async def launch(self, rec: MachineRecord) -> None:
         """Start virtiofsd(s) and the VMM; used by provision and by every restart."""
@@ -240,6 +284,7 @@ class Provisioner:
         rec.helpers += await self.host.start_shares(rec, p)
         rec.started_at = time.time()
         rec.boot_duration = 0.0
+        rec.boot_nonce = guestexit.new_nonce()
         rec.vmm = await self.host.start_vmm(rec, p)
         self._watch(rec)
         rec.hypervisor = self.host.info().name
@@ -275,6 +320,7 @@ class Provisioner:
         if rec.state in (State.RUNNING, State.PAUSED):
             lg.warning("vm not running after agent restart")
             await self._mount_root(rec)
+            await self._volumes(rec, format_disks=rec.boot_mode != bootmode.BootMode.IMAGE.value)
             rec.state = State.RUNNING  # the supervisor sees the dead VMM and applies policy
 
     async def _mount_root(self, rec: MachineRecord, flist: Path | None = None) -> None:
@@ -334,6 +380,21 @@ class Provisioner:
         rotate(p.vmm_log, self.config.log_rotate_bytes)
         return booted
 
+    def console_tail(self, rec: MachineRecord, nbytes: int) -> bytes:
+        """The last ``nbytes`` of the serial console log (whoever writes it: the VMM, or
+        the agent's console bridge)."""
+        path = self.paths(rec).console_log
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+                return f.read()
+        except OSError:
+            return b""
+
+    def entrypoint_exit(self, rec: MachineRecord) -> guestexit.EntrypointExit | None:
+        """How the container entrypoint of the last VMM start ended, if our init said so."""
+        return guestexit.find_exit(self.console_tail(rec, guestexit.TAIL_BYTES), rec.boot_nonce)
+
     def log_tail(self, rec: MachineRecord) -> str:
         """The end of the serial console and of the VMM's own log, for FAILED reports."""
         p = self.paths(rec)
@@ -374,12 +435,14 @@ class Provisioner:
         await self.host.delete_nics(rec)
         rec.nics = []
         await self._unmount_root(rec)
+        await self._unmount_shares(rec)
         if mount.is_mounted(p.lower):
             await asyncio.to_thread(mount.unmount, p.lower)
         for h in rec.helpers:
             await terminate(h)
         rec.helpers = []
-        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer)):
+        shares = [p.volume(v.name, disk=False) for v in rec.spec.volumes]
+        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer, *shares)):
             raise Unavailable(f"zmachine {rec.ref}: {p.root} still has a busy mount; retry")
         if not keep_data:
             if p.root.exists():

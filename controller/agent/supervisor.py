@@ -1,10 +1,12 @@
 """Keeps every VM in the state its restart policy asks for.
 
-Rules (docs/agent.md "Supervision"):
-* a VM that ends is restarted per restartPolicy: Always restarts on any end, OnFailure
-  only when it was not a clean guest power-off, Never never. How it ended is the
-  driver's GuestExit, read from the VMM's own events (so it survives an agent restart),
-  never the bare exit status: cloud-hypervisor and QEMU exit 0 on SIGTERM too;
+Rules (docs/agent.md "Supervision"), as Kubernetes applies restartPolicy to containers:
+* a VM that ends is restarted per restartPolicy: Always on any end, OnFailure only when it
+  failed, Never never. Success is the container entrypoint's exit code 0 when our init
+  reported one (its exit marker on the serial console), else a clean guest power-off.
+  How the VM ended is the driver's GuestExit, read from the VMM's own events (so it
+  survives an agent restart), never the bare exit status: cloud-hypervisor and QEMU exit
+  0 on SIGTERM too;
 * restarts wait an exponential backoff (base * 2^(streak-1), capped);
 * more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from controller.agent.config import Supervision
 from controller.agent.events import EventType
-from controller.agent.hypervisor import GuestEvent
+from controller.agent.hypervisor import ExitRecord, GuestEvent
 from controller.agent.machines import Machines
 from controller.agent.spec import RestartPolicy
 from controller.agent.state import MachineRecord, State
@@ -33,6 +36,13 @@ log = structlog.get_logger(__name__)
 # Seconds for the old virtiofsd to exit after cloud-hypervisor's reboot event (it does
 # once CH drops the connection) before a new one takes its socket path.
 REBOOT_SHARE_WAIT = 3.0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    clean: bool  # a success for restartPolicy OnFailure/Never
+    reason: str  # the machine's reason when it ends there
+    what: str  # for messages: what stopped, with which code
 
 
 class Supervisor:
@@ -96,29 +106,53 @@ class Supervisor:
             if changed:
                 self.machines.store.save(rec)
             return
-        clean = ended.exit.clean
+        outcome = self._outcome(rec, ended)
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
         policy = rec.spec.restart_policy
-        bind.info("vm ended", exit=ended.exit.value, detail=ended.detail, policy=policy.value)
+        bind.info(
+            "vm ended", exit=ended.exit.value, detail=ended.detail, exit_code=rec.exit_code,
+            clean=outcome.clean, policy=policy.value,
+        )  # fmt: skip
         rec.last_exit = ended.exit.value
         await prov.stop(rec)
-        why = f"the VM ended: {ended.exit.value} ({ended.detail})"
-        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
-            rec.state = State.SUCCEEDED if clean else State.FAILED
-            rec.reason = "PoweredOff" if clean else "VMMExited"
-            rec.message = f"{why}; restartPolicy is {policy.value}"
+        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and outcome.clean):
+            rec.state = State.SUCCEEDED if outcome.clean else State.FAILED
+            rec.reason = outcome.reason
+            rec.message = f"{outcome.what}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
             self.machines.emit(rec, EventType.EXITED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
-            self._fail(rec, f"the VM ended {rec.crash_streak} times in a row (last: {why})")
+            self._fail(
+                rec, f"the VM ended {rec.crash_streak} times in a row (last: {outcome.what})"
+            )
             return
         delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
-        rec.message = f"{why}; restarting in {delay:.0f}s"
+        rec.message = f"{outcome.what}; restarting in {delay:.0f}s"
         self.machines.emit(rec, EventType.EXITED)
+
+    def _outcome(self, rec: MachineRecord, ended: ExitRecord) -> _Outcome:
+        """Why the VM stopped. Our init's exit marker (container mode with an entrypoint)
+        gives the entrypoint's code, recorded on ``rec``; without one, how the VM ended
+        (the driver's GuestExit) decides."""
+        prov = self.machines.prov
+        exited = prov.entrypoint_exit(rec)
+        if exited is not None:
+            rec.exit_code, rec.exit_reason = exited.code, exited.reason
+            return _Outcome(
+                exited.code == 0,
+                exited.reason,
+                f"the entrypoint exited with code {exited.code} ({exited.reason})",
+            )
+        clean = ended.exit.clean
+        return _Outcome(
+            clean,
+            "PoweredOff" if clean else "VMMExited",
+            f"the VM ended: {ended.exit.value} ({ended.detail})",
+        )
 
     async def _relaunch(self, rec: MachineRecord) -> None:
         try:

@@ -31,8 +31,8 @@ from controller.operator.status import StatusWriter
 from controller.operator.translate import (
     SecretReader,
     agent_spec,
+    env_to_deploy,
     refuse_unsupported,
-    resolve_env,
 )
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
@@ -184,7 +184,10 @@ async def converge(
                             target.generation,
                         )  # fmt: skip
                     return
-                env = await asyncio.to_thread(resolve_env, spec, target.namespace, rt.read_secret)
+            env = await asyncio.to_thread(
+                env_to_deploy, spec, target.namespace, target.generation, machine, rt.read_secret
+            )
+            if env is not None:
                 response = await agent.deploy(
                     target.ref(), target.generation, agent_spec(spec, target.name, env)
                 )
@@ -192,6 +195,7 @@ async def converge(
                 if response.changed:
                     out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
+            assert machine is not None  # env_to_deploy deploys whenever the agent had none
         except SecretUnavailable as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
             out.phase_to(Phase.PENDING, exc.reason, str(exc))
@@ -422,6 +426,9 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     if machine.restarts > int(out.current.get("restartCount") or 0):
         out.event("Restarted", f"the node restarted the VM ({machine.restarts} so far)", True)
     out.set("restartCount", machine.restarts)
+    if machine.HasField("exit_code"):
+        out.set("exitCode", machine.exit_code)
+        out.set("exitReason", machine.exit_reason)
     if settled:
         out.set("observedGeneration", target.generation)
     if phase == Phase.RUNNING and out.phase != Phase.RUNNING.value and machine.restarts == 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from controller.agent.hypervisor.qmp import QMP
 from controller.agent.procs import cmdline
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess
-from tests.agent.conftest import agent_process
 from tests.agent.test_agent_vm import vm_pids_of, wait_for
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
@@ -27,19 +25,8 @@ BYE = "/bin/sh -c 'echo zm-test-bye; poweroff -f'"
 
 
 @pytest.fixture(scope="module")
-def agent(
-    tmp_path_factory: pytest.TempPathFactory,
-    agent_pki: Path,
-    agent_guest_dir: Path,
-    agent_busybox_flist: Path,
-) -> Iterator[AgentProcess]:
-    state = tmp_path_factory.mktemp("policy") / "state"
-    proc = agent_process(
-        state, agent_pki, None, agent_guest_dir, agent_busybox_flist.parent,
-        "--crash-loop-limit", "1",
-    )  # fmt: skip
-    with proc.running():
-        yield proc
+def agent(agent_strict: AgentProcess) -> AgentProcess:
+    return agent_strict
 
 
 def in_state(agent: AgentProcess, uid: str, state: int) -> pb.Machine | None:

@@ -39,8 +39,22 @@ from tests.agent.test_cloud_hypervisor import make_config
 BASE = "rw console=ttyS0 reboot=k panic=1 root=vroot rootfstype=virtiofs rootdelay=30"
 
 
-def test_container_cmdline_has_no_init() -> None:
+def test_container_cmdline_has_no_init_but_the_boot_nonce() -> None:
     assert kernel_cmdline(BootMode.CONTAINER, "/bin/app --x") == BASE
+    nonce = "0123456789abcdef0123456789abcdef"
+    with_nonce = kernel_cmdline(BootMode.CONTAINER, "/bin/app", nonce=nonce)
+    assert with_nonce == f"{BASE} zmachine.nonce={nonce}"
+    # VM mode boots the flist's own init, which prints no exit marker.
+    assert kernel_cmdline(BootMode.VM, "", nonce=nonce) == BASE
+
+
+def test_vm_entrypoint_longer_than_the_kernel_command_line_is_refused() -> None:
+    fits = "/bin/sh -c " + "x" * (2047 - len(BASE) - len(" init=/bin/sh -- -c "))
+    assert len(kernel_cmdline(BootMode.VM, fits)) == 2047
+    with pytest.raises(InvalidSpec, match=r"spec\.entrypoint: .* over the kernel's 2047"):
+        kernel_cmdline(BootMode.VM, fits + "x")
+    # Container mode carries it in the seed: no limit there.
+    assert kernel_cmdline(BootMode.CONTAINER, fits * 3) == BASE
 
 
 def test_vm_cmdline_passes_entrypoint_as_init_and_args_after_dashes() -> None:
