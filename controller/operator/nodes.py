@@ -12,9 +12,13 @@ from kubernetes import client
 from controller.agent.registration import lease_name
 from controller.api import conditions as cond
 from controller.api.zmachinenode import LEASE_NAMESPACE_DEFAULT
-from controller.kube import ApiException, lease_is_fresh
+from controller.kube import ApiException, LeaseObserver
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
+
+# Agents run on other hosts: their Leases are judged by our monotonic clock since each last
+# changed, not by their renewTime against our wall clock (the two clocks may disagree).
+_observer = LeaseObserver()
 
 
 def lease_fresh(coordination: client.CoordinationV1Api, node: str, spec: Mapping[str, Any]) -> bool:
@@ -25,7 +29,7 @@ def lease_fresh(coordination: client.CoordinationV1Api, node: str, spec: Mapping
         if exc.status == 404:
             return False
         raise
-    return lease_is_fresh(lease)
+    return not _observer.expired(lease)
 
 
 def readiness_patch(
