@@ -176,6 +176,14 @@ def test_controller_and_agent_ride_out_an_api_server_restart(
         with agent.running():
             wait_for(lambda: "became leader" in leader.log.read_text(), what="a leader")
             wait_for(lambda: node_ready(plane, "steady"), what="the agent's node to be Ready")
+            # kopf serves the resources (its discovery is done): it publishes the node's usage.
+            wait_for(
+                lambda: any(
+                    e["objectRef"].get("resource") == "zmachinenodes"
+                    for e in writes_by(plane, leader_user)
+                ),
+                what="the leader to act on the node",
+            )
             pids = (leader.process.pid, agent.proc.pid if agent.proc else None)
             held = (plane.get("lease", LEASE_NAME, NS) or {})["spec"]
 
