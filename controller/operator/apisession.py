@@ -11,20 +11,26 @@ leads, and it enforces the deadline itself.
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import kopf
+import urllib3
 from kubernetes import client
 
-from controller.kube import before_each_request
+from controller.api.zmachine import PLURAL
+from controller.api.zmachinenode import PLURAL as NODE_PLURAL
+from controller.kube import GROUP, VERSION, ApiException, before_each_request
 from controller.operator.leader import LeaseFence
 
 # kopf's defaults wait 5 min for a request and without limit for a connection; an API
 # server that is gone must surface as an error within seconds so that kopf retries.
 REQUEST_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
+# What kopf must find at start to serve anything: our kinds, and CRDs (it watches those).
+NEEDED_RESOURCES = frozenset({PLURAL, NODE_PLURAL, "customresourcedefinitions"})
 
 
 @kopf.on.startup()
@@ -75,11 +81,32 @@ def fenced_session(info: kopf.ConnectionInfo, fence: LeaseFence | None) -> aioht
     )
 
 
-def install_login(api: client.ApiClient, fence: LeaseFence | None) -> None:
-    """Make kopf log in with `api`'s credentials through a session checked by `fence`."""
+def served_resources(api: client.ApiClient) -> set[str]:
+    """What the API server's discovery lists now for our group and for CRDs."""
+    ours = client.CustomObjectsApi(api).get_api_resources(GROUP, VERSION)
+    crds = client.ApiextensionsV1Api(api).get_api_resources()
+    return {r.name for r in ours.resources} | {r.name for r in crds.resources}
+
+
+def install(api: client.ApiClient, fence: LeaseFence | None) -> None:
+    """Make kopf log in with `api`'s credentials through a session checked by `fence`, and
+    start watching only once the API server's discovery answers."""
 
     @kopf.on.login()
     async def login(**_: Any) -> kopf.AiohttpSession:
         # Called again after a 401: credentials (a projected token) are read afresh.
         info = connection_info(api)
         return kopf.AiohttpSession(server=info.server, aiohttp_session=fenced_session(info, fence))
+
+    @kopf.on.startup()
+    async def discovery_answers(**_: Any) -> None:
+        # kopf resolves its resources once, right after the start-up handlers: if the API
+        # server is away at that moment it serves nothing until a CRD changes (logging
+        # "Unresolved resources cannot be served"). So the start waits for discovery.
+        try:
+            found = await asyncio.to_thread(served_resources, api)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise kopf.TemporaryError(f"API discovery failed: {exc}", delay=2) from exc
+        missing = NEEDED_RESOURCES - found
+        if missing:
+            raise kopf.TemporaryError(f"API discovery lacks {sorted(missing)}", delay=2)

@@ -18,7 +18,7 @@ from controller.kube import ApiException, api_client, get_object
 from controller.logs import configure_logging
 from controller.operator import handlers, metrics
 from controller.operator.agents import AgentPool
-from controller.operator.apisession import fence_api_client, install_login
+from controller.operator.apisession import fence_api_client, install
 from controller.operator.inventory import Inventory, Placement, request_of
 from controller.operator.leader import LeaderElector, LeaseTiming, standby_health
 from controller.operator.reconcile import Runtime
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         with standby_health(args.health_port):
             elector.acquire()
         elector.keep()
-    install_login(api, None if elector is None else elector.fence)
+    install(api, None if elector is None else elector.fence)
     metrics.serve(args.metrics_port)
     runtime = Runtime(
         inventory=Inventory(),

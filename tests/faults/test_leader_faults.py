@@ -229,3 +229,37 @@ def test_controller_and_agent_ride_out_an_api_server_restart(
                       check=False)  # fmt: skip
         leader.stop()
     assert leaks([state]) == []
+
+
+def test_a_controller_started_while_the_api_server_is_away_serves_once_it_returns(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    """kopf resolves its resources once at start; the controller holds that start until
+    the API server's discovery answers, so an outage then cannot leave it serving nothing."""
+    log = tmp_path / "controller.log"
+    plane.stop_apiserver()
+    controller = None
+    try:
+        controller = start_controller(plane, NS, log, "--no-leader-election")
+        # kopf's start-up activities (ours set its timeouts) run before it looks at the API.
+        wait_for(
+            lambda: "Activity 'network_timeouts' succeeded" in log.read_text(),
+            what="kopf to start while the API server is away",
+        )
+        time.sleep(3)
+    finally:
+        plane.start_apiserver()
+    try:
+        manifest = valid_manifest("started-blind", NS)
+        manifest["spec"]["computeCapacity"]["cpu"] = 64  # no node fits: Pending
+        plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+        wait_for(
+            lambda: ((plane.get("zm", "started-blind", NS) or {}).get("status") or {}).get("phase"),
+            timeout=90,
+            what="the controller to handle a Zmachine",
+            on_timeout=lambda: log.read_text()[-3000:],
+        )
+        plane.kubectl("delete", "zm", "-n", NS, "started-blind", "--timeout=60s")
+    finally:
+        if controller is not None:
+            controller.stop()
