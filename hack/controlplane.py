@@ -79,15 +79,30 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# Every write (with who made it and when) at Metadata level; reads are not logged.
+_AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+"""
+
+
 @dataclass
 class ControlPlane:
-    """etcd and kube-apiserver under `workdir`; `kubeconfig` is the cluster-admin config."""
+    """etcd and kube-apiserver under `workdir`; `kubeconfig` is the cluster-admin config.
+
+    With `audit`, kube-apiserver logs every write to `audit_log` (one JSON event a line)."""
 
     workdir: Path
     assets: Path = field(default_factory=kube_assets)
     port: int = field(default_factory=free_port)
+    audit: bool = False
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _names: list[str] = field(default_factory=list)
+    _argv: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -100,6 +115,10 @@ class ControlPlane:
     @property
     def pki(self) -> Path:
         return self.workdir / "pki"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
 
     def start(self, timeout: float = 90.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -142,11 +161,50 @@ class ControlPlane:
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--v=1",
+                *self._audit_flags(),
             ],
         )
         self._write_kubeconfig(self.kubeconfig, "admin", ["system:masters"])
         self._wait_ready(timeout)
         log.info("control plane ready", url=self.url, kubeconfig=str(self.kubeconfig))
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(_AUDIT_POLICY)
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            # Written as each request completes, so a test reads it right after acting.
+            "--audit-log-mode=blocking",
+            "--audit-log-maxsize=0",
+        ]
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit log so far (needs `audit=True`)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone; etcd and its data stay."""
+        proc = self._procs[self._names.index("kube-apiserver")]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_apiserver(self, timeout: float = 90.0) -> None:
+        """Start kube-apiserver again, on the same port with the same certificates."""
+        index = self._names.index("kube-apiserver")
+        if self._procs[index].poll() is None:
+            raise ControlPlaneError("kube-apiserver is still running")
+        del self._names[index], self._procs[index]
+        self._spawn("kube-apiserver", self._argv["kube-apiserver"])
+        self._wait_ready(timeout)
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
@@ -165,7 +223,8 @@ class ControlPlane:
         return {name: proc.pid for name, proc in zip(self._names, self._procs, strict=True)}
 
     def user_kubeconfig(self, user: str, groups: list[str]) -> Path:
-        """A kubeconfig authenticating as `user` in `groups` via a client certificate."""
+        """A kubeconfig authenticating as `user` in `groups` via a client certificate
+        (a user of its own in the audit log; group system:masters makes it cluster-admin)."""
         path = self.workdir / f"kubeconfig-{user}"
         self._write_kubeconfig(path, user, groups)
         return path
@@ -195,6 +254,7 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = (self.workdir / f"{name}.log").open("ab")
+        self._argv[name] = argv
         self._names.append(name)
         proc = subprocess.Popen(
             argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True

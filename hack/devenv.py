@@ -1,12 +1,18 @@
 """`make run` / `make down`: a local control plane, the controller and the examples.
 
-Everything lives under .cache/ in the checkout; process ids go to .cache/pids so that
-`make down` stops exactly what `make run` started.
+Everything lives under .cache/ in the checkout (ZMACHINE_DEV_DIR elsewhere, and the guests'
+namespace is ZMACHINE_DEV_NETNS, default zmrun: tests run a second copy beside a user's).
+Each process is recorded in .cache/pids with its kernel start time and a marker of its
+command line, so a pid that died, or was reused by another program, is never taken for
+ours. `make down` removes everything `make run` made, whatever state it is in: the agent's
+machines are torn down offline (`zmachine-agent cleanup`) after every process has stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -17,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from controller.agent.procs import ProcessRef
 from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache"
+CACHE = Path(os.environ.get("ZMACHINE_DEV_DIR") or REPO / ".cache").resolve()
 PIDS = CACHE / "pids"
 LOGS = CACHE / "logs"
 KUBECONFIG = CACHE / "kubeconfig"
@@ -31,19 +38,32 @@ def say(message: str) -> None:
     print(f"[make run] {message}", flush=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
+# What must appear in each component's command line (with its start time, the identity).
+MARKERS = {
+    "etcd": "etcd",
+    "kube-apiserver": "kube-apiserver",
+    "agent": "controller.agent.main",
+    "controller": "controller.operator.main",
+}
 
 
-def _running() -> dict[str, int]:
-    if not PIDS.is_dir():
-        return {}
-    found = {p.stem: int(p.read_text()) for p in PIDS.glob("*.pid")}
-    return {name: pid for name, pid in found.items() if _alive(pid)}
+def record(name: str, pid: int) -> None:
+    PIDS.mkdir(parents=True, exist_ok=True)
+    ref = ProcessRef.of(pid, MARKERS[name])
+    (PIDS / f"{name}.pid").write_text(json.dumps(dataclasses.asdict(ref)))
+
+
+def running() -> dict[str, ProcessRef]:
+    """The recorded components that are still the processes we started."""
+    found = {}
+    for path in PIDS.glob("*.pid") if PIDS.is_dir() else ():
+        try:
+            ref = ProcessRef(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # a pid file of an older `make run`, or half written: not ours
+        if ref.alive():
+            found[path.stem] = ref
+    return found
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str]) -> int:
@@ -52,12 +72,15 @@ def _spawn(name: str, argv: list[str], env: dict[str, str]) -> int:
         proc = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    (PIDS / f"{name}.pid").write_text(str(proc.pid))
+    record(name, proc.pid)
     return proc.pid
 
 
 EXAMPLES = Path("/var/lib/zmachine-operator/examples")
-NETNS = "zmrun"
+NETNS = os.environ.get("ZMACHINE_DEV_NETNS") or "zmrun"
+AGENT_STATE = CACHE / "agent"
+AGENT_FLAGS = CACHE / "agent-flags.json"
+AGENT_MAIN = [sys.executable, "-m", "controller.agent.main"]
 BRIDGE_CIDR = "10.234.0.1/24"
 AGENT_CIDR = "10.234.0.0/24"
 
@@ -82,7 +105,7 @@ def _example_flist() -> Path:
     return flist
 
 
-def _network() -> None:
+def network() -> None:
     """Guests live on a bridge inside a namespace of their own, never on the host's."""
     if subprocess.run(["ip", "netns", "exec", NETNS, "true"], capture_output=True).returncode == 0:
         return
@@ -101,7 +124,7 @@ def _guest_kernel() -> Path:
     return guest_kernel_dir()
 
 
-def _pki() -> Path:
+def dev_pki() -> Path:
     pki = CACHE / "pki"
     if not (pki / "ca.crt").exists():
         from controller.agent.tls import write_dev_pki
@@ -111,17 +134,17 @@ def _pki() -> Path:
 
 
 def up() -> int:
-    PIDS.mkdir(parents=True, exist_ok=True)
-    if {"etcd", "kube-apiserver"} <= _running().keys() and KUBECONFIG.exists():
+    if {"etcd", "kube-apiserver"} <= running().keys() and KUBECONFIG.exists():
         say("control plane already running")
     else:
+        # A new control plane has none of the old Zmachines: `down` also removes the VMs
+        # the agent kept for them, so the agent starts from an empty state dir.
         down(quiet=True)
-        PIDS.mkdir(parents=True, exist_ok=True)
         say("starting etcd and kube-apiserver on 127.0.0.1")
         plane = ControlPlane(CACHE / "cluster")
         plane.start()
         for name, pid in plane.pids().items():
-            (PIDS / f"{name}.pid").write_text(str(pid))
+            record(name, pid)
         shutil.copyfile(plane.kubeconfig, KUBECONFIG)
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
     BIN.mkdir(parents=True, exist_ok=True)
@@ -138,24 +161,13 @@ def up() -> int:
     subprocess.run(
         [*kubectl, "create", "namespace", "zmachine-system"], capture_output=True, check=False
     )
-    flist, guest, pki = _example_flist(), _guest_kernel(), _pki()
-    _network()
-    running = _running()
-    if "agent" not in running:
-        address = f"127.0.0.1:{free_port()}"
-        say(f"starting the node agent on {address} (log: .cache/logs/agent.log)")
-        _spawn("agent", [
-            sys.executable, "-m", "controller.agent.main", "serve",
-            "--listen", address, "--state-dir", str(CACHE / "agent"),
-            "--node-name", "local", "--bridge", "zmbr0", "--netns", NETNS,
-            "--cidr", AGENT_CIDR, "--guest-kernel-dir", str(guest),
-            "--virtiofsd", str(virtiofsd_path()),
-            "--flist-dir", str(flist.parent), "--metrics-port", str(free_port()),
-            "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "server.crt"),
-            "--tls-key", str(pki / "server.key"),
-            "--kubeconfig", str(KUBECONFIG), "--lease-namespace", "zmachine-system",
-        ], env)  # fmt: skip
-    if "controller" not in running:
+    flist, guest, pki = _example_flist(), _guest_kernel(), dev_pki()
+    network()
+    alive = running()
+    if "agent" not in alive:
+        address = start_agent(guest, flist.parent, pki, env)
+        say(f"started the node agent on {address} (log: {LOGS}/agent.log)")
+    if "controller" not in alive:
         say("starting the controller (log: .cache/logs/controller.log)")
         _spawn("controller", [
             sys.executable, "-m", "controller.operator.main", "--agent-tls-dir", str(pki),
@@ -203,6 +215,30 @@ Next:
     return 1
 
 
+def start_agent(guest: Path, flists: Path, pki: Path, env: dict[str, str]) -> str:
+    """The node agent on a free loopback port; its address."""
+    address = f"127.0.0.1:{free_port()}"
+    flags = _agent_flags(address, guest, flists, pki)
+    # `make down` tears the machines down with exactly these flags, even with no agent.
+    AGENT_FLAGS.parent.mkdir(parents=True, exist_ok=True)
+    AGENT_FLAGS.write_text(json.dumps(flags))
+    _spawn("agent", [*AGENT_MAIN, "serve", *flags], env)
+    return address
+
+
+def _agent_flags(address: str, guest: Path, flists: Path, pki: Path) -> list[str]:
+    return [
+        "--listen", address, "--state-dir", str(AGENT_STATE),
+        "--node-name", "local", "--bridge", "zmbr0", "--netns", NETNS,
+        "--cidr", AGENT_CIDR, "--guest-kernel-dir", str(guest),
+        "--virtiofsd", str(virtiofsd_path()),
+        "--flist-dir", str(flists), "--metrics-port", str(free_port()),
+        "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "server.crt"),
+        "--tls-key", str(pki / "server.key"),
+        "--kubeconfig", str(KUBECONFIG), "--lease-namespace", "zmachine-system",
+    ]  # fmt: skip
+
+
 @functools.cache
 def _kubectl() -> Path:
     from hack.controlplane import kube_assets
@@ -211,8 +247,8 @@ def _kubectl() -> Path:
 
 
 def down(quiet: bool = False) -> int:
-    running = _running()
-    if {"controller", "agent", "kube-apiserver"} <= running.keys():
+    alive = running()
+    if {"controller", "agent", "kube-apiserver"} <= alive.keys():
         say("deleting the Zmachines so the agent removes their VMs")
         subprocess.run(
             [
@@ -227,28 +263,38 @@ def down(quiet: bool = False) -> int:
             ],
             check=False,
         )
-    for name, pid in running.items():
+    for name, ref in alive.items():
         if not quiet:
-            say(f"stopping {name} ({pid})")
-        os.killpg(pid, signal.SIGTERM) if _is_group_leader(pid) else os.kill(pid, signal.SIGTERM)
+            say(f"stopping {name} ({ref.pid})")
+        # Each component leads its own session (start_new_session): stop its helpers too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ref.pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in running.values()):
+    while time.monotonic() < deadline and any(ref.alive() for ref in alive.values()):
         time.sleep(0.2)
-    for pid in running.values():
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    for ref in alive.values():
+        if ref.alive():
+            os.kill(ref.pid, signal.SIGKILL)
+    removed = _remove_machines(quiet)
     shutil.rmtree(PIDS, ignore_errors=True)
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)
     shutil.rmtree(CACHE / "cluster", ignore_errors=True)
     KUBECONFIG.unlink(missing_ok=True)
-    return 0
+    if not removed:
+        say("some machines could not be removed (see above); run `make down` again")
+    return 0 if removed else 1
 
 
-def _is_group_leader(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except OSError:
-        return False
+def _remove_machines(quiet: bool) -> bool:
+    """Whatever the Zmachines' deletion left (agent or API server dead, controller killed):
+    VMMs live in sessions of their own and outlive every component, so tear them down
+    offline, with no agent running."""
+    if not AGENT_FLAGS.exists():
+        return True  # no agent was ever started here
+    if not quiet:
+        say("removing the agent's machines (zmachine-agent cleanup)")
+    flags = json.loads(AGENT_FLAGS.read_text())
+    return subprocess.run([*AGENT_MAIN, "cleanup", *flags], check=False).returncode == 0
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""``zmachine-agent``: ``serve`` runs the node agent, ``certs DIR`` writes a dev PKI."""
+"""``zmachine-agent``: ``serve`` runs the node agent, ``certs DIR`` writes a dev PKI,
+``cleanup`` (with the flags of ``serve``, no agent running) tears down every machine."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from controller.agent.cleanup import cleanup
 from controller.agent.config import AgentConfig, parse_config
 from controller.agent.errors import AgentError
 from controller.agent.events import EventBus
@@ -110,10 +112,13 @@ def _certs(argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
-    command = args.pop(0) if args and args[0] in ("serve", "certs") else "serve"
+    command = args.pop(0) if args and args[0] in ("serve", "certs", "cleanup") else "serve"
     try:
         if command == "certs":
             _certs(args)
+        elif command == "cleanup":
+            removed = asyncio.run(cleanup(parse_config(args)))
+            log.info("cleanup done", machines=removed)
         else:
             asyncio.run(serve(parse_config(args)))
     except AgentError as exc:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import urllib3
 from kubernetes import client
 
 from controller.api.conditions import set_condition
@@ -49,7 +50,9 @@ class Registrar:
             try:
                 info = await self.node_info()
                 await asyncio.to_thread(self.beat, info)
-            except (ApiException, OSError) as exc:
+            # urllib3's errors (MaxRetryError when the API server is unreachable, timeouts)
+            # are no OSError: without them here one outage would end the heartbeat for good.
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
                 self.log.warning("registration failed; retrying", error=str(exc))
             await asyncio.sleep(self.reg.interval)
 

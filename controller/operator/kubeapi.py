@@ -23,9 +23,6 @@ from controller.operator.errors import ControllerError
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
-# (connect, read) seconds: a hung API server must never hang a handler or the node monitor.
-REQUEST_TIMEOUT = (5.0, 20.0)
-
 
 class Conflict(ControllerError):
     """The object changed since it was read (HTTP 409): read it again and decide again."""
@@ -56,7 +53,8 @@ class Kube:
 
     async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(fn, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+            # The client's default timeout applies (controller.kube.api_client).
+            return await asyncio.to_thread(fn, *args, **kwargs)
         except ApiException as exc:
             if exc.status == 409:
                 raise Conflict(f"{what}: the object changed meanwhile") from exc

@@ -17,9 +17,10 @@ from controller.kube import ApiException, api_client
 from controller.logs import configure_logging
 from controller.operator import handlers, metrics
 from controller.operator.agents import AgentPool
+from controller.operator.apisession import fence_api_client, install
 from controller.operator.inventory import Inventory
-from controller.operator.kubeapi import REQUEST_TIMEOUT, Kube
-from controller.operator.leader import LeaderElector, standby_health
+from controller.operator.kubeapi import Kube
+from controller.operator.leader import LeaderElector, LeaseTiming, standby_health
 from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime
 
@@ -27,7 +28,7 @@ from controller.operator.reconcile import Runtime
 def _secret_reader(core: client.CoreV1Api) -> Any:
     def read(namespace: str, name: str) -> dict[str, str] | None:
         try:
-            secret = core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+            secret = core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -63,6 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         help="namespace of the leader-election Lease",
     )
     parser.add_argument("--no-leader-election", action="store_true")
+    defaults = LeaseTiming()
+    parser.add_argument(
+        "--leader-elect-lease-duration",
+        type=float,
+        default=defaults.lease_duration,
+        help="seconds a standby waits, by its own clock since the Lease last changed, before "
+        "taking it over",
+    )
+    parser.add_argument(
+        "--leader-elect-renew-deadline",
+        type=float,
+        default=defaults.renew_deadline,
+        help="seconds the leader may go without a successful renewal before it exits; "
+        "less than the lease duration",
+    )
+    parser.add_argument(
+        "--leader-elect-retry-period",
+        type=float,
+        default=defaults.retry_period,
+        help="seconds between attempts to take or renew the Lease",
+    )
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument(
         "--agent-tls-dir",
@@ -107,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         "controller asks the node to remove it",
     )
     args = parser.parse_args(argv)
+    try:
+        timing = LeaseTiming(
+            args.leader_elect_lease_duration,
+            args.leader_elect_renew_deadline,
+            args.leader_elect_retry_period,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
 
     configure_logging(args.log_level, json=args.log_format == "json")
     # kopf reports every handler run at INFO; our own lines already say what happened.
@@ -114,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     api = api_client(args.kubeconfig)
     elector = None
     if not args.no_leader_election:
-        elector = LeaderElector(api, args.lease_namespace)
+        # A client of its own: the elector works before it leads, so no fence guards it.
+        elector = LeaderElector(api_client(args.kubeconfig), args.lease_namespace, timing)
+        fence_api_client(api, elector.fence)
         # A standby is alive, only not leading: answer liveness probes while it waits.
         with standby_health(args.health_port):
             elector.acquire()
         elector.keep()
+    install(api, None if elector is None else elector.fence)
     metrics.serve(args.metrics_port)
     runtime = Runtime(
         inventory=Inventory(cpu_ratio=args.cpu_allocation_ratio),

@@ -20,6 +20,7 @@ import structlog
 from controller.agent.registration import lease_name
 from controller.api import conditions as cond
 from controller.api.zmachinenode import LEASE_NAMESPACE_DEFAULT
+from controller.kube import LeaseObserver
 from controller.operator.errors import ControllerError
 from controller.operator.inventory import NodeView
 from controller.operator.reconcile import Runtime, placement_of
@@ -30,31 +31,12 @@ LEGACY_FINALIZER = "zos.threefold.io/finalizer"
 
 
 @dataclass
-class LeaseWatch:
-    """client-go's rule: a Lease is fresh while its record keeps changing, timed by our own
-    monotonic clock from when we saw it change, never by comparing two hosts' clocks."""
-
-    seen: dict[str, tuple[str, float]] = field(default_factory=dict)  # node -> (version, when)
-
-    def fresh(self, node: str, version: str | None, duration: float) -> bool:
-        now = time.monotonic()
-        if version is None:
-            self.seen.pop(node, None)
-            return False
-        last = self.seen.get(node)
-        if last is None or last[0] != version:
-            self.seen[node] = (version, now)
-            return True
-        return now - last[1] < duration
-
-
-@dataclass
 class NodeMonitor:
     rt: Runtime
     namespaces: Sequence[str] = ()  # globs this controller watches; empty: all
     interval: float = 5.0
     orphan_grace: float = 60.0
-    leases: LeaseWatch = field(default_factory=LeaseWatch)
+    leases: LeaseObserver = field(default_factory=LeaseObserver)
     # (node, uid) -> monotonic time the VM was first seen without a Zmachine placed there.
     suspects: dict[tuple[str, str], float] = field(default_factory=dict)
     published: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> status
@@ -73,7 +55,6 @@ class NodeMonitor:
         for name in list(self.published):
             if name not in self.rt.inventory.nodes:
                 del self.published[name]
-                self.leases.seen.pop(name, None)
         for key in [k for k in self.suspects if k[0] not in self.rt.inventory.nodes]:
             del self.suspects[key]
 
@@ -86,9 +67,9 @@ class NodeMonitor:
     async def _liveness(self, node: NodeView) -> None:
         namespace = node.lease_namespace or LEASE_NAMESPACE_DEFAULT
         lease = await self.rt.kube.lease(namespace, lease_name(node.name))
-        version = lease.metadata.resource_version if lease and lease.metadata else None
-        duration = float((lease.spec.lease_duration_seconds if lease and lease.spec else 0) or 0)
-        if self.leases.fresh(node.name, version, duration) or not node.ready:
+        # By our own clock since the Lease last changed, never the agent's renewTime against
+        # our wall clock; a Lease first seen after our start gets its whole duration.
+        if (lease is not None and not self.leases.expired(lease)) or not node.ready:
             return
         # Only the controller turns Ready false; the agent turns it true with each heartbeat.
         log.warning("node lease expired", node=node.name)

@@ -67,6 +67,8 @@ def test_controller_deployment(helm: Helm) -> None:
     assert {"--health-port=8080", "--metrics-port=9090"} <= set(c["args"])
     # Leader election in the release namespace, where the controller's Role allows Leases.
     assert "--lease-namespace=zmachine-system" in c["args"]
+    for flag in ("lease-duration=15", "renew-deadline=10", "retry-period=2"):
+        assert f"--leader-elect-{flag}" in c["args"]
     tls_dir = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["tls"]
     assert f"--agent-tls-dir={tls_dir}" in c["args"]
     assert not any(a.startswith("--namespace") for a in c["args"])  # whole cluster by default

@@ -52,10 +52,13 @@ class RunningController:
             self.process.kill()
 
 
-def start_controller(cluster: ControlPlane, ns: str, log: Path, *extra: str) -> RunningController:
-    """A controller that watches only `ns` and elects its leader there."""
+def start_controller(
+    cluster: ControlPlane, ns: str, log: Path, *extra: str, kubeconfig: Path | None = None
+) -> RunningController:
+    """A controller that watches only `ns` and elects its leader there; it authenticates
+    with `kubeconfig` (a user of its own), else as the cluster admin."""
     metrics_port, health_port = free_port(), free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig or cluster.kubeconfig)}
     argv = [
         sys.executable,
         "-m",

@@ -1,27 +1,15 @@
-"""The node monitor: Lease freshness by observation, and orphan collection that removes only
-VMs the API server confirms have no Zmachine placed on their node."""
+"""The node monitor's orphan collection: it removes only VMs the API server confirms have no
+Zmachine placed on their node. Lease freshness by observation is tested with the elector's
+(tests/operator/test_leader_elector.py), which shares it."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.operator.nodes import LeaseWatch, NodeMonitor
+from controller.operator.nodes import NodeMonitor
 from tests.operator.doubles import World
-
-
-def test_a_lease_is_fresh_while_its_record_changes() -> None:
-    watch = LeaseWatch()
-    assert watch.fresh("n", "1", 0.3)  # first sight: a full duration, as after a restart
-    time.sleep(0.2)
-    assert watch.fresh("n", "2", 0.3)  # renewed
-    time.sleep(0.2)
-    assert watch.fresh("n", "2", 0.3)  # 0.2 s since the change we saw
-    time.sleep(0.2)
-    assert not watch.fresh("n", "2", 0.3)
-    assert not watch.fresh("n", None, 0.3)  # no Lease at all
 
 
 def _vm(namespace: str, name: str, uid: str) -> pb.Machine:
