@@ -44,7 +44,11 @@ class HostBoot:
         self.config = config
         self.ipam = network.IPAllocator(config.cidr, config.state_dir / "ipam.json")
         self.driver = hypervisor.select_hypervisor(
-            config.hypervisor, config.accel, config.guest_kernel_dir, config.firmware
+            config.hypervisor,
+            config.accel,
+            config.guest_kernel_dir,
+            config.firmware,
+            config.vmm_binary,
         )
 
     def info(self) -> HypervisorInfo:

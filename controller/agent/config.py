@@ -47,6 +47,7 @@ class AgentConfig:
     supervision: Supervision
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
     firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
+    vmm_binary: Path | None = None  # run this instead of cloud-hypervisor from PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         "disks with it (QEMU uses its own SeaBIOS)",
     )
     p.add_argument(
+        "--vmm-binary",
+        default=_env("vmm-binary"),
+        help="run this program as cloud-hypervisor instead of the one on PATH (only with "
+        "--hypervisor cloud-hypervisor; tests use a stand-in VMM here)",
+    )
+    p.add_argument(
         "--flist-dir",
         action="append",
         default=[d for d in (_env("flist-dirs") or "").split(":") if d],
@@ -141,6 +148,15 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         ipaddress.IPv4Network(a.cidr)
     except ValueError as exc:
         raise InvalidSpec(f"--cidr {a.cidr!r} is not an IPv4 network: {exc}") from exc
+    vmm_binary = Path(a.vmm_binary).resolve() if a.vmm_binary else None
+    if vmm_binary is not None:
+        if a.hypervisor != "cloud-hypervisor":
+            raise InvalidSpec(
+                f"--vmm-binary {a.vmm_binary} needs --hypervisor cloud-hypervisor "
+                f"(got --hypervisor {a.hypervisor})"
+            )
+        if not os.access(vmm_binary, os.X_OK) or not vmm_binary.is_file():
+            raise InvalidSpec(f"--vmm-binary {a.vmm_binary} is not an executable file")
     tls: ServerTLS | None = None
     if a.insecure_dev:
         host = a.listen.rsplit(":", 1)[0].strip("[]")
@@ -172,6 +188,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         guest_kernel_dir=Path(a.guest_kernel_dir) if a.guest_kernel_dir else None,
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
         firmware=Path(a.firmware).resolve() if a.firmware else None,
+        vmm_binary=vmm_binary,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

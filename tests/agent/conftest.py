@@ -85,6 +85,29 @@ def agent_process(
     return AgentProcess(state, pki, extra)
 
 
+STANDIN_VMM = Path(__file__).resolve().parents[1] / "bench" / "standin_vmm.py"
+
+
+@pytest.fixture(scope="session")
+def agent_standin_guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Container-mode assets for the stand-in VMM, which boots nothing: placeholders."""
+    directory = tmp_path_factory.mktemp("standin-guest")
+    for name in ("vmlinuz", "initramfs.img"):
+        (directory / name).write_text("not a kernel: the stand-in VMM boots nothing\n")
+    return directory
+
+
+def standin_agent_process(
+    state: Path, pki: Path, netns: str | None, guest_dir: Path, flist_dir: Path, *more: str
+) -> AgentProcess:
+    """An agent whose VMM is the stand-in for cloud-hypervisor (tests/bench/standin_vmm.py):
+    real FUSE, overlay, taps and virtiofsd; no guest."""
+    return agent_process(
+        state, pki, netns, guest_dir, flist_dir,
+        "--hypervisor", "cloud-hypervisor", "--vmm-binary", str(STANDIN_VMM), *more,
+    )  # fmt: skip
+
+
 # --- guest boot layer (prefix guest_) --------------------------------------------------
 
 GUEST_APPLETS = ("sh", "echo", "cat", "sleep", "poweroff", "ping", "hostname", "uname", "ls")

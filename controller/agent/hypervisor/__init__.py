@@ -37,13 +37,19 @@ def select_hypervisor(
     accel: str = "auto",
     guest_dir: Path | None = None,
     firmware: Path | None = None,
+    binary: Path | None = None,
 ) -> Hypervisor:
     """The driver for ``choice`` (``auto``, ``cloud-hypervisor`` or ``qemu``).
 
     ``guest_dir`` (hack/build-guest-kernel.sh's output) lets QEMU probe whether KVM really
     runs guests when ``accel`` is ``auto``. ``firmware`` is cloud-hypervisor's for image
-    mode (QEMU boots disks with its own SeaBIOS).
+    mode (QEMU boots disks with its own SeaBIOS). ``binary`` replaces the
+    cloud-hypervisor found on PATH (``choice`` must be ``cloud-hypervisor``).
     """
+    if binary is not None:
+        if choice != "cloud-hypervisor":
+            raise HypervisorError(f"a VMM binary ({binary}) needs hypervisor cloud-hypervisor")
+        return CloudHypervisor(str(binary), firmware=firmware)
     if choice == "cloud-hypervisor" or (
         choice == "auto" and accel != "tcg" and CloudHypervisor.available()
     ):
