@@ -20,6 +20,7 @@ import structlog
 
 from controller.agent.config import Supervision
 from controller.agent.events import EventType
+from controller.agent.hypervisor import ExitStatus
 from controller.agent.machines import Machines
 from controller.agent.procs import exit_code
 from controller.agent.spec import RestartPolicy
@@ -70,42 +71,49 @@ class Supervisor:
         # on the serial console tell a power-off from a crash.
         clean = code == 0 or (code is None and prov.guest_powered_off(rec))
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
+        how = ExitStatus(code).describe() if code is not None else "exited (status unknown)"
         bind.info("vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value)
         await prov.stop(rec)
         policy = rec.spec.restart_policy
         if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
             rec.state = State.SUCCEEDED if clean else State.FAILED
             rec.reason = "PoweredOff" if clean else "VMMExited"
-            rec.message = f"the VMM exited with status {code}; restartPolicy is {policy.value}"
+            rec.message = f"VMM: {how}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
-            self.machines.emit(rec, EventType.EXITED)
+            self.machines.emit(rec, EventType.EXITED if clean else EventType.FAILED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
-            self._fail(
-                rec, f"the VMM exited {rec.crash_streak} times in a row (last status {code})"
-            )
+            self._fail(rec, f"the VMM exited {rec.crash_streak} times in a row (last: {how})")
             return
-        delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
+        delay = self._backoff(rec)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
-        rec.message = f"the VMM exited with status {code}; restarting in {delay:.0f}s"
+        rec.message = f"VMM: {how}; restarting in {delay:.0f}s"
         self.machines.emit(rec, EventType.EXITED)
 
     async def _relaunch(self, rec: MachineRecord) -> None:
         try:
             await self.machines.prov.launch(rec)
         except Exception as exc:
+            # The attempt's virtiofsd (and VMM) must go: a virtiofsd left on the share's
+            # socket makes every later attempt fail.
+            await self.machines.prov.stop(rec)
             rec.crash_streak += 1
             if rec.crash_streak > self.rules.crash_loop_limit:
-                self._fail(rec, f"restart failed: {exc}")
+                self._fail(rec, f"restart failed {rec.crash_streak} times in a row: {exc}")
             else:
-                self._next_start[rec.ref.uid] = time.monotonic() + self.rules.backoff_base
-                rec.message = f"restart failed, retrying: {exc}"
+                delay = self._backoff(rec)
+                self._next_start[rec.ref.uid] = time.monotonic() + delay
+                rec.message = f"restart failed, retrying in {delay:.0f}s: {exc}"
                 self.machines.store.save(rec)
             return
         rec.restarts += 1
         self.machines.emit(rec, EventType.RESTARTED)
+
+    def _backoff(self, rec: MachineRecord) -> float:
+        delay: float = self.rules.backoff_base * 2 ** (rec.crash_streak - 1)
+        return min(delay, self.rules.backoff_max)
 
     def _fail(self, rec: MachineRecord, why: str) -> None:
         rec.state, rec.reason, rec.message = State.FAILED, "CrashLoop", why
