@@ -209,7 +209,11 @@ class Provisioner:
             if src is None:
                 raise Unavailable(f"{p.lower}: the mounted flist has no /image.raw")
             what = f"spec.volumes[{index}] ({vol.name!r}, the boot disk)"
-            await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what)
+
+            def shown(percent: int) -> None:  # Get shows it while Provisioning
+                rec.message = f"copying image {percent}%"
+
+            await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what, shown)
         finally:
             await asyncio.to_thread(mount.unmount, p.lower)
             for h in [h for h in rec.helpers if h.marker == str(p.lower)]:
