@@ -2,8 +2,8 @@
 # Builds the container-mode guest boot assets from Debian packages only
 # (linux-image-amd64, busybox-static, kmod):
 #
-#   $ZM_CACHE/guest/<kernel-version>/vmlinuz
-#   $ZM_CACHE/guest/<kernel-version>/initramfs.img   (busybox + modules + hack/initramfs/init)
+#   $ZM_CACHE/guest/<kernel-version>-<inputs hash>/vmlinuz
+#   $ZM_CACHE/guest/<kernel-version>-<inputs hash>/initramfs.img   (busybox + modules + hack/initramfs/init)
 #
 # and prints that directory on stdout (progress goes to stderr). Cached: a
 # stamp of every input (kernel version, busybox version, this script, the
@@ -119,11 +119,6 @@ if [[ -n $custom_init ]]; then
   exit 0
 fi
 
-dest=$cache/guest/$kver
-mkdir -p "$dest"
-exec 9>"$dest/.lock"
-flock 9
-
 stamp=$(
   {
     echo "kernel $kver $(dpkg-query -W -f='${Version}' "$kpkg")"
@@ -132,6 +127,13 @@ stamp=$(
     sha256sum "$0" "$initramfs_src"/init "$initramfs_src"/seed.awk | cut -d' ' -f1
   } | sha256sum | cut -d' ' -f1
 )
+# One directory per set of inputs: checkouts with different inits (branches, worktrees)
+# sharing the cache never rebuild over each other's initramfs.
+dest=$cache/guest/$kver-${stamp:0:12}
+mkdir -p "$dest"
+exec 9>"$dest/.lock"
+flock 9
+
 if [[ -f $dest/.stamp && $(cat "$dest/.stamp") == "$stamp" && -s $dest/vmlinuz && -s $dest/initramfs.img ]]; then
   log "up to date: $dest"
   echo "$dest"

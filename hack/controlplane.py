@@ -48,9 +48,19 @@ def kube_assets() -> Path:
 
 def guest_kernel_dir() -> Path:
     """vmlinuz + initramfs.img for container mode, built (cached) by hack/build-guest-kernel.sh."""
+    return _built_by("build-guest-kernel.sh", timeout=600)
+
+
+def virtiofsd_path() -> Path:
+    """The Rust virtiofsd pinned in hack/versions.env, built (cached) by hack/build-virtiofsd.sh."""
+    return _built_by("build-virtiofsd.sh", timeout=1800)
+
+
+def _built_by(script: str, timeout: float) -> Path:
+    """The path a hack/ build script prints last (its cached output)."""
     result = subprocess.run(
-        ["bash", str(HACK / "build-guest-kernel.sh")], stdout=subprocess.PIPE, text=True,
-        check=True, timeout=600,
+        ["bash", str(HACK / script)], stdout=subprocess.PIPE, text=True, check=True,
+        timeout=timeout,
     )  # fmt: skip
     return Path(result.stdout.strip().splitlines()[-1])
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from hack.controlplane import ControlPlane, free_port, guest_kernel_dir
+from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
@@ -149,6 +149,7 @@ def up() -> int:
             "--listen", address, "--state-dir", str(CACHE / "agent"),
             "--node-name", "local", "--bridge", "zmbr0", "--netns", NETNS,
             "--cidr", AGENT_CIDR, "--guest-kernel-dir", str(guest),
+            "--virtiofsd", str(virtiofsd_path()),
             "--flist-dir", str(flist.parent), "--metrics-port", str(free_port()),
             "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "server.crt"),
             "--tls-key", str(pki / "server.key"),

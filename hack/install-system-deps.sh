@@ -13,6 +13,8 @@ packages=(
   capnproto                              # capnp encode: builds v1 flists in tests/flist
   e2fsprogs mount                        # root images: mkfs.ext4, resize2fs; mount -o loop, losetup
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
+  libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
+  openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
 )
 missing=()
 for p in "${packages[@]}"; do

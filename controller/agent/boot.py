@@ -7,19 +7,26 @@ import asyncio
 import ipaddress
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from controller.agent import hypervisor, image, network, seed, virtiofs, vmconfig
 from controller.agent.config import AgentConfig
+from controller.agent.console import ConsoleStream
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
 from controller.agent.procs import ProcessRef
-from controller.agent.spec import VolumeKind
+from controller.agent.spec import VolumeKind, hostname_label
 from controller.agent.state import MachineRecord, NicStatus
 
+log = structlog.get_logger(__name__)
+
 NAMESERVERS = ("8.8.8.8", "1.1.1.1")
+WATCH_DRAIN_SECONDS = 2.0  # for a watch to read the last output of a stopped VMM
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,11 @@ class HostBoot:
             config.firmware,
             config.vmm_binary,
         )
+        # Per uid: the console stream (kept across VMM restarts, so its history and
+        # subscribers carry over) and the task following the current VMM.
+        self.consoles: dict[str, ConsoleStream] = {}
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self.virtiofsd = virtiofs.find_virtiofsd(config.virtiofsd)
 
     def info(self) -> HypervisorInfo:
         return HypervisorInfo(
@@ -117,7 +129,7 @@ class HostBoot:
         ]
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
-            hostname=rec.spec.hostname or _hostname(rec.ref.name),
+            hostname=rec.spec.hostname or hostname_label(rec.ref.name),
             interfaces=interfaces,
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
@@ -145,7 +157,9 @@ class HostBoot:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
             shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
             kernel, initrd = assets.kernel, assets.initrd
-            cmdline = vmconfig.kernel_cmdline(assets.mode, rec.spec.entrypoint)
+            cmdline = vmconfig.kernel_cmdline(
+                assets.mode, rec.spec.entrypoint, nonce=rec.boot_nonce
+            )
         disks.append(vmconfig.Disk(p.seed, readonly=True))
         return vmconfig.VMConfig(
             vm_id=rec.ref.uid,
@@ -161,6 +175,7 @@ class HostBoot:
             api_socket=p.run / "vmm.sock",
             state_dir=p.root,
             netns=self.config.netns,
+            serial_pty=True,  # the agent writes console.log from the PTY (console.py)
         )
 
     def _guest_dir(self) -> Path:
@@ -169,12 +184,7 @@ class HostBoot:
         return self.config.guest_kernel_dir
 
     async def start_shares(self, rec: MachineRecord, p: VMPaths) -> list[ProcessRef]:
-        refs = []
-        for share in self.vm_config(rec, p).shares:
-            refs.append(
-                await virtiofs.start_virtiofsd(share, p.root / f"virtiofsd-{share.tag}.log")
-            )
-        return refs
+        return [await self._start_share(share, p) for share in self.vm_config(rec, p).shares]
 
     async def start_vmm(self, rec: MachineRecord, p: VMPaths) -> ProcessRef:
         cfg = self.vm_config(rec, p)
@@ -185,6 +195,49 @@ class HostBoot:
             await stray.stop(grace=2.0, hard_grace=3.0)
         vm = await self.driver.start(cfg)
         return vm.ref
+
+    def console(self, rec: MachineRecord, p: VMPaths) -> ConsoleStream:
+        stream = self.consoles.get(rec.ref.uid)
+        if stream is None:
+            stream = ConsoleStream(
+                p.console_log, self.config.log_rotate_bytes, self.config.console_log_keep
+            )
+            self.consoles[rec.ref.uid] = stream
+        return stream
+
+    def watch(
+        self,
+        rec: MachineRecord,
+        p: VMPaths,
+        on_event: Callable[[hypervisor.GuestEvent], None],
+    ) -> None:
+        """Follow the VM's running VMM: serial console into its stream, guest events to
+        ``on_event``. Ends by itself when the VMM is gone."""
+        if rec.vmm is None:
+            return
+        self._cancel_watch(rec.ref.uid)
+        vm = self.driver.attach(self.vm_config(rec, p), rec.vmm)
+        bound = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
+        console = self.console(rec, p)
+        console.open_log()  # console.log exists once the VMM runs, output or not
+        self._watches[rec.ref.uid] = asyncio.create_task(_follow(vm, console, on_event, bound))
+
+    async def unwatch(self, rec: MachineRecord, forget: bool) -> None:
+        """After the VMM stopped: let the watch read what is left, then end it.
+        ``forget`` (Delete) also drops the console stream."""
+        task = self._watches.pop(rec.ref.uid, None)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), WATCH_DRAIN_SECONDS)
+            except TimeoutError:
+                task.cancel()
+        if forget and (stream := self.consoles.pop(rec.ref.uid, None)) is not None:
+            stream.close()
+
+    def _cancel_watch(self, uid: str) -> None:
+        task = self._watches.pop(uid, None)
+        if task is not None:
+            task.cancel()
 
     def find_vmm(self, rec: MachineRecord) -> ProcessRef | None:
         """The VM's running VMM per the driver's pid file, if any."""
@@ -204,6 +257,39 @@ class HostBoot:
         # Short graces: a container entrypoint as PID 1 usually ignores the power button.
         if rec.vmm is not None and rec.vmm.alive():
             await self._vm(rec, p).stop(grace=2.0, hard_grace=3.0)
+
+    async def guest_exit(self, rec: MachineRecord, p: VMPaths) -> hypervisor.ExitRecord | None:
+        """None while the guest runs; else why it ended (ends a powered-off VMM)."""
+        if rec.vmm is None:
+            return None
+        return await self.driver.attach(self.vm_config(rec, p), rec.vmm).guest_exit()
+
+    async def restart_dead_shares(self, rec: MachineRecord, p: VMPaths, wait: float) -> bool:
+        """A new virtiofsd for every share whose daemon is gone; True if any was started.
+
+        virtiofsd serves one connection and exits when it drops, which a guest reboot
+        under cloud-hypervisor does (it re-creates the devices, then reconnects for up to
+        60 s before giving up). ``wait``: seconds to let a daemon that is about to exit
+        (a reboot just began) do so first; under QEMU it keeps running and is kept.
+        """
+        started = False
+        for share in self.vm_config(rec, p).shares:
+            current = [h for h in rec.helpers if h.marker == str(share.socket)]
+            deadline = asyncio.get_running_loop().time() + wait
+            while any(map(hypervisor.still_running, current)):
+                if asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            if any(map(hypervisor.still_running, current)):
+                continue
+            ref = await self._start_share(share, p)
+            rec.helpers = [h for h in rec.helpers if h.marker != str(share.socket)] + [ref]
+            started = True
+        return started
+
+    async def _start_share(self, share: vmconfig.FsShare, p: VMPaths) -> ProcessRef:
+        log_path = p.root / f"virtiofsd-{share.tag}.log"
+        return await virtiofs.start_virtiofsd(share, log_path, daemon=self.virtiofsd)
 
     async def pause(self, rec: MachineRecord, p: VMPaths) -> None:
         await self._vm(rec, p).pause()
@@ -231,6 +317,24 @@ class HostBoot:
         return VMStats(s.cpu_seconds, s.rss_bytes, rx, tx, read, written)
 
 
+async def _follow(
+    vm: hypervisor.VM,
+    console: ConsoleStream,
+    on_event: Callable[[hypervisor.GuestEvent], None],
+    bound: structlog.stdlib.BoundLogger,
+) -> None:
+    async def events() -> None:
+        try:
+            await vm.follow_events(on_event)
+        except hypervisor.HypervisorError as exc:
+            bound.warning("cannot follow VMM events", error=str(exc))
+
+    try:
+        await asyncio.gather(console.follow(vm), events())
+    except Exception:
+        bound.exception("following the VM failed")
+
+
 def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
     """(rx, tx) byte counters of a link, read with iproute2 so a netns needs no setns."""
     argv = ["ip", *(["-n", netns] if netns else []), "-s", "-j", "link", "show", "dev", name]
@@ -245,8 +349,3 @@ def _disk_index(rec: MachineRecord, volume_index: int) -> int:
     """Position among the disks (volumes of kind disk, in order) of spec.volumes[i]."""
     kinds = [v.kind for v in rec.spec.volumes[:volume_index]]
     return kinds.count(VolumeKind.DISK)
-
-
-def _hostname(name: str) -> str:
-    """A DNS label from a Kubernetes name (which may contain dots)."""
-    return name.lower().replace(".", "-")[:63].strip("-") or "zmachine"

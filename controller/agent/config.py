@@ -48,12 +48,14 @@ class AgentConfig:
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
     firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
     vmm_binary: Path | None = None  # run this instead of cloud-hypervisor from PATH
+    virtiofsd: Path | None = None  # the Rust virtiofsd; None: found on PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
     lease_namespace: str = "zmachine-system"
     register: bool = False
     log_rotate_bytes: int = 8 << 20
+    console_log_keep: int = 3  # rotated console logs kept (console.log.1 ... .3)
 
     @property
     def flist_cache(self) -> Path:
@@ -120,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("vmm-binary"),
         help="run this program as cloud-hypervisor instead of the one on PATH (only with "
         "--hypervisor cloud-hypervisor; tests use a stand-in VMM here)",
+    )
+    p.add_argument(
+        "--virtiofsd",
+        default=_env("virtiofsd"),
+        help="the Rust virtiofsd (hack/build-virtiofsd.sh); default: 'virtiofsd' on PATH, "
+        "else QEMU 7.2's deprecated C daemon",
     )
     p.add_argument(
         "--flist-dir",
@@ -189,6 +197,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
         firmware=Path(a.firmware).resolve() if a.firmware else None,
         vmm_binary=vmm_binary,
+        virtiofsd=Path(a.virtiofsd).resolve() if a.virtiofsd else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

@@ -14,6 +14,7 @@ from controller.agent.spec import (
     RestartPolicy,
     Volume,
     VolumeKind,
+    env_digest,
 )
 from controller.agent.state import MachineRecord, State
 
@@ -96,6 +97,9 @@ def machine_to_pb(rec: MachineRecord) -> pb.Machine:
         started_at=_timestamp(rec.started_at) if rec.started_at else None,
         boot_duration_seconds=rec.boot_duration,
         log_tail=rec.log_tail,
+        exit_code=rec.exit_code,
+        exit_reason=rec.exit_reason,
+        env_hash=env_digest(rec.spec.env),
     )
 
 

@@ -77,6 +77,9 @@ class VMPaths:
     def mount_log(self) -> Path:
         return self.root / "mount.log"
 
+    def share_image(self, name: str) -> Path:  # sparse ext4 of the share's size, its quota
+        return self.volume(name, disk=False).with_name(f"{name}.ext4")
+
     def volume(self, name: str, disk: bool) -> Path:
         base = self.root / ("disks" if disk else "shares")
         path = (base / (f"{name}.img" if disk else name)).resolve()

@@ -9,6 +9,7 @@ cancelled or timed-out call, and the agent's own shutdown, never tear a machine 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -160,6 +161,7 @@ class Machines:
                 rec.vmm = None
             rec.generation, rec.spec = generation, spec
             rec.restarts = rec.crash_streak = 0
+            rec.exit_code, rec.exit_reason = None, ""  # a new VM: no last exit yet
             rec.message = "fetching flist"
             self.store.save(rec)
             await self.prov.provision(rec)
@@ -234,6 +236,15 @@ class Machines:
                     f"generation {deployed[0]}; refusing to roll back"
                 )
             if generation == deployed[0]:
+                only_env = dataclasses.replace(spec, env=deployed[1].env) == deployed[1]
+                if spec != deployed[1] and only_env:
+                    # Only env changed: a Secret it refers to has a new value. Roll it out.
+                    if job is not None:
+                        await self._cancel(ref.uid)
+                        self._start(rec, generation, spec, self._event_for(rec))
+                    else:
+                        await self._update(rec, generation, spec)
+                    return rec, True
                 if spec != deployed[1]:
                     raise FailedPrecondition(
                         f"zmachine {ref}: generation {generation} is already deployed with a "
@@ -269,6 +280,7 @@ class Machines:
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
         self._check_memory(rec.ref, spec, held=rec.spec.memory_bytes)
         await self.prov.check_root_size(rec, spec)
+        await self.prov.check_share_sizes(rec, spec)
         running = rec.state in (State.RUNNING, State.PAUSED)
         if spec.boot_hash() == rec.spec.boot_hash() and running:
             # Only `paused` may differ: apply it to the running VM, nothing else to do.

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from controller.agent import boot, image, rootlayer
+from controller.agent import boot, confined, guestexit, image, rootlayer
 from controller.agent.config import AgentConfig
 from controller.agent.errors import (
     AgentError,
@@ -30,11 +30,12 @@ from controller.agent.errors import (
     ProvisionFailed,
     Unavailable,
 )
-from controller.agent.hypervisor import log_tail
+from controller.agent.hypervisor import ExitRecord, GuestEvent, log_tail
 from controller.agent.layout import VMPaths
 from controller.agent.procs import spawn_detached, terminate
-from controller.agent.spec import MachineSpec, Ref, VolumeKind, human_size, root_size
+from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
 from controller.agent.state import MachineRecord, State
+from controller.agent.vmconfig import RUN_LOG
 from controller.flist import bootmode, fetch, mount, overlay
 
 log = structlog.get_logger(__name__)
@@ -43,7 +44,6 @@ log = structlog.get_logger(__name__)
 BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 MOUNT_TIMEOUT = 30.0
-POWER_OFF_LINE = "reboot: Power down"  # Linux's last console line on a power-off
 
 # Called between provisioning steps with the fault point just passed (faults.POINTS) and
 # what comes next (progress shown by Get); Machines sets it.
@@ -59,6 +59,9 @@ class Provisioner:
         self.config = config
         self.host = boot.HostBoot(config)
         self.checkpoint: Checkpoint = no_checkpoint
+        # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
+        # virtiofsd(s) the reboot disconnected.
+        self.guest_events: asyncio.Queue[tuple[str, GuestEvent]] = asyncio.Queue()
 
     def paths(self, rec: MachineRecord) -> VMPaths:
         return VMPaths.for_uid(self.config.state_dir, rec.ref.uid)
@@ -155,8 +158,9 @@ class Provisioner:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self._mount_root(rec, flist)
         if first:
-            for key in (p.rootfs / "etc" / "ssh").glob("ssh_host_*"):
-                key.unlink()
+            # Confined: the flist's etc/ssh may be a symlink to anywhere on the host.
+            dropped = confined.remove_in_root(p.rootfs, "/etc/ssh", "ssh_host_")
+            self._log(rec).info("dropped the image's SSH host keys", keys=dropped)
         rec.boot_mode = bootmode.detect_boot_mode(p.rootfs).mode.value
 
     async def _mount_layer(self, rec: MachineRecord) -> None:
@@ -242,6 +246,7 @@ class Provisioner:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if v.kind is VolumeKind.SHARE:
                 path.mkdir(exist_ok=True, mode=0o755)
+                await self._mount_share(rec, v)
             elif not path.exists():
                 tmp = path.with_suffix(".new")
                 tmp.touch(mode=0o600)
@@ -249,6 +254,48 @@ class Provisioner:
                 if format_disks:
                     await _run(["mkfs.ext4", "-q", "-F", "-L", v.name[:16], str(tmp)])
                 tmp.rename(path)
+
+    async def _mount_share(self, rec: MachineRecord, v: Volume) -> None:
+        """A share with a size is a loop-mounted sparse ext4 image of that size (as the
+        root is), so a guest filling it gets ENOSPC instead of filling the node's disk;
+        grown offline to a larger size. Size 0: a plain directory, unlimited."""
+        if not v.size_bytes:
+            return
+        p = self.paths(rec)
+        path, image = p.volume(v.name, disk=False), p.share_image(v.name)
+        if image.exists():
+            current = await asyncio.to_thread(rootlayer.fs_size, image)
+            if current >= v.size_bytes and mount.is_mounted(path):
+                return
+            await asyncio.to_thread(rootlayer.unmount, image, path)
+            if current < v.size_bytes:
+                self._log(rec).info("growing share", volume=v.name, size=human_size(v.size_bytes))
+                await asyncio.to_thread(rootlayer.grow, image, v.size_bytes)
+        else:
+            await asyncio.to_thread(rootlayer.create, image, v.size_bytes)
+        await asyncio.to_thread(rootlayer.mount, image, path)
+
+    async def _unmount_shares(self, rec: MachineRecord) -> None:
+        p = self.paths(rec)
+        for v in rec.spec.volumes:
+            if v.kind is VolumeKind.SHARE and p.share_image(v.name).exists():
+                await asyncio.to_thread(
+                    rootlayer.unmount, p.share_image(v.name), p.volume(v.name, disk=False)
+                )
+
+    async def check_share_sizes(self, rec: MachineRecord, spec: MachineSpec) -> None:
+        """Shares grow, never shrink (as the root): refused naming the volume's field."""
+        p = self.paths(rec)
+        for i, v in enumerate(spec.volumes):
+            image = p.share_image(v.name)
+            if v.kind is not VolumeKind.SHARE or not v.size_bytes or not image.exists():
+                continue
+            current = await asyncio.to_thread(rootlayer.fs_size, image)
+            if v.size_bytes < current:
+                raise FailedPrecondition(
+                    f"zmachine {rec.ref}: spec.volumes[{i}].size ({v.name!r}): a share can "
+                    f"only grow: {human_size(current)} -> {human_size(v.size_bytes)}"
+                )
 
     async def launch(self, rec: MachineRecord) -> None:
         """Start virtiofsd(s) and the VMM; used by provision and by every restart."""
@@ -259,7 +306,9 @@ class Provisioner:
         await self.checkpoint(rec, "after-virtiofsd", "starting the VMM")
         rec.started_at = time.time()
         rec.boot_duration = 0.0
+        rec.boot_nonce = guestexit.new_nonce()
         rec.vmm = await self.host.start_vmm(rec, p)
+        self._watch(rec)
         await self.checkpoint(rec, "after-vmm", "VMM started")
         rec.hypervisor = self.host.info().name
         rec.state, rec.reason, rec.message, rec.log_tail = State.RUNNING, "", "", ""
@@ -289,10 +338,12 @@ class Provisioner:
             rec.vmm = found
         if rec.vmm is not None and rec.vmm.alive():
             lg.info("adopted running vm", pid=rec.vmm.pid)
+            self._watch(rec)
             return
         if rec.state in (State.RUNNING, State.PAUSED):
             lg.warning("vm not running after agent restart")
             await self._mount_root(rec)
+            await self._volumes(rec, format_disks=rec.boot_mode != bootmode.BootMode.IMAGE.value)
             rec.state = State.RUNNING  # the supervisor sees the dead VMM and applies policy
 
     async def _mount_root(self, rec: MachineRecord, flist: Path | None = None) -> None:
@@ -318,8 +369,26 @@ class Provisioner:
             await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
         await asyncio.to_thread(rootlayer.unmount, p.root_image, p.layer)
 
+    def _watch(self, rec: MachineRecord) -> None:
+        def on_event(event: GuestEvent) -> None:
+            self._log(rec).info("guest event", guest_event=event.value)
+            if event is GuestEvent.REBOOT and self.host.driver.reboot_reconnects_shares:
+                self.guest_events.put_nowait((rec.ref.uid, event))
+
+        self.host.watch(rec, self.paths(rec), on_event)
+
+    async def restart_dead_shares(self, rec: MachineRecord, wait: float = 0.0) -> bool:
+        """virtiofsd again for shares whose daemon exited under a running VMM (a guest
+        reboot under cloud-hypervisor); True when the record changed."""
+        return await self.host.restart_dead_shares(rec, self.paths(rec), wait)
+
+    async def guest_exit(self, rec: MachineRecord) -> ExitRecord | None:
+        """None while the guest runs; else why it ended (see hypervisor.GuestExit)."""
+        return await self.host.guest_exit(rec, self.paths(rec))
+
     def observe(self, rec: MachineRecord) -> bool:
-        """Periodic bookkeeping of a live VM: boot duration and serial log rotation.
+        """Periodic bookkeeping of a live VM: boot duration and VMM log rotation (the
+        console stream rotates console.log itself).
         True when the record changed (the boot finished just now)."""
         p = self.paths(rec)
         booted = False
@@ -331,35 +400,50 @@ class Provisioner:
             if BOOTED_MARKER in data:
                 rec.boot_duration = time.time() - rec.started_at
                 booted = True
-        for path in (p.console_log, p.vmm_log):
-            rotate(path, self.config.log_rotate_bytes)
+        rotate(p.vmm_log, self.config.log_rotate_bytes)
         return booted
 
-    def guest_powered_off(self, rec: MachineRecord) -> bool:
-        """The serial console's last line is the guest kernel powering off."""
-        lines = log_tail(self.paths(rec).console_log, 512).splitlines()
-        return bool(lines) and POWER_OFF_LINE in lines[-1]
+    def console_tail(self, rec: MachineRecord, nbytes: int) -> bytes:
+        """The last ``nbytes`` of the serial console log (whoever writes it: the VMM, or
+        the agent's console bridge)."""
+        path = self.paths(rec).console_log
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+                return f.read()
+        except OSError:
+            return b""
+
+    def entrypoint_exit(self, rec: MachineRecord) -> guestexit.EntrypointExit | None:
+        """How the container entrypoint of the last VMM start ended, if our init said so."""
+        return guestexit.find_exit(self.console_tail(rec, guestexit.TAIL_BYTES), rec.boot_nonce)
 
     def log_tail(self, rec: MachineRecord) -> str:
         """The end of the serial console and of the VMM's own log, for FAILED reports."""
         p = self.paths(rec)
-        return f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        tail = f"[console]\n{log_tail(p.console_log)}\n[vmm]\n{log_tail(p.vmm_log, 1024)}"
+        run_log = p.root / RUN_LOG  # cloud-hypervisor's own log (--log-file)
+        if run_log.exists():
+            tail += f"\n[{RUN_LOG}]\n{log_tail(run_log, 1024)}"
+        return tail
 
     async def stats(self, rec: MachineRecord) -> boot.VMStats:
         return await self.host.stats(rec, self.paths(rec))
 
     # ----------------------------------------------------------------- teardown
 
-    async def stop(self, rec: MachineRecord) -> None:
+    async def stop(self, rec: MachineRecord, forget_console: bool = False) -> None:
         """Stop the VMM and the virtiofsd(s); mounts, overlay and files stay."""
         p = self.paths(rec)
         if rec.vmm is not None:
             await self.host.stop_vmm(rec, p)
             await terminate(rec.vmm)
+        await self.host.unwatch(rec, forget=forget_console)
         for h in [h for h in rec.helpers if h.marker != str(p.lower)]:
             await terminate(h)
         rec.helpers = [h for h in rec.helpers if h.marker == str(p.lower)]
-        for sock in p.run.glob("*") if p.run.exists() else ():
+        # Sockets only: a *.lock is the VMM's own guard (see Hypervisor.clear_stale_socket).
+        for sock in p.run.glob("*.sock*") if p.run.exists() else ():
             sock.unlink(missing_ok=True)
 
     async def teardown(self, rec: MachineRecord, keep_data: bool) -> None:
@@ -370,16 +454,18 @@ class Provisioner:
         for a new generation) keeps the writable layer, volumes and logs.
         """
         p = self.paths(rec)
-        await self.stop(rec)
+        await self.stop(rec, forget_console=not keep_data)
         await self.host.delete_nics(rec)
         rec.nics = []
         await self._unmount_root(rec)
+        await self._unmount_shares(rec)
         if mount.is_mounted(p.lower):
             await asyncio.to_thread(mount.unmount, p.lower)
         for h in rec.helpers:
             await terminate(h)
         rec.helpers = []
-        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer)):
+        shares = [p.volume(v.name, disk=False) for v in rec.spec.volumes]
+        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer, *shares)):
             raise Unavailable(f"zmachine {rec.ref}: {p.root} still has a busy mount; retry")
         if not keep_data:
             if p.root.exists():

@@ -6,8 +6,9 @@ Files (all also readable by real cloud-init in VM-mode guests):
 * ``network-config`` netplan v2: ethernets matched by MAC, static addresses, gateways,
                      routes, nameservers (on the first interface)
 * ``user-data``      ``#cloud-config`` with root's ssh_authorized_keys and fstab-style mounts
-* ``zosrc``          shell, sourced by our initramfs: ``export K='v'`` per env var, then
-                     ``init='argv0'`` and ``set -- 'arg1' ...`` from the entrypoint
+* ``zosrc``          shell, sourced by our initramfs: ``export K='v'`` per env var, nothing else
+* ``entrypoint``     shell, sourced by our initramfs: ``set -- 'argv0' 'arg1' ...`` (empty without
+                     an entrypoint); apart from zosrc so no env name can change it
 
 The image is built with mkfs.vfat + mcopy (mtools), so no loop mount and no root needed.
 The YAML stays in the block subset that hack/initramfs/seed.awk reads.
@@ -92,6 +93,7 @@ def render(config: SeedConfig) -> dict[str, str]:
         "network-config": _yaml(_network(config)),
         "user-data": "#cloud-config\n" + _yaml(_user_data(config)),
         "zosrc": _zosrc(config),
+        "entrypoint": _entrypoint(config),
     }
 
 
@@ -107,7 +109,7 @@ def write_seed(config: SeedConfig, path: Path) -> Path:
     try:
         with tempfile.TemporaryDirectory(prefix="zm-seed-") as src:
             for name, text in files.items():
-                Path(src, name).write_text(text)
+                Path(src, name).write_text(text, encoding="utf-8")
             _run(["mkfs.vfat", "-C", "-n", LABEL, tmp, str(size_kib)], path)
             _run(
                 ["mcopy", "-i", tmp, "-o", *(str(Path(src, n)) for n in files), "::/"],
@@ -132,7 +134,10 @@ def _run(argv: list[str], target: Path) -> None:
 
 def _yaml(data: Mapping[str, Any]) -> str:
     # Block style, no line folding: the initramfs' awk parser reads one item per line.
-    return yaml.safe_dump(dict(data), default_flow_style=False, sort_keys=False, width=1 << 16)
+    # allow_unicode: UTF-8 as is, since the parser does not decode YAML's \u escapes.
+    return yaml.safe_dump(
+        dict(data), default_flow_style=False, sort_keys=False, width=1 << 16, allow_unicode=True
+    )
 
 
 def _network(config: SeedConfig) -> dict[str, Any]:
@@ -184,21 +189,26 @@ def _user_data(config: SeedConfig) -> dict[str, Any]:
 
 
 def _zosrc(config: SeedConfig) -> str:
-    lines = ["# zmachine env and entrypoint, sourced by the initramfs before switch_root"]
+    lines = ["# zmachine env, sourced by the initramfs in the entrypoint's own shell"]
     for name, value in config.env.items():
         if not _ENV_NAME.match(name):
             raise InvalidSpec(f"seed.env: {name!r} is not a valid environment variable name")
         lines.append(f"export {name}={shlex.quote(value)}")
-    if config.entrypoint.strip():
-        try:
-            argv = shlex.split(config.entrypoint)
-        except ValueError as exc:
-            raise InvalidSpec(
-                f"seed.entrypoint {config.entrypoint!r} is not a valid command: {exc}"
-            ) from exc
-        lines.append(f"init={shlex.quote(argv[0])}")
-        lines.append(" ".join(["set --", *(shlex.quote(a) for a in argv[1:])]))
     return "\n".join(lines) + "\n"
+
+
+def _entrypoint(config: SeedConfig) -> str:
+    """``set -- argv0 args...``; empty without an entrypoint (the root's /sbin/init)."""
+    header = "# zmachine entrypoint: argv, sourced by the initramfs\n"
+    if not config.entrypoint.strip():
+        return header
+    try:
+        argv = shlex.split(config.entrypoint)
+    except ValueError as exc:
+        raise InvalidSpec(
+            f"seed.entrypoint {config.entrypoint!r} is not a valid command: {exc}"
+        ) from exc
+    return header + " ".join(["set --", *(shlex.quote(a) for a in argv)]) + "\n"
 
 
 def _cidr(value: str, where: str) -> str:

@@ -111,6 +111,24 @@ class MachineSpec:
         )
 
 
+def env_digest(env: dict[str, str]) -> str:
+    """Digest of resolved env values: the agent reports it, the controller compares it with
+    what it resolves now, so a changed Secret rolls out without a new generation."""
+    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def hostname_label(name: str) -> str:
+    """An RFC 1123 label (the guest's hostname) from a Kubernetes name, which may hold dots
+    and run to 253 characters: dots and anything else outside [a-z0-9-] become '-', and
+    a name too long keeps its first 54 characters plus 8 hex of its hash, so two long
+    names sharing a prefix still get different hostnames."""
+    label = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+    if len(label) > 63:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        label = f"{label[:54].rstrip('-')}-{digest}"
+    return label or "zmachine"
+
+
 def min_root_size(cpu: int, memory_bytes: int) -> int:
     """zos's MinRootSize(): 2 GiB once cpu x memory reaches 8 GiB (integer maths), else
     500 MiB; the CRD's admission rule is the same."""

@@ -1,7 +1,10 @@
 """Per-VM records on disk: one JSON file per Zmachine, replaced atomically.
 
 The record is the agent's memory across restarts: it holds the spec, the identities of
-the detached processes (to adopt them) and everything Delete must undo.
+the detached processes (to adopt them) and everything Delete must undo. Env values arrive
+with Secrets resolved, so they are sealed at rest: encrypted (Fernet) with a per-node key,
+``<state>/node.key`` (mode 0600, made on first start). A record from an agent before that
+(plaintext env) still loads and is sealed on its next save.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.fernet import Fernet, InvalidToken
 
 from controller.agent.procs import ProcessRef
 from controller.agent.spec import MachineSpec, Ref
@@ -58,6 +62,10 @@ class MachineRecord:
     started_at: float = 0.0  # wall clock of the last VMM start
     boot_duration: float = 0.0  # seconds from VMM start to the guest's first output
     log_tail: str = ""
+    last_exit: str = ""  # hypervisor.GuestExit of the last VM end the supervisor saw
+    boot_nonce: str = ""  # per VMM start, on the kernel command line; stamps the exit marker
+    exit_code: int | None = None  # the container entrypoint's last exit, from its marker
+    exit_reason: str = ""  # Completed, Error, NotFound, NotExecutable, InitError
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -80,20 +88,26 @@ class MachineRecord:
 
 
 class StateStore:
-    """Reads and writes ``<dir>/<uid>.json``; writes go through a temp file + rename."""
+    """Reads and writes ``<dir>/<uid>.json``; writes go through a temp file + rename.
+    Env values are sealed with the key at ``key_path`` (default ``<dir>/../node.key``)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, key_path: Path | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fernet = Fernet(_node_key(key_path or directory.parent / "node.key"))
 
     def path(self, uid: str) -> Path:
         return self.directory / f"{uid}.json"
 
     def save(self, record: MachineRecord) -> None:
+        data = record.to_json()
+        env = data["spec"]["env"]
+        data["spec"]["env"] = {k: self._fernet.encrypt(v.encode()).decode() for k, v in env.items()}
+        data[_SEALED] = True
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(record.to_json(), f, indent=1, sort_keys=True)
+                json.dump(data, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(record.ref.uid))
@@ -111,7 +125,34 @@ class StateStore:
                 path.unlink(missing_ok=True)  # an interrupted write; the old file is intact
                 continue
             try:
-                records.append(MachineRecord.from_json(json.loads(path.read_text())))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("unreadable machine record, skipped", path=str(path), error=str(exc))
+                records.append(self._load(json.loads(path.read_text())))
+            except (OSError, ValueError, KeyError, TypeError, InvalidToken) as exc:
+                log.error(
+                    "unreadable machine record, skipped",
+                    path=str(path),
+                    error=str(exc) or type(exc).__name__,
+                )
         return records
+
+    def _load(self, data: dict[str, Any]) -> MachineRecord:
+        if data.pop(_SEALED, False):
+            env = data["spec"]["env"]
+            data["spec"]["env"] = {k: self._fernet.decrypt(v).decode() for k, v in env.items()}
+        return MachineRecord.from_json(data)
+
+
+_SEALED = "env_sealed"
+
+
+def _node_key(path: Path) -> bytes:
+    """The node's Fernet key, created (0600, exclusively) on first use."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    key = Fernet.generate_key()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key

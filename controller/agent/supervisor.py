@@ -1,32 +1,48 @@
 """Keeps every VM in the state its restart policy asks for.
 
-Rules (docs/agent.md "Supervision"):
-* a VMM that exits is restarted per restartPolicy: Always restarts on any exit, OnFailure
-  only when the exit was not a clean guest power-off (exit status 0), Never never;
+Rules (docs/agent.md "Supervision"), as Kubernetes applies restartPolicy to containers:
+* a VM that ends is restarted per restartPolicy: Always on any end, OnFailure only when it
+  failed, Never never. Success is the container entrypoint's exit code 0 when our init
+  reported one (its exit marker on the serial console), else a clean guest power-off.
+  How the VM ended is the driver's GuestExit, read from the VMM's own events (so it
+  survives an agent restart), never the bare exit status: cloud-hypervisor and QEMU exit
+  0 on SIGTERM too;
 * restarts wait an exponential backoff (base * 2^(streak-1), capped);
 * more than ``crash_loop_limit`` consecutive exits end in FAILED with reason CrashLoop
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
-* an exit whose status is unknown (the VMM was adopted from a previous agent, so it is
-  not our child) is clean only if the serial console ends with the guest kernel's
-  power-off message, else a failure.
+* a guest reboot keeps the VM in its VMM; a virtiofsd that exited with the reboot's
+  disconnect (cloud-hypervisor) is started again at once, driven by the VMM's reboot
+  event, and every round as a fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from controller.agent.config import Supervision
 from controller.agent.events import EventType
-from controller.agent.hypervisor import ExitStatus
+from controller.agent.hypervisor import ExitRecord, GuestEvent
 from controller.agent.machines import Machines
-from controller.agent.procs import exit_code
 from controller.agent.spec import RestartPolicy
 from controller.agent.state import MachineRecord, State
 
 log = structlog.get_logger(__name__)
+
+
+# Seconds for the old virtiofsd to exit after cloud-hypervisor's reboot event (it does
+# once CH drops the connection) before a new one takes its socket path.
+REBOOT_SHARE_WAIT = 3.0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    clean: bool  # a success for restartPolicy OnFailure/Never
+    reason: str  # the machine's reason when it ends there
+    what: str  # for messages: what stopped, with which code
 
 
 class Supervisor:
@@ -36,6 +52,28 @@ class Supervisor:
         self._next_start: dict[str, float] = {}
 
     async def run(self) -> None:
+        events = asyncio.create_task(self._guest_events())
+        try:
+            await self._rounds()
+        finally:
+            events.cancel()
+
+    async def _guest_events(self) -> None:
+        while True:
+            uid, event = await self.machines.prov.guest_events.get()
+            if event is not GuestEvent.REBOOT:
+                continue
+            try:
+                async with self.machines.locked(uid):
+                    rec = self.machines.records.get(uid)
+                    if rec is None or rec.state not in (State.RUNNING, State.PAUSED):
+                        continue
+                    if await self.machines.prov.restart_dead_shares(rec, REBOOT_SHARE_WAIT):
+                        self.machines.store.save(rec)
+            except Exception:
+                log.exception("restarting virtiofsd after a guest reboot failed", uid=uid)
+
+    async def _rounds(self) -> None:
         while True:
             for uid in list(self.machines.records):
                 if self.machines.busy(uid):
@@ -58,39 +96,63 @@ class Supervisor:
 
     async def _watch(self, rec: MachineRecord) -> None:
         prov = self.machines.prov
-        if rec.vmm is not None and rec.vmm.alive():
+        ended = await prov.guest_exit(rec)
+        if ended is None:
             changed = prov.observe(rec)
+            changed |= await prov.restart_dead_shares(rec)
             if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
                 rec.crash_streak = 0
                 changed = True
             if changed:
                 self.machines.store.save(rec)
             return
-        code = exit_code(rec.vmm) if rec.vmm is not None else None
-        # Not our child (adopted after an agent restart): the guest kernel's last words
-        # on the serial console tell a power-off from a crash.
-        clean = code == 0 or (code is None and prov.guest_powered_off(rec))
+        outcome = self._outcome(rec, ended)
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
-        how = ExitStatus(code).describe() if code is not None else "exited (status unknown)"
-        bind.info("vmm exited", exit_code=code, clean=clean, policy=rec.spec.restart_policy.value)
-        await prov.stop(rec)
         policy = rec.spec.restart_policy
-        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and clean):
-            rec.state = State.SUCCEEDED if clean else State.FAILED
-            rec.reason = "PoweredOff" if clean else "VMMExited"
-            rec.message = f"VMM: {how}; restartPolicy is {policy.value}"
+        bind.info(
+            "vm ended", exit=ended.exit.value, detail=ended.detail, exit_code=rec.exit_code,
+            clean=outcome.clean, policy=policy.value,
+        )  # fmt: skip
+        rec.last_exit = ended.exit.value
+        await prov.stop(rec)
+        if policy is RestartPolicy.NEVER or (policy is RestartPolicy.ON_FAILURE and outcome.clean):
+            rec.state = State.SUCCEEDED if outcome.clean else State.FAILED
+            rec.reason = outcome.reason
+            rec.message = f"{outcome.what}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
-            self.machines.emit(rec, EventType.EXITED if clean else EventType.FAILED)
+            self.machines.emit(rec, EventType.EXITED if outcome.clean else EventType.FAILED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
-            self._fail(rec, f"the VMM exited {rec.crash_streak} times in a row (last: {how})")
+            self._fail(
+                rec, f"the VM ended {rec.crash_streak} times in a row (last: {outcome.what})"
+            )
             return
         delay = self._backoff(rec)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
-        rec.message = f"VMM: {how}; restarting in {delay:.0f}s"
+        rec.message = f"{outcome.what}; restarting in {delay:.0f}s"
         self.machines.emit(rec, EventType.EXITED)
+
+    def _outcome(self, rec: MachineRecord, ended: ExitRecord) -> _Outcome:
+        """Why the VM stopped. Our init's exit marker (container mode with an entrypoint)
+        gives the entrypoint's code, recorded on ``rec``; without one, how the VM ended
+        (the driver's GuestExit) decides."""
+        prov = self.machines.prov
+        exited = prov.entrypoint_exit(rec)
+        if exited is not None:
+            rec.exit_code, rec.exit_reason = exited.code, exited.reason
+            return _Outcome(
+                exited.code == 0,
+                exited.reason,
+                f"the entrypoint exited with code {exited.code} ({exited.reason})",
+            )
+        clean = ended.exit.clean
+        return _Outcome(
+            clean,
+            "PoweredOff" if clean else "VMMExited",
+            f"the VM ended: {ended.exit.value} ({ended.detail})",
+        )
 
     async def _relaunch(self, rec: MachineRecord) -> None:
         try:

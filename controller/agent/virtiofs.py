@@ -1,7 +1,10 @@
 """virtiofsd: one daemon per virtio-fs share, detached so it outlives the agent.
 
-The Rust ``virtiofsd`` is used when it is on PATH, else QEMU's C daemon from Debian 12
-(``/usr/lib/qemu/virtiofsd``, same vhost-user protocol, different flags). Either serves a
+The Rust ``virtiofsd`` (the maintained one; hack/build-virtiofsd.sh builds the pinned
+version) is the default: the path given to the agent (``--virtiofsd``), else ``virtiofsd``
+on PATH. Only without either does the agent fall back, with a warning, to QEMU 7.2's
+deprecated C daemon from Debian 12 (``/usr/lib/qemu/virtiofsd``, same vhost-user
+protocol, different flags). Either serves a
 single VMM connection and exits when the VMM disconnects, so every VMM (re)start needs
 fresh daemons: call ``start_virtiofsd`` right before starting the hypervisor.
 """
@@ -67,11 +70,21 @@ class Virtiofsd:
         ]
 
 
-def find_virtiofsd() -> Virtiofsd:
-    rust = shutil.which("virtiofsd")
-    if rust:
-        return Virtiofsd(Path(rust), Flavor.RUST)
+def find_virtiofsd(rust: Path | None = None) -> Virtiofsd:
+    """The Rust daemon at ``rust`` (must exist), else on PATH, else the C one."""
+    if rust is not None:
+        if not rust.is_file():
+            raise VirtiofsError(f"--virtiofsd {rust}: no such file (hack/build-virtiofsd.sh)")
+        return Virtiofsd(rust, Flavor.RUST)
+    on_path = shutil.which("virtiofsd")
+    if on_path:
+        return Virtiofsd(Path(on_path), Flavor.RUST)
     if QEMU_VIRTIOFSD.is_file():
+        log.warning(
+            "using the deprecated C virtiofsd; build the Rust one (hack/build-virtiofsd.sh) "
+            "and pass --virtiofsd",
+            path=str(QEMU_VIRTIOFSD),
+        )
         return Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU)
     raise VirtiofsError(
         f"no virtiofsd: neither 'virtiofsd' on PATH nor {QEMU_VIRTIOFSD} (qemu-system-common)"

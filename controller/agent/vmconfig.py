@@ -20,6 +20,10 @@ BASE_ARGS = ("rw", "console=ttyS0", "reboot=k", "panic=1")
 MAX_TAG_BYTES = 36  # virtio-fs tag limit (cloud-hypervisor, virtiofs spec)
 MIN_MEMORY_MIB = 64
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+RUN_LOG = "vmm-run.log"  # in state_dir: the VMM's own log of its current run
+# x86's COMMAND_LINE_SIZE (2048, with the NUL): the kernel silently cuts anything longer.
+MAX_CMDLINE = 2047
+NONCE_PARAM = "zmachine.nonce"  # dotted: the kernel keeps it out of init's env and argv
 
 
 class BootMode(StrEnum):
@@ -77,6 +81,23 @@ class VMConfig:
     def vmm_log(self) -> Path:
         return self.state_dir / "vmm.log"
 
+    @property
+    def events_file(self) -> Path:
+        """The VMM's lifecycle events: cloud-hypervisor's --event-monitor file (it
+        truncates it at each start), or the QMP events the agent saw (JSON lines)."""
+        return self.state_dir / "vmm-events.json"
+
+    @property
+    def run_log(self) -> Path:
+        """The VMM's own log of its current run, where it can keep one apart from
+        ``vmm_log`` (cloud-hypervisor's --log-file, truncated at each start)."""
+        return self.state_dir / RUN_LOG
+
+    @property
+    def exit_file(self) -> Path:
+        """Why the last VMM ended, once the agent knows (hypervisor.ExitRecord)."""
+        return self.state_dir / "vmm-exit.json"
+
     def validate(self) -> None:
         """Raise InvalidSpec naming the first field that no hypervisor would accept."""
         where = f"vm {self.vm_id!r}"
@@ -99,6 +120,7 @@ class VMConfig:
             raise InvalidSpec(f"{where}: virtio-fs tags must be unique, got {tags}")
         # Both VMMs parse these inside "key=value,key=value" options.
         in_options = [d.path for d in self.disks] + [self.serial_log, self.api_socket]
+        in_options.append(self.events_file)
         for path in in_options + [s.socket for s in self.shares]:
             if "," in str(path):
                 raise InvalidSpec(f"{where}: path {path} must not contain ','")
@@ -109,14 +131,20 @@ class VMConfig:
                 )
 
 
-def kernel_cmdline(mode: BootMode, entrypoint: str = "", root_tag: str = ROOT_TAG) -> str:
+def kernel_cmdline(
+    mode: BootMode, entrypoint: str = "", root_tag: str = ROOT_TAG, nonce: str = ""
+) -> str:
     """The guest kernel command line for a virtio-fs root.
 
-    Container mode passes the entrypoint through the seed (zosrc), so only VM mode puts it
-    on the command line: ``init=<argv0>``, and its arguments after ``--``, which the kernel
-    hands to the initrd's /init as "$@" (a conforming initrd passes them on).
+    Container mode passes the entrypoint through the seed, so only VM mode puts it on the
+    command line: ``init=<argv0>``, and its arguments after ``--``, which the kernel hands
+    to the initrd's /init as "$@" (a conforming initrd passes them on). One too long for
+    the kernel's command line is refused naming spec.entrypoint (the kernel would cut it).
+    Container mode carries ``nonce``: our init stamps its exit-code marker with it.
     """
     args = [*BASE_ARGS, f"root={root_tag}", "rootfstype=virtiofs", "rootdelay=30"]
+    if mode is BootMode.CONTAINER and nonce:
+        args.append(f"{NONCE_PARAM}={nonce}")
     if mode is BootMode.VM and entrypoint.strip():
         try:
             argv = shlex.split(entrypoint)
@@ -131,7 +159,14 @@ def kernel_cmdline(mode: BootMode, entrypoint: str = "", root_tag: str = ROOT_TA
         args.append(f"init={_kernel_quote(argv[0])}")
         if len(argv) > 1:
             args += ["--", *(_kernel_quote(a) for a in argv[1:])]
-    return " ".join(args)
+    line = " ".join(args)
+    if len(line.encode()) > MAX_CMDLINE:
+        raise InvalidSpec(
+            f"spec.entrypoint: {len(entrypoint.encode())} bytes make a kernel command line of "
+            f"{len(line.encode())} bytes, over the kernel's {MAX_CMDLINE} in VM mode (the "
+            "flist's own kernel gets it as init=); shorten it or put a script in the image"
+        )
+    return line
 
 
 def _kernel_quote(arg: str) -> str:

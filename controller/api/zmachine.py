@@ -373,6 +373,10 @@ class ZmachineStatus(KubeModel):
     """Web serial console."""
     restart_count: int = 0
     """Times the node restarted the machine."""
+    exit_code: int | None = None
+    """Exit code of the entrypoint's last run (container mode with an entrypoint)."""
+    exit_reason: str | None = None
+    """Completed, Error, NotFound (127), NotExecutable (126) or InitError (125)."""
     observed_generation: int | None = None
     """Generation of the spec the status describes."""
     message: str | None = None

@@ -14,7 +14,12 @@ from controller.agent.client import AgentClient
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.tls import ClientTLS
 from controller.operator import metrics
-from controller.operator.errors import AgentRejected, AgentUnavailable, MachineNotFound
+from controller.operator.errors import (
+    AgentRejected,
+    AgentUnavailable,
+    MachineNotFound,
+    NodeOutOfCapacity,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +48,12 @@ class AgentPool:
             self._clients[address] = AgentClient(address, tls, timeout=self.timeout)
         return Agent(address, self._clients[address])
 
+    async def forget(self, address: str) -> None:
+        """Close the channel of a node that went away, so clients do not pile up."""
+        gone = self._clients.pop(address, None)
+        if gone is not None:
+            await gone.close()
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
@@ -64,6 +75,10 @@ class Agent:
             detail = f"{exc.details() or code.name} ({code.name})"
             if code == grpc.StatusCode.NOT_FOUND:
                 raise MachineNotFound(f"agent at {self.address}: {detail}") from exc
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise NodeOutOfCapacity(
+                    f"agent at {self.address} refused {method}: {detail}"
+                ) from exc
             if code in _REJECTED:
                 raise AgentRejected(f"agent at {self.address} refused {method}: {detail}") from exc
             raise AgentUnavailable(
@@ -85,6 +100,9 @@ class Agent:
 
     async def delete(self, uid: str) -> bool:
         return await self._call("Delete", lambda: self.raw.delete(uid))
+
+    async def list(self) -> list[pb.Machine]:
+        return await self._call("List", self.raw.list)
 
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._call("Stats", lambda: self.raw.stats(uid))

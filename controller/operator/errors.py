@@ -21,6 +21,13 @@ class AgentRejected(ControllerError):
     reason = "AgentRejected"
 
 
+class NodeOutOfCapacity(AgentRejected):
+    """The node agent refused a Deploy for lack of memory (RESOURCE_EXHAUSTED): the
+    controller's view of the node was wrong, another node may fit."""
+
+    reason = "NodeOutOfCapacity"
+
+
 class MachineNotFound(ControllerError):
     reason = "MachineNotFound"
 

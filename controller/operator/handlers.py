@@ -1,5 +1,5 @@
 """kopf handlers: Zmachines are converged on every change and every few seconds; nodes are
-watched for liveness. Admission already checked the spec."""
+tracked from their watch and judged by the node monitor. Admission already checked the spec."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import structlog
 from controller.api import conditions as cond
 from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
-from controller.operator import metrics, nodes
+from controller.operator import metrics
 from controller.operator.errors import ControllerError
+from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime, Target, converge, release
 from controller.operator.status import StatusWriter
 
@@ -66,9 +67,10 @@ async def reconcile(
     started = time.monotonic()
     target = Target.of(meta)
     out = StatusWriter(body, status, patch, target.generation)
-    result = "ok"
+    result = "error"
     try:
         await converge(_runtime(memo), target, spec, out)
+        result = "ok"
     except pydantic.ValidationError as exc:
         message = f"spec is invalid: {_first_error(exc)}"
         out.condition(cond.READY, False, "InvalidSpec", message)
@@ -76,7 +78,6 @@ async def reconcile(
         result = "invalid"
     except ControllerError as exc:
         out.set("message", str(exc))
-        result = "error"
     finally:
         metrics.RECONCILES.labels(result=result).inc()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -115,7 +116,7 @@ async def on_delete(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def track_zmachine(
+async def track_zmachine(
     memo: kopf.Memo,
     event: Mapping[str, Any],
     meta: Mapping[str, Any],
@@ -123,57 +124,49 @@ def track_zmachine(
     status: Mapping[str, Any],
     **_: Any,
 ) -> None:
+    """Async, like every handler here: kopf runs sync handlers in threads, and these
+    dicts are read by the event loop."""
     uid = str(meta.get("uid"))
     if event.get("type") == "DELETED":
         metrics.PHASES.observe(uid, None)
-        _runtime(memo).inventory.forget_zmachine(uid)
+        _runtime(memo).forget(uid)
         return
     metrics.PHASES.observe(uid, status.get("phase"))
     _runtime(memo).inventory.observe_zmachine(uid, meta, spec, status.get("nodeName"))
 
 
 @kopf.on.event(GROUP, VERSION, NODE_PLURAL)
-def track_node(
+async def track_node(
     memo: kopf.Memo,
     event: Mapping[str, Any],
     name: str,
+    meta: Mapping[str, Any],
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     **_: Any,
 ) -> None:
-    inventory = _runtime(memo).inventory
-    if event.get("type") == "DELETED":
-        inventory.forget_node(name)
-    else:
-        inventory.observe_node(name, spec, status)
-
-
-@kopf.timer(GROUP, VERSION, NODE_PLURAL, interval=RESYNC_SECONDS)
-async def watch_node(
-    memo: kopf.Memo,
-    name: str,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    """Judge liveness from the Lease and publish what is placed on the node."""
     runtime = _runtime(memo)
-    fresh = await asyncio.to_thread(nodes.lease_fresh, memo["coordination"], name, spec)
-    new_conditions = nodes.readiness_patch(name, status, fresh, body)
-    if new_conditions is not None:
-        patch.status["conditions"] = new_conditions
+    if event.get("type") == "DELETED":
         node = runtime.inventory.nodes.get(name)
+        runtime.inventory.forget_node(name)
         if node is not None:
-            node.ready = False
-    used = runtime.inventory.used(name)
-    published = {"cpu": used.cpu, "memory": f"{used.memory // (1024 * 1024)}Mi"}
-    if status.get("used") != published:
-        patch.status["used"] = published
-    count = len(runtime.inventory.machines_on(name))
-    if status.get("machines") != count:
-        patch.status["machines"] = count
+            await runtime.agents.forget(node.address)
+        log.warning("node deleted", node=name)
+    else:
+        runtime.inventory.observe_node(name, meta, spec, status)
+
+
+@kopf.on.startup()
+async def start_node_monitor(memo: kopf.Memo, **_: Any) -> None:
+    monitor: NodeMonitor = memo["monitor"]
+    memo["monitor_task"] = asyncio.create_task(monitor.run(), name="node monitor")
+
+
+@kopf.on.cleanup()
+async def stop_node_monitor(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = memo.get("monitor_task")
+    if task is not None:
+        task.cancel()
 
 
 def _first_error(exc: pydantic.ValidationError) -> str:

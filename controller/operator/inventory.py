@@ -6,6 +6,7 @@ two Zmachines created together never both take the last free slot of a node.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +20,34 @@ class Request:
     memory: int
 
 
+CPU_RATIO_ANNOTATION = "zos.threefold.io/cpu-allocation-ratio"
+
+
 @dataclass
 class NodeView:
     name: str
     address: str
-    cpu: int
+    cores: int
     memory: int
     labels: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     hypervisor: str = ""
+    cpu_ratio: float = 10.0
+    unready_since: float | None = None  # monotonic; None while Ready
+    uid: str = ""
+    lease_namespace: str = ""
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    finalizers: list[str] = field(default_factory=list)
+
+    @property
+    def cpu(self) -> int:
+        """vCPUs the node takes: cores times the allocation ratio (vCPUs are not cores)."""
+        return int(self.cores * self.cpu_ratio)
+
+    def ref(self) -> dict[str, Any]:
+        """Enough of the object to post an Event about it."""
+        meta = {"name": self.name, "uid": self.uid}
+        return {"apiVersion": "zos.threefold.io/v1alpha1", "kind": "ZmachineNode", "metadata": meta}
 
 
 @dataclass
@@ -47,29 +67,80 @@ def request_of(spec: Mapping[str, Any]) -> Request:
     return Request(cpu=int(compute.get("cpu", 0)), memory=quantity_bytes(compute.get("memory", 0)))
 
 
+def cpu_ratio(meta: Mapping[str, Any], default: float) -> float:
+    """The node's own ratio from its annotation, else the controller's default."""
+    raw = (meta.get("annotations") or {}).get(CPU_RATIO_ANNOTATION)
+    try:
+        ratio = float(raw) if raw is not None else default
+    except ValueError:
+        return default
+    return ratio if ratio > 0 else default
+
+
 @dataclass
 class Inventory:
+    cpu_ratio: float = 10.0
     nodes: dict[str, NodeView] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)  # by Zmachine uid
+    deleted_nodes: dict[str, float] = field(default_factory=dict)  # name -> monotonic
+    started: float = field(default_factory=time.monotonic)
 
-    def observe_node(self, name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    def observe_node(
+        self,
+        name: str,
+        meta: Mapping[str, Any],
+        spec: Mapping[str, Any],
+        status: Mapping[str, Any],
+    ) -> None:
         allocatable = status.get("allocatable") or {}
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions") or []
         )
+        previous = self.nodes.get(name)
+        since = None
+        if not ready:
+            since = previous.unready_since if previous is not None else None
+            since = since if since is not None else time.monotonic()
+        self.deleted_nodes.pop(name, None)
         self.nodes[name] = NodeView(
             name=name,
             address=str(spec.get("address", "")),
-            cpu=int(allocatable.get("cpu", 0)),
+            cores=int(allocatable.get("cpu", 0)),
             memory=quantity_bytes(allocatable.get("memory", 0)),
             labels=dict(status.get("labels") or {}),
             ready=ready,
             hypervisor=str(status.get("hypervisor") or ""),
+            cpu_ratio=cpu_ratio(meta, self.cpu_ratio),
+            unready_since=since,
+            uid=str(meta.get("uid") or ""),
+            lease_namespace=str(spec.get("leaseNamespace") or ""),
+            conditions=[dict(c) for c in status.get("conditions") or []],
+            finalizers=list(meta.get("finalizers") or []),
         )
 
+    def mark_unready(self, name: str) -> None:
+        node = self.nodes.get(name)
+        if node is not None and node.ready:
+            node.ready = False
+            node.unready_since = time.monotonic()
+
     def forget_node(self, name: str) -> None:
-        self.nodes.pop(name, None)
+        if self.nodes.pop(name, None) is not None:
+            self.deleted_nodes[name] = time.monotonic()
+
+    def lost_for(self, name: str) -> float:
+        """Seconds the node has been not Ready or deleted; 0 while Ready. A node this
+        controller never saw counts from its own start."""
+        now = time.monotonic()
+        node = self.nodes.get(name)
+        if node is not None:
+            return 0.0 if node.ready else now - (node.unready_since or now)
+        return now - self.deleted_nodes.get(name, self.started)
+
+    def node_of(self, uid: str) -> str | None:
+        placement = self.placements.get(uid)
+        return None if placement is None else placement.node
 
     def observe_zmachine(
         self, uid: str, meta: Mapping[str, Any], spec: Mapping[str, Any], node: str | None

@@ -12,21 +12,22 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenode import LEASE_NAMESPACE_DEFAULT
-from controller.kube import ApiException, api_client, get_object
+from controller.kube import ApiException, api_client
 from controller.logs import configure_logging
 from controller.operator import handlers, metrics
 from controller.operator.agents import AgentPool
-from controller.operator.inventory import Inventory, Placement, request_of
+from controller.operator.inventory import Inventory
+from controller.operator.kubeapi import REQUEST_TIMEOUT, Kube
 from controller.operator.leader import LeaderElector, standby_health
+from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime
 
 
 def _secret_reader(core: client.CoreV1Api) -> Any:
     def read(namespace: str, name: str) -> dict[str, str] | None:
         try:
-            secret = core.read_namespaced_secret(name, namespace)
+            secret = core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -41,25 +42,6 @@ def _secret_reader(core: client.CoreV1Api) -> Any:
         return data
 
     return read
-
-
-def _placement_lister(custom: client.CustomObjectsApi) -> Any:
-    def list_placements() -> list[tuple[str, Placement]]:
-        found = get_object(custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
-        result = []
-        for item in found.get("items", []):
-            node = (item.get("status") or {}).get("nodeName")
-            if node:
-                meta = item["metadata"]
-                result.append(
-                    (
-                        meta["uid"],
-                        Placement(node, request_of(item["spec"]), meta["namespace"], meta["name"]),
-                    )
-                )
-        return result
-
-    return list_placements
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         default=300.0,
         help="seconds to wait for an unreachable node before releasing a deleted Zmachine anyway",
     )
+    parser.add_argument(
+        "--cpu-allocation-ratio",
+        type=float,
+        default=10.0,
+        help="vCPUs placed per node core (a node's annotation "
+        "zos.threefold.io/cpu-allocation-ratio overrides it); memory is never overcommitted",
+    )
+    parser.add_argument(
+        "--node-lost-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a node may be not Ready or deleted before its Zmachines without "
+        "spec.nodeName are placed on another node",
+    )
+    parser.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=60.0,
+        help="seconds a VM must look orphaned (no Zmachine placed on its node) before the "
+        "controller asks the node to remove it",
+    )
     args = parser.parse_args(argv)
 
     configure_logging(args.log_level, json=args.log_format == "json")
@@ -118,21 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         elector.keep()
     metrics.serve(args.metrics_port)
     runtime = Runtime(
-        inventory=Inventory(),
+        inventory=Inventory(cpu_ratio=args.cpu_allocation_ratio),
         agents=AgentPool(
             None if args.agent_insecure_dev else args.agent_tls_dir, args.agent_tls_server_name
         ),
         read_secret=_secret_reader(client.CoreV1Api(api)),
-        list_placements=_placement_lister(client.CustomObjectsApi(api)),
+        kube=Kube(api),
         delete_timeout=args.delete_timeout,
+        node_lost_timeout=args.node_lost_timeout,
     )
+    monitor = NodeMonitor(runtime, namespaces=args.namespace, orphan_grace=args.orphan_grace)
     assert handlers.FINALIZER  # the import registers the handlers with kopf
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-        memo=kopf.Memo(runtime=runtime, coordination=client.CoordinationV1Api(api)),
+        memo=kopf.Memo(runtime=runtime, monitor=monitor),
     )
     if elector is not None:
         elector.release()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from controller.operator.inventory import Inventory, NodeView, Request
@@ -39,13 +39,24 @@ def _misfit(
     return None
 
 
+def resize_misfit(inventory: Inventory, uid: str, node: NodeView, request: Request) -> str | None:
+    """Why the node cannot take this Zmachine at `request` instead of what it holds now."""
+    used = inventory.used(node.name)
+    held = inventory.placements.get(uid)
+    if held is not None and held.node == node.name:
+        used = Request(used.cpu - held.request.cpu, used.memory - held.request.memory)
+    return _misfit(node, request, used, {})
+
+
 def choose_node(
     inventory: Inventory,
     request: Request,
     selector: Mapping[str, str],
     pinned: str | None = None,
+    avoid: Collection[str] = (),
 ) -> Decision:
-    """Pick the fitting Ready node that stays least loaded; explain when none fits."""
+    """Pick the fitting Ready node that stays least loaded; explain when none fits.
+    `avoid`: nodes that refused this Zmachine lately (they know their capacity best)."""
     if pinned:
         node = inventory.nodes.get(pinned)
         if node is None:
@@ -63,7 +74,7 @@ def choose_node(
     fits: list[tuple[float, str]] = []
     for node in inventory.nodes.values():
         used = inventory.used(node.name)
-        why = _misfit(node, request, used, selector)
+        why = "refused it lately" if node.name in avoid else _misfit(node, request, used, selector)
         if why:
             key = why.split(" (")[0]
             reasons[key] = reasons.get(key, 0) + 1

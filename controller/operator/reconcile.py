@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,17 +20,19 @@ from controller.operator.agents import AgentPool
 from controller.operator.errors import (
     AgentRejected,
     ControllerError,
+    NodeOutOfCapacity,
     SecretUnavailable,
     UnsupportedSpec,
 )
 from controller.operator.inventory import Inventory, Placement, request_of
-from controller.operator.placement import choose_node
+from controller.operator.kubeapi import Conflict, Gone, Kube, age_seconds
+from controller.operator.placement import choose_node, resize_misfit
 from controller.operator.status import StatusWriter
 from controller.operator.translate import (
     SecretReader,
     agent_spec,
+    env_to_deploy,
     refuse_unsupported,
-    resolve_env,
 )
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
@@ -50,18 +53,41 @@ _PHASE = {
 }
 
 
+AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
+
+
 @dataclass
 class Runtime:
-    """What every handler shares: the inventory, agent clients and the API readers."""
+    """What every handler shares: the inventory, agent clients and the API access."""
 
     inventory: Inventory
     agents: AgentPool
     read_secret: SecretReader
-    list_placements: Callable[[], list[tuple[str, Placement]]]
+    kube: Kube
     delete_timeout: float = 300.0
+    node_lost_timeout: float = 300.0
     placements_seeded: bool = False
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    # uid -> node -> monotonic expiry: nodes that refused the Zmachine for lack of capacity.
+    avoid: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def avoided(self, uid: str) -> set[str]:
+        now = time.monotonic()
+        nodes = {n: t for n, t in self.avoid.get(uid, {}).items() if t > now}
+        if nodes:
+            self.avoid[uid] = nodes
+        else:
+            self.avoid.pop(uid, None)
+        return set(nodes)
+
+    def forget(self, uid: str) -> None:
+        """Drop every per-object entry once the Zmachine is gone from the API."""
+        self.inventory.forget_zmachine(uid)
+        self.avoid.pop(uid, None)
+        lock = self.locks.get(uid)
+        if lock is not None and not lock.locked():
+            del self.locks[uid]
 
 
 @dataclass
@@ -71,6 +97,7 @@ class Target:
     uid: str
     generation: int
     created: str | None
+    resource_version: str = ""
 
     @classmethod
     def of(cls, meta: Mapping[str, Any]) -> Target:
@@ -80,16 +107,33 @@ class Target:
             str(meta["uid"]),
             int(meta.get("generation") or 1),
             meta.get("creationTimestamp"),
+            str(meta.get("resourceVersion") or ""),
         )
 
     def ref(self) -> pb.ZmachineRef:
         return pb.ZmachineRef(namespace=self.namespace, name=self.name, uid=self.uid)
 
+    def __str__(self) -> str:
+        return f"zmachine {self.namespace}/{self.name}"
+
+
+def _same(found: Mapping[str, Any] | None, target: Target) -> bool:
+    """The object the API has now is this Zmachine, and it is not being deleted."""
+    meta = (found or {}).get("metadata") or {}
+    return meta.get("uid") == target.uid and not meta.get("deletionTimestamp")
+
 
 async def converge(
-    rt: Runtime, target: Target, raw_spec: Mapping[str, Any], out: StatusWriter
+    rt: Runtime,
+    target: Target,
+    raw_spec: Mapping[str, Any],
+    out: StatusWriter,
 ) -> None:
-    """Bring the node in line with the spec, then report what the node says."""
+    """Bring the node in line with the spec, then report what the node says.
+
+    Everything is decided inside the per-uid lock from the freshest view there is (our own
+    placements first, then the body), never from a body read before the lock was taken.
+    """
     logger = log.bind(namespace=target.namespace, name=target.name, uid=target.uid)
     async with rt.locks[target.uid]:
         spec = ZmachineSpec.model_validate(dict(raw_spec))
@@ -100,7 +144,14 @@ async def converge(
             out.condition(cond.READY, False, exc.reason, str(exc))
             out.phase_to(Phase.FAILED, exc.reason, str(exc))
             return
-        node_name = out.current.get("nodeName")
+        node_name = rt.inventory.node_of(target.uid) or out.current.get("nodeName")
+        if node_name and not spec.node_name:
+            lost = rt.inventory.lost_for(node_name)
+            if lost >= rt.node_lost_timeout:
+                why = f"node {node_name} has been gone or not Ready for {lost:.0f}s"
+                if not await _unbind(rt, target, node_name, out, "NodeLost", why):
+                    return
+                node_name = None
         if not node_name:
             node_name = await _place(rt, target, raw_spec, spec, out)
             if node_name is None:
@@ -116,23 +167,27 @@ async def converge(
 
         node = rt.inventory.nodes.get(node_name)
         if node is None or not node.ready:
-            out.condition(
-                cond.NODE_READY,
-                False,
-                "NodeNotReady",
-                f"node {node_name} stopped renewing its Lease",
-            )
-            out.condition(cond.READY, None, "NodeNotReady", f"node {node_name} is not Ready")
-            out.phase_to(
-                Phase.UNKNOWN, "NodeNotReady", f"node {node_name} is not Ready; state unknown"
-            )
+            _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
             return
         out.condition(cond.NODE_READY, True, "NodeReady", f"node {node_name} is Ready")
         agent = rt.agents.client(node.address)
+        machine: pb.Machine | None = None
         try:
             machine = await agent.get(target.uid)
             if machine is None or machine.generation < target.generation:
-                env = await asyncio.to_thread(resolve_env, spec, target.namespace, rt.read_secret)
+                refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
+                if refusal is not None:
+                    if machine is not None:
+                        _report(out, target, machine)
+                        out.condition(
+                            cond.PROVISIONED, False, "ResizeUnschedulable", refusal,
+                            target.generation,
+                        )  # fmt: skip
+                    return
+            env = await asyncio.to_thread(
+                env_to_deploy, spec, target.namespace, target.generation, machine, rt.read_secret
+            )
+            if env is not None:
                 response = await agent.deploy(
                     target.ref(), target.generation, agent_spec(spec, target.name, env)
                 )
@@ -140,49 +195,194 @@ async def converge(
                 if response.changed:
                     out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
+            assert machine is not None  # env_to_deploy deploys whenever the agent had none
         except SecretUnavailable as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
             out.phase_to(Phase.PENDING, exc.reason, str(exc))
             return
+        except NodeOutOfCapacity as exc:
+            if machine is None and not spec.node_name:
+                # A first Deploy refused: the node knows its memory better than our view.
+                rt.avoid.setdefault(target.uid, {})[node_name] = time.monotonic() + AVOID_SECONDS
+                await _unbind(rt, target, node_name, out, exc.reason, str(exc))
+                return
+            # Pinned, or a resize: the node keeps what it runs; the next pass tries again.
+            out.condition(cond.PROVISIONED, False, exc.reason, str(exc), target.generation)
+            if machine is None:
+                out.phase_to(Phase.PENDING, exc.reason, str(exc))
+            else:
+                _report(out, target, machine)
+            return
         except AgentRejected as exc:
-            out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
-            out.condition(cond.READY, False, exc.reason, str(exc))
+            out.condition(cond.PROVISIONED, False, exc.reason, str(exc), _running(machine))
+            out.condition(cond.READY, False, exc.reason, str(exc), _running(machine))
             out.phase_to(Phase.FAILED, exc.reason, str(exc))
             return
         except ControllerError as exc:
             logger.warning("agent call failed", node=node_name, error=str(exc))
-            out.set("message", f"node {node_name}: {exc}")
+            message = f"node {node_name}: {exc}"
+            out.condition(cond.READY, None, "AgentUnreachable", message, _running(machine))
+            out.phase_to(Phase.UNKNOWN, "AgentUnreachable", message)
             return
         _report(out, target, machine)
         if machine.state in (pb.MACHINE_STATE_RUNNING, pb.MACHINE_STATE_PAUSED):
             await _sample_metrics(agent, target, out, logger)
 
 
+def _running(machine: pb.Machine | None) -> int | None:
+    """The generation a condition about the node's machine describes (None: unknown)."""
+    return None if machine is None else int(machine.generation)
+
+
+def _node_unknown(rt: Runtime, out: StatusWriter, node: str, pinned: bool, deleted: bool) -> None:
+    if deleted:
+        reason, what = "NodeDeleted", f"node {node} is not registered (its ZmachineNode is gone)"
+    else:
+        reason, what = "NodeNotReady", f"node {node} stopped renewing its Lease"
+    if pinned:
+        then = "it stays there (spec.nodeName) until the node returns or the Zmachine is deleted"
+    else:
+        then = f"placed again elsewhere after {rt.node_lost_timeout:.0f}s"
+    out.condition(cond.NODE_READY, False, reason, f"{what}; {then}")
+    out.condition(cond.READY, None, reason, f"node {node} is not Ready")
+    out.phase_to(Phase.UNKNOWN, reason, f"{what}; state unknown; {then}")
+
+
+async def _deploy_refusal(
+    rt: Runtime,
+    target: Target,
+    raw_spec: Mapping[str, Any],
+    node_name: str,
+    machine: pb.Machine | None,
+) -> str | None:
+    """Why nothing may be sent now, or None. A new VM goes out only for an object that still
+    exists, undeleted and bound to this node (a handler may hold a body older than a
+    delete); a new generation only if it fits the node."""
+    if machine is None:
+        found = await rt.kube.zmachine(target.namespace, target.name)
+        bound = ((found or {}).get("status") or {}).get("nodeName")
+        if _same(found, target) and bound == node_name:
+            return None
+        log.info(
+            "not deploying: the object changed", namespace=target.namespace,
+            name=target.name, uid=target.uid, node=node_name, bound=bound,
+        )  # fmt: skip
+        return f"the object is gone, deleting or bound to {bound}"
+    node = rt.inventory.nodes[node_name]
+    why = resize_misfit(rt.inventory, target.uid, node, request_of(raw_spec))
+    if why is None:
+        return None
+    return (
+        f"generation {target.generation} does not fit on node {node_name}: {why}; "
+        f"generation {machine.generation} keeps running"
+    )
+
+
 async def _place(
     rt: Runtime, target: Target, raw_spec: Mapping[str, Any], spec: ZmachineSpec, out: StatusWriter
 ) -> str | None:
+    """Choose a node and make the choice durable (status.nodeName, written with the
+    object's resourceVersion) before anything is deployed."""
+    request = request_of(raw_spec)
     async with rt.placement_lock:
         if not rt.placements_seeded:
-            # The watch may not have delivered every placed Zmachine yet right after start:
+            # Right after start the watch may not have delivered every placed Zmachine yet:
             # count what the API says once; from then on the watch and our own reservations do.
-            for uid, placement in await asyncio.to_thread(rt.list_placements):
-                rt.inventory.placements[uid] = placement
+            for item in await rt.kube.list_zmachines():
+                placement = placement_of(item)
+                if placement is not None:
+                    rt.inventory.placements.setdefault(str(item["metadata"]["uid"]), placement)
             rt.placements_seeded = True
         decision = choose_node(
-            rt.inventory, request_of(raw_spec), spec.node_selector, pinned=spec.node_name
+            rt.inventory,
+            request,
+            spec.node_selector,
+            pinned=spec.node_name,
+            avoid=rt.avoided(target.uid),
         )
         if decision.node is None:
             out.set("observedGeneration", target.generation)
             out.condition(cond.SCHEDULED, False, decision.reason, decision.message)
             out.phase_to(Phase.PENDING, decision.reason, decision.message)
             return None
+        # Reserved before the write, so that placements running meanwhile count it.
         rt.inventory.placements[target.uid] = Placement(
-            decision.node, request_of(raw_spec), target.namespace, target.name
+            decision.node, request, target.namespace, target.name
         )
-    out.set("nodeName", decision.node)
+    try:
+        node = await _bind(rt, target, decision.node)
+    except BaseException:
+        rt.inventory.forget_zmachine(target.uid)
+        raise
+    if node is None:
+        rt.inventory.forget_zmachine(target.uid)
+        return None
+    if node != decision.node:
+        rt.inventory.placements[target.uid] = Placement(
+            node, request, target.namespace, target.name
+        )
+        return node
     out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
     out.phase_to(Phase.SCHEDULED, decision.reason, decision.message)
-    return decision.node
+    return node
+
+
+async def _bind(rt: Runtime, target: Target, node: str) -> str | None:
+    """Write the placement; the node that stands afterwards, or None if the object is gone.
+    A placement someone else made meanwhile wins over ours."""
+    version = target.resource_version
+    for _ in range(3):
+        try:
+            await rt.kube.set_node(target.namespace, target.name, version, node)
+            return node
+        except Conflict:
+            found = await rt.kube.zmachine(target.namespace, target.name)
+            if not _same(found, target):
+                return None
+            assert found is not None
+            standing = (found.get("status") or {}).get("nodeName")
+            if standing:
+                return str(standing)
+            version = str(found["metadata"]["resourceVersion"])
+        except Gone:
+            return None
+    raise Conflict(f"{target}: placement kept conflicting with other writers")
+
+
+async def _unbind(
+    rt: Runtime, target: Target, node: str, out: StatusWriter, reason: str, why: str
+) -> bool:
+    """Clear a placement so that the next pass places the Zmachine again. Whatever still
+    runs on the old node is an orphan there, removed by that node's orphan collection."""
+    found = await rt.kube.zmachine(target.namespace, target.name)
+    if not _same(found, target):
+        return False
+    assert found is not None
+    if (found.get("status") or {}).get("nodeName") == node:
+        try:
+            await rt.kube.set_node(
+                target.namespace, target.name, str(found["metadata"]["resourceVersion"]), None
+            )
+        except (Conflict, Gone):
+            return False  # someone else changed it: the next pass decides again
+    rt.inventory.forget_zmachine(target.uid)
+    message = f"{why}; placing it again"
+    out.event("Rescheduling", f"left node {node}: {message}", warning=True)
+    out.condition(cond.SCHEDULED, False, reason, message)
+    out.phase_to(Phase.PENDING, reason, message)
+    log.warning(
+        "placement cleared", namespace=target.namespace, name=target.name, uid=target.uid,
+        node=node, reason=reason, why=why,
+    )  # fmt: skip
+    return True
+
+
+def placement_of(item: Mapping[str, Any]) -> Placement | None:
+    node = (item.get("status") or {}).get("nodeName")
+    if not node:
+        return None
+    meta = item["metadata"]
+    return Placement(str(node), request_of(item["spec"]), meta["namespace"], meta["name"])
 
 
 def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
@@ -201,16 +401,23 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     )
     reason = machine.reason or phase.value
     provisioned = machine.state not in (pb.MACHINE_STATE_PROVISIONING, pb.MACHINE_STATE_FAILED)
-    out.condition(cond.PROVISIONED, provisioned, reason, message)
+    # Each condition carries the generation it describes: what the node runs, which lags
+    # the spec while a new generation is being provisioned.
+    running_generation = int(machine.generation)
+    out.condition(cond.PROVISIONED, provisioned, reason, message, running_generation)
     if running and not booted:
-        out.condition(cond.READY, False, "Booting", "the VM runs; its guest has not spoken yet")
+        out.condition(
+            cond.READY, False, "Booting", "the VM runs; its guest has not spoken yet",
+            running_generation,
+        )  # fmt: skip
     else:
-        out.condition(cond.READY, running, reason, message)
+        out.condition(cond.READY, running, reason, message, running_generation)
     out.condition(
         cond.PAUSED,
         paused,
         "Paused" if paused else "NotPaused",
         "vCPUs are paused" if paused else "vCPUs run",
+        running_generation,
     )
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
@@ -219,6 +426,9 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     if machine.restarts > int(out.current.get("restartCount") or 0):
         out.event("Restarted", f"the node restarted the VM ({machine.restarts} so far)", True)
     out.set("restartCount", machine.restarts)
+    if machine.HasField("exit_code"):
+        out.set("exitCode", machine.exit_code)
+        out.set("exitReason", machine.exit_reason)
     if settled:
         out.set("observedGeneration", target.generation)
     if phase == Phase.RUNNING and out.phase != Phase.RUNNING.value and machine.restarts == 0:
@@ -282,7 +492,8 @@ async def release(
     forced by annotation, or the node has been unreachable past the delete timeout."""
     logger = log.bind(namespace=target.namespace, name=target.name, uid=target.uid)
     async with rt.locks[target.uid]:
-        node_name = status.get("nodeName")
+        # Our own placement first: a Deploy may have gone out after the body was read.
+        node_name = rt.inventory.node_of(target.uid) or status.get("nodeName")
         if not node_name:
             rt.inventory.forget_zmachine(target.uid)
             return
@@ -306,11 +517,17 @@ async def release(
                 logger.info("deleted on node", node=node_name, existed=existed)
                 rt.inventory.forget_zmachine(target.uid)
                 return
-        deleting_since = meta.get("deletionTimestamp")
-        waited = 0.0
-        if deleting_since:
-            since = datetime.datetime.fromisoformat(str(deleting_since))
-            waited = (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+        if node_name in rt.inventory.deleted_nodes:
+            # Nobody is left to confirm; should the node's agent come back, what it still
+            # runs for this uid is an orphan there and is collected.
+            out.event(
+                "NodeDeleted",
+                f"released at once: node {node_name} was deleted (its ZmachineNode is gone)",
+                warning=True,
+            )
+            rt.inventory.forget_zmachine(target.uid)
+            return
+        waited = age_seconds(meta.get("deletionTimestamp"))
         if waited >= rt.delete_timeout:
             out.event(
                 "DeleteTimeout",

@@ -34,9 +34,18 @@ class StatusWriter:
         if self.current.get(key) != value:
             self.patch.status[key] = value
 
-    def condition(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
+    def condition(
+        self,
+        type_: str,
+        ok: bool | None,
+        reason: str,
+        message: str,
+        generation: int | None = None,
+    ) -> None:
+        """`generation`: what the condition describes, when not the spec's generation
+        (the node may still run an older one)."""
         self.conditions = conditions.set_condition(
-            self.conditions, type_, ok, reason, message, self.generation
+            self.conditions, type_, ok, reason, message, generation or self.generation
         )
         if self.conditions != list(self.current.get("conditions") or []):
             self.patch.status["conditions"] = self.conditions

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.spec import env_digest, hostname_label
 from controller.api.zmachine import RestartPolicy, ZmachineSpec
 from controller.operator.errors import SecretUnavailable, UnsupportedSpec
 from controller.operator.inventory import quantity_bytes
@@ -58,6 +59,31 @@ def resolve_env(spec: ZmachineSpec, namespace: str, read_secret: SecretReader) -
     return env
 
 
+def env_to_deploy(
+    spec: ZmachineSpec,
+    namespace: str,
+    generation: int,
+    machine: pb.Machine | None,
+    read_secret: SecretReader,
+) -> dict[str, str] | None:
+    """The resolved env when the machine must be (re)deployed, else None.
+
+    A new generation always deploys (a missing Secret raises SecretUnavailable). At the
+    deployed generation, a machine whose env refers to Secrets is redeployed when a value
+    changed (the agent reports the digest of the env it runs with); a Secret gone or
+    unreadable then leaves the running machine alone rather than failing it.
+    """
+    if machine is None or machine.generation < generation:
+        return resolve_env(spec, namespace, read_secret)
+    if not machine.env_hash or not any(v.value_from is not None for v in spec.env):
+        return None
+    try:
+        env = resolve_env(spec, namespace, read_secret)
+    except SecretUnavailable:
+        return None
+    return env if env_digest(env) != machine.env_hash else None
+
+
 def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.ZmachineSpec:
     volumes = [
         pb.Volume(
@@ -81,6 +107,6 @@ def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.Zmachin
         interfaces=[pb.NetworkInterface(network=i.network, ip=i.ip or "") for i in interfaces],
         restart_policy=_POLICY[spec.restart_policy],
         paused=spec.paused,
-        hostname=name,
+        hostname=hostname_label(name),
         ssh_keys=ssh_keys,
     )

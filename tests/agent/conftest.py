@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from controller.agent.tls import write_dev_pki
-from hack.controlplane import guest_kernel_dir
+from hack.controlplane import guest_kernel_dir, virtiofsd_path
 from tests.agent.agent_harness import AgentProcess
 from tests.netns import bridged_netns
 
@@ -36,6 +37,12 @@ def agent_guest_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def guest_virtiofsd() -> Path:
+    """The Rust virtiofsd pinned in hack/versions.env, built (cached) from crates.io."""
+    return virtiofsd_path()
+
+
+@pytest.fixture(scope="session")
 def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A container-mode .fl built from Debian's busybox-static, blocks in a dir:// store."""
     from controller.flist.pack import pack
@@ -52,6 +59,24 @@ def agent_busybox_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     flist = base / "busybox.fl"
     pack(root, flist, [f"dir://{base / 'store'}"])
     return flist
+
+
+@pytest.fixture(scope="module")
+def agent_strict(
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_guest_dir: Path,
+    agent_busybox_flist: Path,
+) -> Iterator[AgentProcess]:
+    """An agent that gives up after one restart (--crash-loop-limit 1), for restart-policy
+    tests with the busybox flist; one per test module."""
+    state = tmp_path_factory.mktemp("strict") / "state"
+    proc = agent_process(
+        state, agent_pki, None, agent_guest_dir, agent_busybox_flist.parent,
+        "--crash-loop-limit", "1",
+    )  # fmt: skip
+    with proc.running():
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +101,7 @@ def agent_process(
 ) -> AgentProcess:
     """An agent for tests: TCG, fast supervision, taps on zmbr0 (in ``netns`` if given)."""
     extra = ["--node-name", "test-node", "--cidr", "10.231.0.0/24", "--bridge", "zmbr0", *more]
+    extra += ["--virtiofsd", str(virtiofsd_path())]  # the default daemon, as production runs it
     if flist_dir:
         extra += ["--flist-dir", str(flist_dir)]
     if netns:
@@ -121,6 +147,18 @@ def guest_busybox_root(root: Path) -> Path:
     for applet in GUEST_APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
     return root
+
+
+def guest_install_binary(root: Path, binary: Path) -> Path:
+    """Copy a dynamically linked host binary into ``root`` at the same path, with the
+    shared libraries ``ldd`` names (and the loader), so it runs chrooted there."""
+    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True)
+    libs = [Path(w) for line in out.stdout.splitlines() for w in line.split() if w.startswith("/")]
+    for path in [binary, *libs]:
+        dest = root / path.relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path.resolve(), dest)
+    return root / binary.relative_to("/")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Restart policies with real guests that power themselves off (QEMU exits 0).
+"""Restart policies with real guests that power themselves off (GuestExit PowerOff).
 
 OnFailure: a guest power-off is success, the machine ends SUCCEEDED and is not restarted.
 Always: every exit is restarted with backoff, and past --crash-loop-limit the machine
@@ -7,16 +7,16 @@ ends FAILED (CrashLoop) with the tail of its serial log. Both VMs boot at the sa
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from controller.agent.hypervisor.qmp import QMP
 from controller.agent.procs import cmdline
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess
-from tests.agent.conftest import agent_process
 from tests.agent.test_agent_vm import vm_pids_of, wait_for
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(300)]
@@ -25,19 +25,8 @@ BYE = "/bin/sh -c 'echo zm-test-bye; poweroff -f'"
 
 
 @pytest.fixture(scope="module")
-def agent(
-    tmp_path_factory: pytest.TempPathFactory,
-    agent_pki: Path,
-    agent_guest_dir: Path,
-    agent_busybox_flist: Path,
-) -> Iterator[AgentProcess]:
-    state = tmp_path_factory.mktemp("policy") / "state"
-    proc = agent_process(
-        state, agent_pki, None, agent_guest_dir, agent_busybox_flist.parent,
-        "--crash-loop-limit", "1",
-    )  # fmt: skip
-    with proc.running():
-        yield proc
+def agent(agent_strict: AgentProcess) -> AgentProcess:
+    return agent_strict
 
 
 def in_state(agent: AgentProcess, uid: str, state: int) -> pb.Machine | None:
@@ -89,8 +78,9 @@ def test_guest_poweroff_is_success_for_onfailure_and_a_crash_loop_for_always(
 def test_guest_poweroff_while_the_agent_is_down_is_still_a_success(
     agent: AgentProcess, agent_busybox_flist: Path
 ) -> None:
-    """The VMM is not the new agent's child, so its exit status is unknown: the serial
-    console's power-off line must still make OnFailure end SUCCEEDED, not restart."""
+    """The VMM is not the new agent's child and no agent read its events: QEMU runs
+    with -no-shutdown, so it waits, alive with the guest shut down, and the new agent
+    sees a power-off (OnFailure ends SUCCEEDED, no restart), then ends it."""
     uid = f"p-offline-{os.getpid()}"
     spec = pb.ZmachineSpec(
         flist=f"file://{agent_busybox_flist}", cpu=1, memory_bytes=256 << 20,
@@ -105,13 +95,16 @@ def test_guest_poweroff_while_the_agent_is_down_is_still_a_success(
     wait_for("the guest to boot", lambda: "switching root" in console.read_text(), timeout=150)
     agent.kill()
     (agent.state_dir / "vms" / uid / "shares/ctl/stop").touch()
+    qmp = QMP(agent.state_dir / "vms" / uid / "run" / "vmm.sock")
     wait_for(
         "the guest to power off",
-        lambda: not [p for p in vm_pids_of(uid) if "qemu" in p[1]],
+        lambda: asyncio.run(qmp.execute("query-status"))["status"] == "shutdown",
         timeout=60,
     )
+    assert [p for p in vm_pids_of(uid) if "qemu" in p[1]], "QEMU ended without an agent"
     agent.start()
     m = wait_for(
         "the machine to end", lambda: in_state(agent, uid, pb.MACHINE_STATE_SUCCEEDED), timeout=30
     )
     assert m.reason == "PoweredOff" and m.restarts == 0
+    assert not [p for p in vm_pids_of(uid) if "qemu" in p[1]]

@@ -207,7 +207,9 @@ def test_stale_or_conflicting_generation_is_refused(
     assert deploy_error(agent, 0, spec) == grpc.StatusCode.FAILED_PRECONDITION
     changed = pb.ZmachineSpec()
     changed.CopyFrom(spec)
+    # Not only env (a Secret's new value rolls out at the same generation): refused.
     changed.env[AGENT_GREETING_VAR] = "other"
+    changed.memory_bytes += 64 << 20
     assert deploy_error(agent, 1, changed) == grpc.StatusCode.FAILED_PRECONDITION
     assert len(qemu_pids()) == 1
 

@@ -9,7 +9,15 @@ import pytest
 
 from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
-from controller.agent.hypervisor import CloudHypervisor, HypervisorError, Qemu, select_hypervisor
+from controller.agent.hypervisor import (
+    CloudHypervisor,
+    ExitStatus,
+    GuestExit,
+    HypervisorError,
+    Qemu,
+    select_hypervisor,
+)
+from controller.agent.hypervisor.qemu import classify_qemu_exit
 from controller.agent.virtiofs import (
     QEMU_VIRTIOFSD,
     Flavor,
@@ -31,8 +39,22 @@ from tests.agent.test_cloud_hypervisor import make_config
 BASE = "rw console=ttyS0 reboot=k panic=1 root=vroot rootfstype=virtiofs rootdelay=30"
 
 
-def test_container_cmdline_has_no_init() -> None:
+def test_container_cmdline_has_no_init_but_the_boot_nonce() -> None:
     assert kernel_cmdline(BootMode.CONTAINER, "/bin/app --x") == BASE
+    nonce = "0123456789abcdef0123456789abcdef"
+    with_nonce = kernel_cmdline(BootMode.CONTAINER, "/bin/app", nonce=nonce)
+    assert with_nonce == f"{BASE} zmachine.nonce={nonce}"
+    # VM mode boots the flist's own init, which prints no exit marker.
+    assert kernel_cmdline(BootMode.VM, "", nonce=nonce) == BASE
+
+
+def test_vm_entrypoint_longer_than_the_kernel_command_line_is_refused() -> None:
+    fits = "/bin/sh -c " + "x" * (2047 - len(BASE) - len(" init=/bin/sh -- -c "))
+    assert len(kernel_cmdline(BootMode.VM, fits)) == 2047
+    with pytest.raises(InvalidSpec, match=r"spec\.entrypoint: .* over the kernel's 2047"):
+        kernel_cmdline(BootMode.VM, fits + "x")
+    # Container mode carries it in the seed: no limit there.
+    assert kernel_cmdline(BootMode.CONTAINER, fits * 3) == BASE
 
 
 def test_vm_cmdline_passes_entrypoint_as_init_and_args_after_dashes() -> None:
@@ -139,10 +161,13 @@ def test_qemu_command_line(tmp_path: Path) -> None:
         "-device virtio-blk-pci,drive=disk1",
         "-netdev tap,id=net0,ifname=zm0123456789n0,script=no,downscript=no",
         "-device virtio-net-pci,netdev=net0,mac=02:11:22:33:44:55",
-        f"-chardev pty,id=serial0,logfile={tmp_path / 'serial.log'},logappend=on",
         f"-qmp unix:{tmp_path / 'api.sock'},server=on,wait=off",
+        f"-qmp unix:{tmp_path / 'api-ev.sock'},server=on,wait=off",  # the event follower's
     ):
         assert part in joined
+    # The agent reads the PTY and writes the log (no QEMU logfile competing with it).
+    assert argv[argv.index("-serial") - 1] == "pty,id=serial0"
+    assert "-no-shutdown" in argv  # a guest power-off keeps QEMU up (GuestExit)
     assert argv[argv.index("-append") + 1] == cfg.cmdline
     serial_file = make_config(tmp_path, initrd=None)
     argv = Qemu(accel="tcg").command(serial_file)
@@ -193,7 +218,7 @@ def test_select_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HypervisorError, match="not on PATH"):
         select_hypervisor("cloud-hypervisor")
     monkeypatch.setattr(CloudHypervisor, "available", staticmethod(lambda: True))
-    assert select_hypervisor().name == "cloud-hypervisor"
+    assert select_hypervisor().name == "qemu"  # on PATH, but no probe guest: not proven
     ch = select_hypervisor("cloud-hypervisor", firmware=Path("/fw"))
     assert isinstance(ch, CloudHypervisor) and ch.firmware == Path("/fw")
     assert select_hypervisor(accel="tcg").name == "qemu"  # CH has no TCG
@@ -241,3 +266,24 @@ def test_missing_binaries_are_typed_errors(tmp_path: Path) -> None:
     daemon = Virtiofsd(Path("/nonexistent/virtiofsd"), Flavor.RUST)
     with pytest.raises(VirtiofsError, match=r"cannot run /nonexistent/virtiofsd"):
         asyncio.run(start_virtiofsd(cfg.shares[0], tmp_path / "log", daemon=daemon))
+
+
+@pytest.mark.parametrize(
+    ("events", "status", "expected"),
+    [
+        # QEMU exits 0 on SIGTERM and quit: the recorded SHUTDOWN reason tells them apart.
+        ([("SHUTDOWN", {"guest": False, "reason": "host-signal"})], 0, GuestExit.HOST_STOP),
+        ([("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})], None, GuestExit.HOST_STOP),
+        ([("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})], None, GuestExit.POWEROFF),
+        ([("RESET", {"guest": True}), ("GUEST_PANICKED", {})], 0, GuestExit.PANIC),
+        ([("RESET", {"guest": True, "reason": "guest-reset"})], 1, GuestExit.VMM_ERROR),
+        ([], None, GuestExit.VMM_ERROR),  # adopted and gone without a word
+        ([], 0, GuestExit.HOST_STOP),
+    ],
+)
+def test_qemu_exit_classification(
+    events: list[tuple[str, dict[str, object]]], status: int | None, expected: GuestExit
+) -> None:
+    recorded = [{"event": name, "data": data} for name, data in events]
+    exit, detail = classify_qemu_exit(recorded, None if status is None else ExitStatus(status))
+    assert exit is expected, detail

@@ -1,31 +1,34 @@
 """Real guests under QEMU/TCG: our kernel + initramfs, virtiofsd roots, the cidata seed, taps.
 
 Each test boots one guest (~10-30 s under TCG on a busy 2-core machine) and reads what the
-guest printed on its serial console.
+guest printed on its serial console. With ``serial_pty`` the console is read from QEMU's
+PTY by the agent's ConsoleStream, as in production.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from controller.agent.hypervisor import VM, Qemu
+from controller.agent.console import ConsoleStream
+from controller.agent.guestexit import EntrypointExit, find_exit, new_nonce
+from controller.agent.hypervisor import VM, ExitRecord, GuestEvent, GuestExit, Qemu
 from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
-from controller.agent.procs import ProcessRef, terminate
+from controller.agent.procs import ProcessRef, cmdline, terminate
 from controller.agent.seed import Interface, Mount, Route, SeedConfig, write_seed
-from controller.agent.virtiofs import Flavor, Virtiofsd, start_virtiofsd
+from controller.agent.virtiofs import QEMU_VIRTIOFSD, Flavor, Virtiofsd, start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
 from controller.agent.vmconfig import kernel_cmdline as make_cmdline
-from tests.agent.conftest import guest_busybox_root
+from hack.controlplane import virtiofsd_path
+from tests.agent.conftest import guest_busybox_root, guest_install_binary
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -35,6 +38,17 @@ BOOT_WITHIN = 150.0  # seconds for a TCG boot to reach the entrypoint, with marg
 
 def serial_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def guest_ended(vm: VM, within: float = 60) -> ExitRecord:
+    """Once the guest has ended (QEMU runs with -no-shutdown: a power-off keeps it up
+    until the agent, here guest_exit(), ends it), why."""
+    deadline = time.monotonic() + within
+    while (ended := await vm.guest_exit()) is None:
+        assert time.monotonic() < deadline, "the guest did not end"
+        await asyncio.sleep(0.25)
+    assert await vm.wait(10), "QEMU still runs after its guest ended"
+    return ended
 
 
 async def wait_for(path: Path, text: str, within: float = BOOT_WITHIN) -> str:
@@ -95,17 +109,39 @@ async def running_vm(
         serial_pty=serial_pty,
     )
     vm: VM | None = None
+    console: asyncio.Task[None] | None = None
+    daemon = daemon or Virtiofsd(virtiofsd_path(), Flavor.RUST)  # the agent's default
     try:
         for share in shares:
             log = tmp / f"virtiofsd-{share.tag}.log"
             helpers.append(await start_virtiofsd(share, log, daemon=daemon))
         vm = await (start_elsewhere(cfg) if elsewhere else Qemu(accel="tcg").start(cfg))
+        if serial_pty:  # what the agent does: it owns the console
+            stream = ConsoleStream(cfg.serial_log, 1 << 20, 1)
+            console = asyncio.create_task(stream.follow(vm))
         yield vm, cfg
     finally:
         if vm is not None:
             await vm.stop(grace=1, hard_grace=5, term_grace=5)
+        if console is not None:
+            await asyncio.wait_for(console, 5)
         for ref in helpers:
             await terminate(ref, grace=2)
+
+
+def container_vm(
+    tmp: Path,
+    root: Path,
+    guest_dir: Path,
+    seed: SeedConfig,
+    serial_pty: bool = False,
+    daemon: Virtiofsd | None = None,
+    nonce: str = "",
+) -> AbstractAsyncContextManager[tuple[VM, VMConfig]]:
+    """running_vm for a container-mode guest (our kernel + initramfs, the seed)."""
+    assets = (guest_dir / "vmlinuz", guest_dir / "initramfs.img")
+    cmdline = make_cmdline(BootMode.CONTAINER, nonce=nonce)
+    return running_vm(tmp, root, assets, cmdline, seed=seed, serial_pty=serial_pty, daemon=daemon)
 
 
 def _start_and_exit(cfg: VMConfig) -> None:
@@ -125,15 +161,21 @@ async def start_elsewhere(cfg: VMConfig) -> VM:
 def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     tmp_path: Path, agent_guest_dir: Path, guest_netns: tuple[str, str, str]
 ) -> None:
+    """Also: env names of the init's own variables reach the entrypoint without changing
+    the init; mount targets with non-ASCII names and behind an absolute symlink land in
+    the root; the image's real ssh-keygen runs although the image's /dev is empty;
+    cgroup2 is mounted."""
     netns, bridge, bridge_cidr = guest_netns
     gateway = bridge_cidr.split("/")[0]
     root = guest_busybox_root(tmp_path / "root")
     (root / "bin/ip").symlink_to("busybox")
-    # Stands in for the image's own ssh-keygen: the init must run it chrooted in the root.
-    (root / "usr/bin").mkdir(parents=True)
-    keygen = root / "usr/bin/ssh-keygen"
-    keygen.write_text('#!/bin/sh\necho "$@" >/tmp/ssh-keygen-args\n')
-    keygen.chmod(0o755)
+    (root / "bin/grep").symlink_to("busybox")
+    (root / "etc/ssh").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    guest_install_binary(root, Path("/usr/bin/ssh-keygen"))
+    assert not list((root / "dev").iterdir())
+    (root / "var/srv").mkdir(parents=True)
+    (root / "srv").symlink_to("/var/srv")  # absolute: must resolve inside the root
     data = tmp_path / "data"
     data.mkdir()
     (data / "note.txt").write_text("from-a-second-share\n")
@@ -148,8 +190,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
     nic = Nic(tap_name(uid, 0), mac_address(uid, 0))
     create_tap(nic.tap, bridge, netns)
     entry = (
-        "echo hello $GREETING from $(hostname); cat /data/note.txt /vol/disk.txt; "
-        "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; "
+        "echo hello $GREETING from $(hostname); cat /srv/data/note.txt /völume/disk.txt; "
+        'echo "env ROOT=$ROOT SEED=$SEED init=$init"; '
+        "cat /root/.ssh/authorized_keys; ip -4 route; ip -6 route; grep cgroup2 /proc/mounts; "
         f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-bridge-ok; sleep 3; poweroff -f"
     )
     seed = SeedConfig(
@@ -165,9 +208,10 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             )
         ],
         nameservers=[gateway],
-        ssh_keys=["ssh-ed25519 AAAAtestkey tester@zm"],
-        mounts=[Mount("data", "/data", "virtiofs"), Mount("vda", "/vol")],
-        env={"GREETING": "zmachine world"},
+        ssh_keys=["ssh-ed25519 AAAAtestkey testér@zm"],
+        mounts=[Mount("data", "/srv/data", "virtiofs"), Mount("vda", "/völume")],
+        # The init's own variable names: they must not steer the init.
+        env={"GREETING": "zmachine world", "ROOT": "/nowhere", "SEED": "/x", "init": "/y"},
         entrypoint=f"/bin/sh -c '{entry}'",
     )
     assets = detect_boot(root, agent_guest_dir)
@@ -189,15 +233,16 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
             assert "hello zmachine world from web-1" in log
             assert "from-a-second-share" in log
             assert "from-an-ext4-disk" in log
-            assert "ssh-ed25519 AAAAtestkey tester@zm" in log
+            assert "env ROOT=/nowhere SEED=/x init=/y" in log
+            assert "ssh-ed25519 AAAAtestkey testér@zm" in log
             assert f"default via {gateway} dev eth0" in log
             assert f"10.99.0.0/16 via {gateway} dev eth0" in log
             assert "default via fd00:232::1 dev eth0" in log
+            assert "cgroup2 /sys/fs/cgroup cgroup2" in log
+            assert "zm-init: SSH host keys present" in log
             seed_disk = (await vm.counters())["disk1"]
             assert seed_disk["read_bytes"] > 0 and seed_disk["write_bytes"] == 0
-            assert await vm.wait(60), "guest did not power off"
-            status = vm.exit_status()
-            assert status is not None and status.poweroff, status
+            assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
 
     try:
         asyncio.run(scenario())
@@ -206,7 +251,9 @@ def test_container_mode_runs_the_entrypoint_with_env_network_mounts_and_keys(
         assert (root / "root/.ssh/authorized_keys").read_text().count("AAAAtestkey") == 1
         assert (root / "etc/hostname").read_text() == "web-1\n"
         assert "127.0.1.1\tweb-1" in (root / "etc/hosts").read_text()
-        assert (root / "tmp/ssh-keygen-args").read_text() == "-A\n"
+        keys = sorted(k.name for k in (root / "etc/ssh").glob("ssh_host_*_key"))
+        assert keys == ["ssh_host_ecdsa_key", "ssh_host_ed25519_key", "ssh_host_rsa_key"]
+        assert (root / "völume").is_dir() and (root / "var/srv/data").is_dir()
     finally:
         delete_tap(nic.tap, netns)
 
@@ -283,16 +330,70 @@ def test_boot_failure_is_reported_on_the_console_and_powers_off(
 async def _failure_scenario(
     tmp_path: Path, root: Path, agent_guest_dir: Path, seed: SeedConfig
 ) -> None:
-    async with running_vm(
-        tmp_path,
-        root,
-        (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img"),
-        make_cmdline(BootMode.CONTAINER),
-        seed=seed,
-    ) as (vm, cfg):
+    nonce = new_nonce()
+    async with container_vm(tmp_path, root, agent_guest_dir, seed, nonce=nonce) as (vm, cfg):
         log = await wait_for(cfg.serial_log, "zm-init: FATAL")
         assert "entrypoint '/usr/bin/missing' does not exist" in log
-        assert await vm.wait(60), "guest did not power off after the failure"
+        assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
+        assert find_exit(cfg.serial_log.read_bytes(), nonce) == EntrypointExit(127, "NotFound")
+
+
+def test_reboot_and_panic_keep_the_vm_and_its_console(
+    tmp_path: Path, agent_guest_dir: Path
+) -> None:
+    """``reboot=k panic=1``: a reboot and a panic both reset the guest inside the same
+    QEMU (virtiofsd keeps serving the root across the reset), the console keeps every
+    boot's output, the QMP events record both resets, and only the final power-off ends
+    the VM, classified as such."""
+    root = guest_busybox_root(tmp_path / "root")
+    entry = (
+        "/bin/sh -c 'n=$(cat /boots 2>/dev/null || echo 0); n=$((n+1)); echo $n >/boots; "
+        'echo "zm-boot $n"; '
+        "if [ $n = 1 ]; then /bin/busybox reboot -f; "
+        "elif [ $n = 2 ]; then echo c >/proc/sysrq-trigger; "
+        "else /bin/busybox poweroff -f; fi'"
+    )
+    seed = SeedConfig(instance_id="rb", hostname="rb", entrypoint=entry)
+
+    async def scenario() -> None:
+        async with container_vm(tmp_path, root, agent_guest_dir, seed, serial_pty=True) as (
+            vm,
+            cfg,
+        ):
+            seen: list[GuestEvent] = []
+            follower = asyncio.create_task(vm.follow_events(seen.append))
+            virtiofsd_before = sorted(p.pid for p in _virtiofsd_refs(tmp_path))
+            await wait_for(cfg.serial_log, "zm-boot 3", within=3 * BOOT_WITHIN)
+            # Two resets later the same daemons serve the root (they end with QEMU).
+            assert sorted(p.pid for p in _virtiofsd_refs(tmp_path)) == virtiofsd_before
+            ended = await guest_ended(vm)
+            await asyncio.wait_for(follower, 10)
+            log = serial_text(cfg.serial_log)
+            assert [line for line in log.splitlines() if line.startswith("zm-boot")] == [
+                "zm-boot 1",
+                "zm-boot 2",
+                "zm-boot 3",
+            ]
+            assert "Kernel panic" in log and "Rebooting in 1 seconds" in log
+            # One or more RESET per reboot (under TCG the kernel's keyboard-controller
+            # reset loop can queue several before QEMU acts), all before the power-off.
+            first_shutdown = seen.index(GuestEvent.SHUTDOWN)
+            assert seen[:first_shutdown].count(GuestEvent.REBOOT) >= 2, seen
+            assert GuestEvent.REBOOT not in seen[first_shutdown:], seen
+            assert ended.exit is GuestExit.POWEROFF, ended
+
+    asyncio.run(scenario())
+
+
+def _virtiofsd_refs(tmp: Path) -> list[ProcessRef]:
+    """The test's virtiofsd processes still running (their socket is on the cmdline)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            ref = ProcessRef.of(int(entry.name), str(tmp / "run"))
+            if ref.start_time and ref.alive() and "virtiofsd" in " ".join(cmdline(ref.pid)):
+                found.append(ref)
+    return found
 
 
 # The flist's own initrd for the VM-mode test, packed from the same busybox + modules as
@@ -313,31 +414,27 @@ exec switch_root /new_root "$init" "$@"
 """
 
 
-RUST_VIRTIOFSD = os.environ.get("ZM_VIRTIOFSD_RS") or shutil.which("virtiofsd")
-
-
-@pytest.mark.skipif(
-    RUST_VIRTIOFSD is None,
-    reason="the Rust virtiofsd is not on PATH and ZM_VIRTIOFSD_RS is unset "
-    "(`cargo install virtiofsd` needs libcap-ng-dev and libseccomp-dev)",
-)
-def test_container_root_served_by_the_rust_virtiofsd(tmp_path: Path, agent_guest_dir: Path) -> None:
-    """The daemon production uses (zos ships virtiofsd-rs), with our flags for it."""
-    assert RUST_VIRTIOFSD is not None
-    daemon = Virtiofsd(Path(RUST_VIRTIOFSD), Flavor.RUST)
+@pytest.mark.parametrize("entrypoint", ["", "/sbin/init"])
+def test_no_entrypoint_hands_pid_1_to_the_roots_init_over_the_c_virtiofsd(
+    tmp_path: Path, agent_guest_dir: Path, entrypoint: str
+) -> None:
+    """Without an entrypoint, or with exactly /sbin/init, the root's /sbin/init becomes
+    PID 1 (an init system must), with the spec's env. Served by the fallback daemon, QEMU
+    7.2's deprecated C virtiofsd, with its flags."""
+    c_daemon = Virtiofsd(QEMU_VIRTIOFSD, Flavor.QEMU)
     root = guest_busybox_root(tmp_path / "root")
-    entry = "/bin/sh -c 'echo rust-virtiofsd $(cat /etc/marker); sleep 1; poweroff -f'"
-    (root / "etc/marker").write_text("served\n")
-    seed = SeedConfig(instance_id="rs", hostname="rs", entrypoint=entry)
-    assets = (agent_guest_dir / "vmlinuz", agent_guest_dir / "initramfs.img")
+    (root / "sbin").mkdir()
+    init = root / "sbin/init"
+    init.write_text('#!/bin/sh\necho "sbin-init pid=$$ greeting=$GREETING"; sleep 1; poweroff -f\n')
+    init.chmod(0o755)
+    seed = SeedConfig(instance_id="c", hostname="c", env={"GREETING": "hi"}, entrypoint=entrypoint)
 
     async def scenario() -> None:
-        cmdline = make_cmdline(BootMode.CONTAINER)
-        async with running_vm(tmp_path, root, assets, cmdline, seed=seed, daemon=daemon) as (
-            vm,
-            cfg,
-        ):
-            await wait_for(cfg.serial_log, "rust-virtiofsd served")
-            assert await vm.wait(60), "guest did not power off"
+        async with container_vm(
+            tmp_path, root, agent_guest_dir, seed, daemon=c_daemon, nonce=new_nonce()
+        ) as (vm, cfg):
+            await wait_for(cfg.serial_log, "sbin-init pid=1 greeting=hi")
+            assert (await guest_ended(vm)).exit is GuestExit.POWEROFF
+            assert "zm-init: exit" not in serial_text(cfg.serial_log)  # no entrypoint to report
 
     asyncio.run(scenario())

@@ -52,10 +52,10 @@ def mread(image: Path, name: str) -> str:
 def flatten(text: str, tmp_path: Path) -> dict[str, str]:
     """The seed file as /init sees it: busybox awk running hack/initramfs/seed.awk."""
     src = tmp_path / "in.yaml"
-    src.write_text(text)
+    src.write_text(text, encoding="utf-8")
     out = subprocess.run(
         ["busybox", "awk", "-f", str(SEED_AWK), str(src)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, encoding="utf-8",
     )  # fmt: skip
     return dict(line.split("=", 1) for line in out.stdout.splitlines())
 
@@ -71,6 +71,7 @@ def test_image_is_a_cidata_vfat_with_the_four_files(tmp_path: Path) -> None:
         ["mdir", "-i", str(image), "-b", "::/"], check=True, capture_output=True, text=True
     ).stdout.split()
     assert sorted(Path(p).name for p in listing) == [
+        "entrypoint",
         "meta-data",
         "network-config",
         "user-data",
@@ -124,31 +125,58 @@ def test_user_data_is_cloud_config_for_real_cloud_init() -> None:
     assert data["mounts"][0] == ["vdb", "/data", "auto", "defaults", "0", "0"]
 
 
-def test_zosrc_round_trips_env_and_entrypoint_through_a_shell(tmp_path: Path) -> None:
-    rc = tmp_path / "zosrc"
-    rc.write_text(render(CONFIG)["zosrc"])
-    # The same ash that runs /init sources it; print what the entrypoint would receive.
+def test_zosrc_and_entrypoint_round_trip_through_a_shell(tmp_path: Path) -> None:
+    files = render(CONFIG)
+    (tmp_path / "zosrc").write_text(files["zosrc"])
+    (tmp_path / "entrypoint").write_text(files["entrypoint"])
+    # As the init runs them: a fresh "env -i" ash sources both, then prints what the
+    # entrypoint would receive.
     script = (
-        f'. {rc}; printf \'%s\\n\' "$GREETING" "[$EMPTY]" "$init" "$#"; printf \'<%s>\\n\' "$@"'
+        f". {tmp_path}/zosrc; . {tmp_path}/entrypoint; "
+        'printf \'%s\\n\' "$GREETING" "[$EMPTY]" "$#"; printf \'<%s>\\n\' "$@"'
     )
     out = subprocess.run(
-        ["busybox", "sh", "-c", script, "zm-init", "stale", "args"],
+        ["env", "-i", "busybox", "sh", "-c", script, "zm-entry", "stale", "args"],
         check=True, capture_output=True, text=True,
     ).stdout.splitlines()  # fmt: skip
     assert out == [
         'it\'s a "test" $HOME',
         "[]",
-        "/usr/bin/app",
-        "3",
+        "4",
+        "</usr/bin/app>",
         "<--name>",
         "<hello world>",
         "<-v>",
     ]
 
 
-def test_no_entrypoint_keeps_the_default_init() -> None:
-    rc = render(SeedConfig(instance_id="x", hostname="x"))["zosrc"]
-    assert "init=" not in rc and "set --" not in rc
+def test_env_names_cannot_reach_the_entrypoint_argv(tmp_path: Path) -> None:
+    """zosrc holds exports only: an env var named like a shell or init variable changes
+    the entrypoint's environment, never its argv (which lives in its own file)."""
+    config = SeedConfig(
+        "x", "x", env={"init": "/bin/false", "IFS": "/", "ROOT": "/elsewhere"},
+        entrypoint="/bin/echo a/b",
+    )  # fmt: skip
+    files = render(config)
+    assert "set --" not in files["zosrc"] and "export" not in files["entrypoint"]
+    (tmp_path / "zosrc").write_text(files["zosrc"])
+    (tmp_path / "entrypoint").write_text(files["entrypoint"])
+    script = f'. {tmp_path}/zosrc; . {tmp_path}/entrypoint; printf "<%s>" "$@" "$init"'
+    out = subprocess.run(
+        ["env", "-i", "busybox", "sh", "-c", script], check=True, capture_output=True, text=True
+    ).stdout
+    assert out == "</bin/echo><a/b></bin/false>"
+
+
+def test_non_ascii_mountpoints_and_key_comments_survive_the_awk_reader(tmp_path: Path) -> None:
+    config = SeedConfig(
+        "x", "x", ssh_keys=["ssh-ed25519 AAAAkey josé@café"],
+        mounts=[Mount("vdb", "/données/été"), Mount("tag", "/数据", "virtiofs")],
+    )  # fmt: skip
+    user = flatten(render(config)["user-data"], tmp_path)
+    assert user["users.0.ssh_authorized_keys.0"] == "ssh-ed25519 AAAAkey josé@café"
+    assert user["mounts.0.1"] == "/données/été"
+    assert user["mounts.1.1"] == "/数据"
 
 
 def test_ssh_keys_from_env_splits_on_newlines_and_commas() -> None:

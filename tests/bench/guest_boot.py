@@ -20,9 +20,9 @@ from pathlib import Path
 from controller.agent.hypervisor import Qemu
 from controller.agent.procs import terminate
 from controller.agent.seed import SeedConfig, write_seed
-from controller.agent.virtiofs import start_virtiofsd
+from controller.agent.virtiofs import find_virtiofsd, start_virtiofsd
 from controller.agent.vmconfig import BootMode, Disk, FsShare, VMConfig, kernel_cmdline
-from hack.controlplane import guest_kernel_dir
+from hack.controlplane import guest_kernel_dir, virtiofsd_path
 from tests.agent.conftest import guest_busybox_root
 from tests.bench.report import write_section
 
@@ -65,8 +65,9 @@ async def one_boot(tmp: Path, guest: Path, accel: str) -> dict[str, float]:
         api_socket=tmp / "qmp.sock",
         state_dir=tmp / "state",
     )
+    daemon = find_virtiofsd(virtiofsd_path())
     t0 = time.monotonic()
-    fsd = await start_virtiofsd(share, tmp / "virtiofsd.log")
+    fsd = await start_virtiofsd(share, tmp / "virtiofsd.log", daemon=daemon)
     t_fs = time.monotonic()
     vm = await Qemu(accel=accel).start(cfg)
     t_vmm = time.monotonic()

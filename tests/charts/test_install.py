@@ -128,6 +128,7 @@ PERMISSIONS = [
     (CONTROLLER, "delete", ("secrets", "-n", "default"), False),
     (CONTROLLER, "create", (ZM, "-n", "default"), False),
     (CONTROLLER, "delete", (ZM, "-n", "default"), False),
+    (CONTROLLER, "patch", (ZMN,), True),
     (CONTROLLER, "update", (ZMN,), False),
     (CONTROLLER, "delete", (ZMN,), False),
     (CONTROLLER, "create", (LEASES, "-n", "default"), False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hack.controlplane import ControlPlane, free_port
+from hack.controlplane import ControlPlane, free_port, virtiofsd_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
 from tests.netns import bridged_netns
@@ -60,7 +61,7 @@ def node_agent(
         "--node-name", name, "--cidr", NODES[name], "--bridge", "zmbr0", "--netns", netns,
         "--guest-kernel-dir", str(guest_dir), "--flist-dir", str(flist_dir),
         "--kubeconfig", str(cluster.kubeconfig), "--advertise-address", agent.address,
-        "--lease-namespace", "zmachine-system",
+        "--lease-namespace", "zmachine-system", "--virtiofsd", str(virtiofsd_path()),
     ]  # fmt: skip
     return agent
 
@@ -100,4 +101,7 @@ def fleet(
         controller.terminate()
         controller.wait(30)
         for agent in agents.values():
+            # VMs outlive their agent by design: a failed test must not leave them running.
+            with contextlib.suppress(Exception):
+                agent.delete_all()
             agent.stop()

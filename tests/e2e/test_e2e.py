@@ -171,13 +171,50 @@ def test_stopped_agent_makes_its_zmachines_unknown_and_its_return_running(fleet:
     agent = fleet.agents[node]
     agent.stop()
     started = time.monotonic()
-    st = wait_phase(fleet, "pinned", "Unknown", timeout=60)
+    wait_phase(fleet, "pinned", "Unknown", timeout=60)  # at once: the agent does not answer
     assert time.monotonic() - started < 40
-    assert condition(st, "NodeReady")["status"] == "False"
+    wait_for(
+        lambda: condition(status(fleet, "pinned"), "NodeReady")["status"] == "False",
+        timeout=60, interval=1, what="NodeReady False once the node's Lease expired",
+    )  # fmt: skip
     assert vm_pids(uid) == pids  # the VM itself keeps running without its agent
     agent.start()
     wait_phase(fleet, "pinned", "Running", timeout=90)
     assert vm_pids(uid) == pids  # adopted, not duplicated
+
+
+def secret(fleet: Fleet, token: str) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "creds", "namespace": fleet.ns}, "stringData": {"token": token},
+    })  # fmt: skip
+
+
+def test_exit_code_reaches_the_status_and_a_changed_secret_rolls_out(fleet: Fleet) -> None:
+    fleet.kubectl("apply", "-f", "-", input=secret(fleet, "first-value"))
+    env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}]
+    job = manifest(
+        fleet, "job", restartPolicy="Never", env=env,
+        entrypoint="/bin/sh -c 'echo token=$TOKEN; exit 3'",
+    )  # fmt: skip
+    fleet.kubectl("apply", "-f", "-", input=job)
+    st = wait_phase(fleet, "job", "Failed")
+    assert (st["exitCode"], st["exitReason"]) == (3, "Error")
+    generation = (fleet.get("job") or {})["metadata"]["generation"]
+    machine: Any = fleet.agents[st["nodeName"]].call("get", uid_of(fleet, "job"))
+    console = Path(machine.console_log)
+    assert "token=first-value" in console.read_text()
+
+    fleet.kubectl("apply", "-f", "-", input=secret(fleet, "second-value"))
+    wait_for(
+        lambda: "token=second-value" in console.read_text(),
+        timeout=240,
+        interval=1,
+        what="the Secret's new value in a new VM",
+    )
+    assert (fleet.get("job") or {})["metadata"]["generation"] == generation
+    assert wait_phase(fleet, "job", "Failed")["exitCode"] == 3
+    fleet.kubectl("delete", "zm", "job", "--wait=true", "--timeout=120s")
 
 
 def test_delete_leaves_nothing_on_the_node(fleet: Fleet) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,9 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import kopf
 import pytest
+from kopf._core.engines import posting
 
+from controller.kube import api_client
+from controller.operator.kubeapi import Kube
 from hack.controlplane import ControlPlane, free_port
+from tests.operator.doubles import EventLog, World
 
 T = TypeVar("T")
 
@@ -99,3 +105,25 @@ def wait_for(
         time.sleep(interval)
     detail = on_timeout() if on_timeout else f"last value: {last!r}"
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; {detail}")
+
+
+@pytest.fixture
+def events() -> Iterator[list[posting.K8sEvent]]:
+    log = EventLog()
+    tokens = [posting.settings_var.set(kopf.OperatorSettings()), posting.event_queue_var.set(log)]
+    yield log.seen
+    for token in reversed(tokens):
+        token.var.reset(token)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def world(cluster: ControlPlane, ns: str) -> World:
+    return World(cluster, ns, Kube(api_client(str(cluster.kubeconfig))))
+
+
+@pytest.fixture
+def named(world: World, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Zmachine name from the test's own (parameters included), removed afterwards."""
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_"))[:50].strip("-")
+    yield name
+    world.cleanup(name)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from controller.operator.inventory import Inventory, NodeView, Placement, Request
+from controller.operator.inventory import (
+    CPU_RATIO_ANNOTATION,
+    Inventory,
+    NodeView,
+    Placement,
+    Request,
+)
 from controller.operator.placement import choose_node
 
 GI = 1024**3
@@ -16,7 +22,8 @@ def inventory(*nodes: NodeView) -> Inventory:
 
 
 def node(name: str, cpu: int = 4, mem_gi: int = 8, ready: bool = True, **labels: str) -> NodeView:
-    return NodeView(name, f"{name}:7443", cpu, mem_gi * GI, dict(labels), ready)
+    """A node whose vCPUs are its cores (ratio 1), to keep the cpu arithmetic plain."""
+    return NodeView(name, f"{name}:7443", cpu, mem_gi * GI, dict(labels), ready, cpu_ratio=1)
 
 
 def test_spreads_to_the_least_loaded_node() -> None:
@@ -54,3 +61,29 @@ def test_node_selector_and_pinning() -> None:
 
 def test_no_nodes() -> None:
     assert choose_node(Inventory(), Request(1, GI), {}).message == "no ZmachineNode is registered"
+
+
+def test_cpu_is_overcommitted_by_the_ratio_memory_is_not() -> None:
+    """A 2-core node takes twenty 1-vCPU Zmachines at the default ratio of 10."""
+    inv = Inventory()
+    inv.nodes["small"] = NodeView("small", "small:7443", cores=2, memory=64 * GI, ready=True)
+    for i in range(20):
+        decision = choose_node(inv, Request(1, GI), {})
+        assert decision.node == "small", (i, decision)
+        inv.placements[str(i)] = Placement("small", Request(1, GI), "ns", str(i))
+    assert "1 insufficient cpu" in choose_node(inv, Request(1, GI), {}).message
+    assert "insufficient memory" in choose_node(inv, Request(0, 45 * GI), {}).message
+
+
+def test_a_node_annotation_sets_its_own_ratio() -> None:
+    inv = Inventory(cpu_ratio=10)
+    meta = {"annotations": {CPU_RATIO_ANNOTATION: "1.5"}}
+    inv.observe_node("a", meta, {"address": "a:1"}, {"allocatable": {"cpu": 4, "memory": "8Gi"}})
+    assert inv.nodes["a"].cpu == 6
+
+
+def test_nodes_that_refused_are_avoided() -> None:
+    inv = inventory(node("a"), node("b", cpu=8))
+    assert choose_node(inv, Request(1, GI), {}, avoid={"b"}).node == "a"
+    refused = choose_node(inv, Request(1, GI), {}, avoid={"a", "b"})
+    assert refused.node is None and "2 refused it lately" in refused.message

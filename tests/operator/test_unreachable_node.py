@@ -66,7 +66,10 @@ def stranded_then_forced(cluster: ControlPlane, ns: str) -> None:
         what="the failed agent call in status.message",
     )
     assert obj["status"]["nodeName"] == "ghost"
-    assert obj["status"]["phase"] == "Scheduled"
+    # Nothing is known of the machine: the phase and Ready say so instead of keeping old values.
+    assert obj["status"]["phase"] == "Unknown"
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("Unknown", "AgentUnreachable")
 
     cluster.kubectl("delete", "-n", ns, "zm", "stranded", "--wait=false")
     held = wait_for(

@@ -10,13 +10,18 @@ stored ProcessRef (``attach``).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
+import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import ClassVar
@@ -40,14 +45,10 @@ class HypervisorError(Unavailable):
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a VMM process ended, as ``Popen.returncode`` reports it."""
+    """How a VMM process ended, as ``Popen.returncode`` reports it. Says nothing about
+    the guest (see GuestExit)."""
 
     code: int  # >= 0: exit status; < 0: killed by signal -code
-
-    @property
-    def poweroff(self) -> bool:
-        """The guest powered off (or a requested shutdown): nothing to restart for."""
-        return self.code == 0
 
     @property
     def signal(self) -> int | None:
@@ -56,7 +57,66 @@ class ExitStatus:
     def describe(self) -> str:
         if self.signal is not None:
             return f"killed by {signal.Signals(self.signal).name}"
-        return "guest powered off" if self.poweroff else f"VMM failed with exit status {self.code}"
+        return f"exited with status {self.code}"
+
+
+class GuestExit(StrEnum):
+    """Why a VM ended, as the drivers tell it from the VMM's own events.
+
+    A VMM exit status alone cannot tell: cloud-hypervisor exits 0 on a guest power-off,
+    on SIGTERM, on ``vmm.shutdown`` and after some vCPU or device errors; QEMU exits 0 on
+    SIGTERM and ``quit``. So both VMMs run with "do not exit on guest power-off"
+    (CH ``--no-shutdown``, QEMU ``-no-shutdown``): a powered-off guest leaves its VMM up
+    with the VM shut down, which the driver sees, records and then ends. Reboots and
+    panics (``reboot=k panic=1``) are handled inside the VMM and end nothing; REBOOT is
+    a reboot the VMM could not carry out.
+    """
+
+    POWEROFF = "PowerOff"  # the guest powered itself off
+    REBOOT = "Reboot"  # the VMM died while rebooting the guest
+    PANIC = "Panic"  # the guest reported a panic (pvpanic) and the VMM ended
+    VMM_ERROR = "VMMError"  # the VMM failed or vanished without an orderly shutdown
+    KILLED = "Killed"  # a signal killed the VMM (SIGKILL, SIGSYS from seccomp, OOM)
+    HOST_STOP = "HostStop"  # an orderly VMM exit asked for by someone else (SIGTERM, API)
+    STOPPED_BY_AGENT = "StoppedByAgent"  # this agent stopped it (Delete, Restart, update)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing went wrong: restartPolicy OnFailure leaves the machine stopped."""
+        return self in (GuestExit.POWEROFF, GuestExit.STOPPED_BY_AGENT)
+
+
+class GuestEvent(StrEnum):
+    """What a running VM's guest did, from the VMM's event stream."""
+
+    REBOOT = "Reboot"  # the guest reset itself (reboot, or a panic with panic=N)
+    PANIC = "Panic"  # the guest reported a panic (pvpanic)
+    SHUTDOWN = "Shutdown"  # the VM stopped (a guest power-off, or the host stopping it)
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """What the agent learnt about one VMM process's end, kept next to its pid file so
+    that an agent restart still knows it (``<state_dir>/vmm-exit.json``)."""
+
+    pid: int
+    start_time: int
+    exit: GuestExit
+    detail: str = ""
+
+    @classmethod
+    def load(cls, cfg: VMConfig, ref: ProcessRef) -> ExitRecord | None:
+        try:
+            data = json.loads(cfg.exit_file.read_text())
+            record = cls(data["pid"], data["start_time"], GuestExit(data["exit"]), data["detail"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return record if (record.pid, record.start_time) == (ref.pid, ref.start_time) else None
+
+    def save(self, cfg: VMConfig) -> None:
+        tmp = cfg.exit_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**asdict(self), "exit": self.exit.value}))
+        tmp.replace(cfg.exit_file)
 
 
 @dataclass(frozen=True)
@@ -117,6 +177,58 @@ def log_tail(path: Path, size: int = 2048) -> str:
     return data.decode(errors="replace").strip() or "(empty log)"
 
 
+# struct flock on x86-64 Linux: l_type, l_whence, l_start, l_len, l_pid (with padding).
+_FLOCK = "hh4xqqi4x"
+
+
+def lock_holder(path: Path) -> int | None:
+    """Pid of the process holding a write lock on ``path`` (OFD or POSIX), else None.
+
+    F_OFD_GETLK asks without taking the lock, so a VMM starting at the same moment is
+    never blocked by this check. A holder's pid reads as -1 for an OFD lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))
+    finally:
+        os.close(fd)
+    return None if l_type == fcntl.F_UNLCK else pid
+
+
+PROBE_MARKER = "zm-kvm-probe-ok"
+# A shell as PID 1 that prints the marker and powers off; no reboot on a panic.
+PROBE_CMDLINE = f'console=ttyS0 panic=-1 rdinit=/bin/sh -- -c "echo {PROBE_MARKER}; poweroff -f"'
+
+
+def guest_boots(what: str, argv: Callable[[Path], list[str]], timeout: float) -> bool:
+    """Run a probe VMM (``argv(serial_log)``) that boots PROBE_CMDLINE: True if it
+    printed the marker and exited 0 within ``timeout``. Nested KVM can expose /dev/kvm
+    and still crash or hang every guest, so /dev/kvm alone proves nothing."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    with tempfile.TemporaryDirectory(prefix="zm-kvm-probe-") as tmp:
+        serial = Path(tmp, "serial.log")
+        try:
+            proc = subprocess.run(argv(serial), capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            log.warning("KVM probe guest hung", vmm=what, timeout=timeout)
+            return False
+        output = serial.read_text(errors="replace") if serial.exists() else ""
+        ok = proc.returncode == 0 and PROBE_MARKER in output
+        if not ok:
+            log.warning(
+                "KVM probe guest failed",
+                vmm=what,
+                returncode=proc.returncode,
+                stderr=proc.stderr.decode(errors="replace")[-500:],
+            )
+        return ok
+
+
 @cache
 def version_output(binary: str) -> str:
     """First line of ``binary --version`` (cached per binary)."""
@@ -156,7 +268,60 @@ class VM(ABC):
 
     @abstractmethod
     async def ready(self) -> bool:
-        """One attempt to reach the VMM's control socket."""
+        """One attempt to reach the VMM's control socket: True once it answers and the
+        VM runs (or is paused)."""
+
+    @abstractmethod
+    async def guest_powered_off(self) -> bool:
+        """The VMM is up but its guest has powered off (the no-shutdown state)."""
+
+    @abstractmethod
+    def classify_exit(self, status: ExitStatus | None) -> tuple[GuestExit, str]:
+        """Why this (gone) VMM ended, with a detail for messages; ``status`` when known.
+        Called only when no ExitRecord and no signal tell it already."""
+
+    @abstractmethod
+    async def follow_events(self, on_event: Callable[[GuestEvent], None]) -> None:
+        """Call ``on_event`` for each guest event until the VMM is gone; keeps what the
+        events say in ``cfg.events_file`` for ``classify_exit``."""
+
+    def record_exit(self, exit: GuestExit, detail: str) -> ExitRecord:
+        record = ExitRecord(self.ref.pid, self.ref.start_time, exit, detail)
+        record.save(self.cfg)
+        self.log.info("VM ended", exit=exit.value, detail=detail)
+        return record
+
+    async def guest_exit(self) -> ExitRecord | None:
+        """None while the guest runs; once it has ended, why.
+
+        A guest that powered off leaves its VMM running (no-shutdown): that is recorded
+        first (so an agent restart still knows it), then the VMM is ended here.
+        """
+        recorded = ExitRecord.load(self.cfg, self.ref)
+        if self.alive():
+            if recorded is None:
+                try:
+                    if not await self.guest_powered_off():
+                        return None
+                except HypervisorError:
+                    return None  # not answering is not an exit; the next look decides
+                recorded = self.record_exit(GuestExit.POWEROFF, "the guest powered off")
+            await self._end()
+            return recorded
+        if recorded is not None:
+            return recorded
+        status = self.exit_status()
+        if status is not None and status.signal is not None:
+            return self.record_exit(GuestExit.KILLED, status.describe())
+        return self.record_exit(*self.classify_exit(status))
+
+    async def _end(self, hard_grace: float = 5.0, term_grace: float = 5.0) -> None:
+        try:
+            await self.hard_stop()
+        except HypervisorError as exc:
+            self.log.warning("stop request failed", error=str(exc))
+        if not await self.wait(hard_grace):
+            await terminate(self.ref, term_grace)
 
     @abstractmethod
     async def pause(self) -> None: ...
@@ -191,9 +356,11 @@ class VM(ABC):
     ) -> ExitStatus | None:
         """Power button, then hard stop, then SIGTERM, then SIGKILL, each with a timeout.
 
-        Returns the exit status when known (see ``exit_status``). Removes the pid file and
-        control socket.
+        Returns the exit status when known (see ``exit_status``). Records the end as
+        STOPPED_BY_AGENT unless the VM had ended already. Removes the pid file.
         """
+        if ExitRecord.load(self.cfg, self.ref) is None and self.alive():
+            self.record_exit(GuestExit.STOPPED_BY_AGENT, "stopped by the agent")
         steps = ((self.power_button, grace, "power button"), (self.hard_stop, hard_grace, "stop"))
         for action, timeout, what in steps:
             if not self.alive():
@@ -210,12 +377,14 @@ class VM(ABC):
         status = self.exit_status()
         self.log.info("VMM stopped", status=status.describe() if status else "unknown")
         self.cfg.pid_file.unlink(missing_ok=True)
-        self.cfg.api_socket.unlink(missing_ok=True)
         return status
 
 
 class Hypervisor(ABC):
     name: ClassVar[str]
+    # A guest reboot drops the vhost-user connections (virtiofsd then exits) and the VMM
+    # reconnects: true of cloud-hypervisor, which rebuilds its devices; QEMU keeps them.
+    reboot_reconnects_shares: ClassVar[bool] = False
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
@@ -252,9 +421,7 @@ class Hypervisor(ABC):
         cfg.validate()
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
-        # A stale socket (or CH >= 53's lock file) from a previous run blocks the bind.
-        cfg.api_socket.unlink(missing_ok=True)
-        cfg.api_socket.with_name(cfg.api_socket.name + ".lock").unlink(missing_ok=True)
+        self.clear_stale_socket(cfg)
         try:
             ref = spawn_detached(self.argv(cfg), cfg.vmm_log, marker=str(cfg.api_socket))
         except OSError as exc:
@@ -281,6 +448,23 @@ class Hypervisor(ABC):
             f"vm {cfg.vm_id!r}: {self.name} control socket {cfg.api_socket} did not answer "
             f"within {ready_within:.0f}s: {log_tail(cfg.vmm_log)}"
         )
+
+    def clear_stale_socket(self, cfg: VMConfig) -> None:
+        """Remove a control socket left by a dead VMM; refuse while a live one holds it.
+
+        cloud-hypervisor (v53+) holds an OFD write lock on ``<socket>.lock`` while it
+        serves the socket: that lock, not the file's existence, says the socket is live,
+        so the lock file is never deleted (CH takes the lock again on a stale one).
+        """
+        lock = cfg.api_socket.with_name(cfg.api_socket.name + ".lock")
+        holder = lock_holder(lock)
+        if holder is not None:
+            who = f"pid {holder}" if holder > 0 else "an open file description"  # OFD: -1
+            raise HypervisorError(
+                f"vm {cfg.vm_id!r}: a running VMM ({who}) holds {lock}; "
+                "refusing to start a second one on its socket"
+            )
+        cfg.api_socket.unlink(missing_ok=True)
 
     def adopt(self, cfg: VMConfig) -> VM | None:
         """The VM's running VMM, found from its pid file; None if it is not running.

@@ -1,19 +1,24 @@
-"""Async client for cloud-hypervisor's REST API: HTTP/1.1 over its UNIX socket.
+"""Async client for cloud-hypervisor's REST API (HTTP/1.1 over its UNIX socket), on httpx.
 
-One connection per request (``Connection: close``), JSON bodies with Content-Length.
 Verbs as documented: GET for vmm.ping, vm.info, vm.counters; PUT for everything else.
+Success is 200 (with a JSON body, or none: vmm.shutdown) or 204 (no body, and no
+Content-Length either).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import logging
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from controller.agent.hypervisor.base import HypervisorError
 
 API_PREFIX = "/api/v1/"
+# httpx logs every request at INFO through stdlib logging (several a second per VM);
+# failures are raised here and logged by the caller.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class CloudHypervisorAPIError(HypervisorError):
@@ -30,54 +35,31 @@ class CloudHypervisorAPI:
     async def request(self, method: str, endpoint: str, body: Any = None) -> Any:
         """Send one request; returns the decoded JSON body, or None for an empty one."""
         what = f"{method} {API_PREFIX}{endpoint}"
-        payload = b"" if body is None else json.dumps(body).encode()
-        head = [
-            f"{what} HTTP/1.1",
-            "Host: localhost",
-            "Accept: application/json",
-            "Connection: close",
-            f"Content-Length: {len(payload)}",
-        ]
-        if body is not None:
-            head.append("Content-Type: application/json")
-        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+        # One connection per request: the VMM may be gone between two calls.
+        transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
         try:
-            async with asyncio.timeout(self.timeout):
-                status, data = await self._exchange(raw)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            async with httpx.AsyncClient(
+                transport=transport, base_url=f"http://localhost{API_PREFIX}", timeout=self.timeout
+            ) as client:
+                response = await client.request(
+                    method, endpoint, json=body, headers={"Accept": "application/json"}
+                )
+        except httpx.HTTPError as exc:
             raise HypervisorError(
                 f"cloud-hypervisor API {self.socket}: {what} failed: {exc!r}"
             ) from exc
-        text = data.decode(errors="replace")
-        if status >= 300:
-            raise CloudHypervisorAPIError(self.socket, what, status, text.strip())
-        return json.loads(text) if text.strip() else None
-
-    async def _exchange(self, raw: bytes) -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket))
+        if response.status_code >= 300:
+            raise CloudHypervisorAPIError(
+                self.socket, what, response.status_code, response.text.strip()
+            )
+        if not response.content.strip():
+            return None
         try:
-            writer.write(raw)
-            await writer.drain()
-            status_line = (await reader.readline()).decode("latin-1")
-            parts = status_line.split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-                raise ValueError(f"bad status line {status_line!r}")
-            status = int(parts[1])
-            length: int | None = None
-            while (line := (await reader.readline()).decode("latin-1").strip()) != "":
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value.strip())
-            if length is not None:
-                data = await reader.readexactly(length)
-            elif status in (204, 304) or status < 200:
-                data = b""
-            else:
-                data = await reader.read()
-            return status, data
-        finally:
-            writer.close()
-            await writer.wait_closed()
+            return response.json()
+        except ValueError as exc:
+            raise HypervisorError(
+                f"cloud-hypervisor API {self.socket}: {what}: not JSON: {response.text[:200]!r}"
+            ) from exc
 
     async def ping(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("GET", "vmm.ping")

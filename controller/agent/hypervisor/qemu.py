@@ -12,23 +12,78 @@ The choice can be forced with ``accel=`` or the environment variable ``ZM_ACCEL`
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-import structlog
-
-from controller.agent.hypervisor.base import VM, Hypervisor, HypervisorError, version_output
-from controller.agent.hypervisor.qmp import QMP
+from controller.agent.errors import InvalidSpec
+from controller.agent.hypervisor.base import (
+    PROBE_CMDLINE,
+    VM,
+    ExitStatus,
+    GuestEvent,
+    GuestExit,
+    Hypervisor,
+    HypervisorError,
+    guest_boots,
+    version_output,
+)
+from controller.agent.hypervisor.qmp import QMP, follow_events
 from controller.agent.procs import ProcessRef
-from controller.agent.vmconfig import VMConfig
-
-log = structlog.get_logger(__name__)
+from controller.agent.vmconfig import MAX_SOCKET_PATH, VMConfig
 
 ACCELS = ("auto", "kvm", "tcg")
-_PROBE_MARKER = "zm-kvm-probe-ok"
+
+
+def events_socket(cfg: VMConfig) -> Path:
+    """A second QMP monitor, held by the agent's event follower (a monitor socket serves
+    one client at a time, and commands connect per call)."""
+    return cfg.api_socket.with_name(cfg.api_socket.stem + "-ev.sock")
+
+
+def classify_qemu_exit(
+    events: list[dict[str, Any]], status: ExitStatus | None
+) -> tuple[GuestExit, str]:
+    """Why a QEMU process ended, from the QMP events the agent recorded and its status.
+
+    With -no-shutdown a guest power-off does not end QEMU, so an exit is the host's doing
+    (SIGTERM, quit) or a failure, unless the events say the guest went first.
+    """
+    names = [str(e.get("event")) for e in events]
+    if "GUEST_PANICKED" in names:
+        return GuestExit.PANIC, "the guest reported a panic"
+    shutdowns = [e.get("data", {}) for e in events if e.get("event") == "SHUTDOWN"]
+    if shutdowns:
+        last = shutdowns[-1]
+        reason = str(last.get("reason", ""))
+        if reason == "guest-panic":
+            return GuestExit.PANIC, "the guest panicked"
+        if last.get("guest"):
+            return GuestExit.POWEROFF, f"the guest powered off ({reason})"
+        if status is None or status.code == 0:
+            return GuestExit.HOST_STOP, f"QEMU was shut down ({reason})"
+    what = status.describe() if status is not None else "status unknown"
+    if status is not None and status.code == 0:
+        return GuestExit.HOST_STOP, f"QEMU {what} without a recorded reason"
+    return GuestExit.VMM_ERROR, f"QEMU ended without an orderly shutdown ({what})"
+
+
+def read_event_lines(path: Path) -> list[dict[str, Any]]:
+    """The QMP events the agent appended to ``path``, one JSON object per line."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return events
 
 
 class QemuVM(VM):
@@ -38,10 +93,31 @@ class QemuVM(VM):
 
     async def ready(self) -> bool:
         try:
-            await self.qmp.execute("query-status")
+            status = await self.qmp.execute("query-status")
         except HypervisorError:
             return False
-        return True
+        return status.get("status") in ("running", "paused")
+
+    async def guest_powered_off(self) -> bool:
+        status = await self.qmp.execute("query-status")
+        return bool(status.get("status") == "shutdown")
+
+    def classify_exit(self, status: ExitStatus | None) -> tuple[GuestExit, str]:
+        return classify_qemu_exit(read_event_lines(self.cfg.events_file), status)
+
+    async def follow_events(self, on_event: Callable[[GuestEvent], None]) -> None:
+        def seen(event: dict[str, Any]) -> None:
+            with open(self.cfg.events_file, "a") as f:
+                f.write(json.dumps(event) + "\n")
+            name, data = event.get("event"), event.get("data", {})
+            if name == "RESET" and data.get("guest"):
+                on_event(GuestEvent.REBOOT)
+            elif name == "GUEST_PANICKED":
+                on_event(GuestEvent.PANIC)
+            elif name == "SHUTDOWN":
+                on_event(GuestEvent.SHUTDOWN)
+
+        await follow_events(events_socket(self.cfg), seen)
 
     async def pause(self) -> None:
         await self.qmp.execute("stop")
@@ -119,6 +195,8 @@ class Qemu(Hypervisor):
         return self._accel
 
     def command(self, cfg: VMConfig) -> list[str]:
+        if len(bytes(events_socket(cfg))) > MAX_SOCKET_PATH:
+            raise InvalidSpec(f"vm {cfg.vm_id!r}: socket path {events_socket(cfg)} is too long")
         accel = self.acceleration()
         mem = f"{cfg.memory_mib}M"
         argv = [
@@ -174,17 +252,29 @@ class Qemu(Hypervisor):
         ]
         for option, backend, device in devices:
             argv += [option, backend, "-device", device]
-        # The pty backend still logs everything to the serial log file.
-        backend = "pty" if cfg.serial_pty else "null"
+        # With a PTY the agent reads the console and writes serial_log (console.py).
+        serial = "pty,id=serial0"
+        if not cfg.serial_pty:
+            serial = f"null,id=serial0,logfile={cfg.serial_log},logappend=on"
         argv += [
             "-chardev",
-            f"{backend},id=serial0,logfile={cfg.serial_log},logappend=on",
+            serial,
             "-serial",
             "chardev:serial0",
             "-qmp",
             f"unix:{cfg.api_socket},server=on,wait=off",
+            "-qmp",
+            f"unix:{events_socket(cfg)},server=on,wait=off",
+            # A guest power-off stops the VM but keeps QEMU, so the agent can tell it
+            # from a QEMU exit (see GuestExit); reboots stay inside QEMU.
+            "-no-shutdown",
         ]
         return argv
+
+    def clear_stale_socket(self, cfg: VMConfig) -> None:
+        super().clear_stale_socket(cfg)
+        events_socket(cfg).unlink(missing_ok=True)
+        cfg.events_file.unlink(missing_ok=True)  # the events of the previous QEMU
 
     def require_disk_boot(self) -> None:
         """Always possible: QEMU's default firmware (SeaBIOS) boots disks."""
@@ -205,11 +295,9 @@ def _kernel_args(cfg: VMConfig) -> list[str]:
 @cache
 def kvm_runs_guests(binary: str, kernel: Path, initrd: Path, timeout: float = 20.0) -> bool:
     """Boot ``kernel`` under KVM with a shell that prints a marker and powers off."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    with tempfile.TemporaryDirectory(prefix="zm-kvm-probe-") as tmp:
-        serial = Path(tmp, "serial.log")
-        argv = [
+
+    def argv(serial: Path) -> list[str]:
+        return [
             binary,
             "-accel",
             "kvm",
@@ -227,20 +315,9 @@ def kvm_runs_guests(binary: str, kernel: Path, initrd: Path, timeout: float = 20
             "-initrd",
             str(initrd),
             "-append",
-            f'console=ttyS0 panic=-1 rdinit=/bin/sh -- -c "echo {_PROBE_MARKER}; poweroff -f"',
+            PROBE_CMDLINE,
             "-serial",
             f"file:{serial}",
         ]
-        try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            log.warning("KVM probe guest hung; using TCG", timeout=timeout)
-            return False
-        ok = proc.returncode == 0 and _PROBE_MARKER in serial.read_text(errors="replace")
-        if not ok:
-            log.warning(
-                "KVM probe guest failed; using TCG",
-                returncode=proc.returncode,
-                stderr=proc.stderr.decode(errors="replace")[-500:],
-            )
-        return ok
+
+    return guest_boots("qemu", argv, timeout)

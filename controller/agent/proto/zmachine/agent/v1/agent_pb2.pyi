@@ -439,6 +439,9 @@ class Machine(_message.Message):
     BOOT_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     LOG_TAIL_FIELD_NUMBER: _builtins.int
     CONSOLE_LOG_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    EXIT_REASON_FIELD_NUMBER: _builtins.int
+    ENV_HASH_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     state: Global___MachineState.ValueType
     reason: _builtins.str
@@ -454,6 +457,16 @@ class Machine(_message.Message):
     """last lines of the serial/VMM log, set on FAILED"""
     console_log: _builtins.str
     """path of the serial log on the node"""
+    exit_code: _builtins.int
+    """The container entrypoint's last exit, reported by our init (container mode with an
+    entrypoint); unset before the first exit and in VM and image mode.
+    """
+    exit_reason: _builtins.str
+    """Completed, Error, NotFound, NotExecutable, InitError"""
+    env_hash: _builtins.str
+    """Digest of the env the machine runs with (Secrets resolved): a controller that resolves
+    a different one redeploys the same generation with the new env.
+    """
     @_builtins.property
     def ref(self) -> Global___ZmachineRef: ...
     @_builtins.property
@@ -477,12 +490,17 @@ class Machine(_message.Message):
         boot_duration_seconds: _builtins.float = ...,
         log_tail: _builtins.str = ...,
         console_log: _builtins.str = ...,
+        exit_code: _builtins.int | None = ...,
+        exit_reason: _builtins.str = ...,
+        env_hash: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "ref", b"ref", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_duration_seconds", b"boot_duration_seconds", "boot_mode", b"boot_mode", "console_log", b"console_log", "generation", b"generation", "hypervisor", b"hypervisor", "interfaces", b"interfaces", "log_tail", b"log_tail", "message", b"message", "pid", b"pid", "reason", b"reason", "ref", b"ref", "restarts", b"restarts", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "boot_duration_seconds", b"boot_duration_seconds", "boot_mode", b"boot_mode", "console_log", b"console_log", "env_hash", b"env_hash", "exit_code", b"exit_code", "exit_reason", b"exit_reason", "generation", b"generation", "hypervisor", b"hypervisor", "interfaces", b"interfaces", "log_tail", b"log_tail", "message", b"message", "pid", b"pid", "reason", b"reason", "ref", b"ref", "restarts", b"restarts", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+    _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
 
 Global___Machine: _TypeAlias = Machine  # noqa: Y015
 

@@ -1,0 +1,50 @@
+"""Machine records at rest: env values (Secrets resolved) are sealed with the node key."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from controller.agent.spec import MachineSpec, Ref
+from controller.agent.state import MachineRecord, StateStore
+
+SECRET = "s3cr3t-value-for-the-test"
+
+
+def record() -> MachineRecord:
+    spec = MachineSpec(
+        flist="file:///x.fl", cpu=1, memory_bytes=256 << 20, env={"TOKEN": SECRET, "E": ""}
+    )
+    return MachineRecord(ref=Ref("default", "web", "u-1"), generation=1, spec=spec)
+
+
+def test_env_is_sealed_at_rest_and_reads_back(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "machines")
+    store.save(record())
+    key = tmp_path / "node.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    text = store.path("u-1").read_text()
+    assert SECRET not in text and "TOKEN" in text
+    # A restarted agent (a new store on the same dir and key) reads the same record.
+    loaded = StateStore(tmp_path / "machines").load_all()
+    assert [r.spec.env for r in loaded] == [{"TOKEN": SECRET, "E": ""}]
+
+
+def test_a_plaintext_record_from_an_older_agent_loads_and_is_sealed_on_save(
+    tmp_path: Path,
+) -> None:
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    (machines / "u-1.json").write_text(json.dumps(record().to_json()))
+    store = StateStore(machines)
+    [loaded] = store.load_all()
+    assert loaded.spec.env["TOKEN"] == SECRET
+    store.save(loaded)
+    assert SECRET not in store.path("u-1").read_text()
+
+
+def test_another_nodes_key_cannot_read_it(tmp_path: Path) -> None:
+    StateStore(tmp_path / "machines").save(record())
+    (tmp_path / "node.key").unlink()
+    assert StateStore(tmp_path / "machines").load_all() == []  # skipped, logged
