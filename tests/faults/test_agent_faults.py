@@ -340,3 +340,24 @@ def test_failed_first_provisioning_is_undone_kept_as_failed_and_retried(
         assert agent.call("delete", uid) is True
     flist.unlink()
     assert leaks([agent.state_dir], agent_netns) == []
+
+
+def test_a_share_failing_to_start_leaves_no_virtiofsd(
+    agent: AgentProcess, agent_busybox_flist: Path, agent_netns: str
+) -> None:
+    """virtiofsd for the root starts, the one for a share with a 36-character name does
+    not (its socket path is past the 108-byte limit): the failed provisioning must stop
+    the root's daemon too."""
+    uid = "share-fails"
+    spec = standin_spec(agent_busybox_flist)
+    spec.volumes[1].name = spec.mounts[1].name = "s" * 36
+    sock = agent.state_dir.resolve() / "vms" / uid / "run" / f"vfs-{'s' * 36}.sock"
+    assert len(str(sock)) > 107, "the state dir is too short to make the socket path fail"
+    with OneVmmPerUid([agent.state_dir]).watching():
+        deploy(agent, uid, spec)
+        m = wait_state(agent, uid, pb.MACHINE_STATE_FAILED, timeout=30)
+        assert m.reason == "ProvisionFailed" and "virtiofsd" in m.message, m.message
+        left = leaks([agent.state_dir], agent_netns)
+        assert left == [f"record {agent.state_dir.resolve()}/machines/{uid}.json"], left
+        assert agent.call("delete", uid) is True
+    assert leaks([agent.state_dir], agent_netns) == []
