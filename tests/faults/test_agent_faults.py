@@ -13,6 +13,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -67,6 +68,21 @@ def the_vmm(agent: AgentProcess, uid: str) -> int:
     return pids[0]
 
 
+@contextmanager
+def cleaned_up_on_failure(agent: AgentProcess) -> Iterator[None]:
+    """A failed test leaves the agent stopped and its machines deleted (VMs outlive
+    agents by design, so nothing else would remove them)."""
+    try:
+        yield
+    except BaseException:
+        agent.env = {}
+        try:
+            agent.delete_all()
+        finally:
+            agent.stop()
+        raise
+
+
 def new_agent(
     state: Path, pki: Path, netns: str, guest: Path, flist: Path, *more: str
 ) -> AgentProcess:
@@ -102,7 +118,7 @@ def test_agent_killed_at_a_step_finishes_the_machine_after_restart(
     state = tmp_path_factory.mktemp("kill") / "state"  # short: socket paths have a limit
     agent = new_agent(state, agent_pki, agent_netns, agent_standin_guest_dir, agent_busybox_flist)
     uid = f"kill-{point.removeprefix('after-')}"
-    with OneVmmPerUid([state]).watching():
+    with OneVmmPerUid([state]).watching(), cleaned_up_on_failure(agent):
         agent.env = {FAULTS: f"{point}=kill"}
         agent.start()
         try:
@@ -130,7 +146,7 @@ def test_agent_sigterm_while_provisioning_keeps_the_machine(
     state = tmp_path_factory.mktemp("term") / "state"
     agent = new_agent(state, agent_pki, agent_netns, agent_standin_guest_dir, agent_busybox_flist)
     uid = "sigterm"
-    with OneVmmPerUid([state]).watching():
+    with OneVmmPerUid([state]).watching(), cleaned_up_on_failure(agent):
         agent.env = {FAULTS: "after-virtiofsd=delay:60"}
         agent.start()
         deploy(agent, uid, standin_spec(agent_busybox_flist))
