@@ -19,7 +19,7 @@ from controller.agent.console import ConsoleStream
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.layout import VMPaths
-from controller.agent.procs import ProcessRef
+from controller.agent.procs import ProcessRef, terminate
 from controller.agent.spec import VolumeKind, hostname_label
 from controller.agent.state import MachineRecord, NicStatus
 
@@ -184,7 +184,17 @@ class HostBoot:
         return self.config.guest_kernel_dir
 
     async def start_shares(self, rec: MachineRecord, p: VMPaths) -> list[ProcessRef]:
-        return [await self._start_share(share, p) for share in self.vm_config(rec, p).shares]
+        """All or nothing: when one share fails, the daemons already started are stopped
+        (the caller never learns their refs, so nothing else could)."""
+        refs: list[ProcessRef] = []
+        try:
+            for share in self.vm_config(rec, p).shares:
+                refs.append(await self._start_share(share, p))
+        except BaseException:
+            for ref in refs:
+                await terminate(ref)
+            raise
+        return refs
 
     async def start_vmm(self, rec: MachineRecord, p: VMPaths) -> ProcessRef:
         cfg = self.vm_config(rec, p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -62,9 +63,16 @@ def is_blank(disk: Path) -> bool:
     raise Unavailable(f"blkid -p {disk} failed ({out.returncode}): {out.stderr.strip()}")
 
 
-def write_image(image: Path, disk: Path, disk_bytes: int, what: str) -> None:
+def write_image(
+    image: Path,
+    disk: Path,
+    disk_bytes: int,
+    what: str,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Copy ``image`` onto a blank ``disk`` of ``disk_bytes``; ``what`` names the disk's
-    spec field for errors.
+    spec field for errors; ``progress`` is called with the percent copied, every 10 %
+    (from this thread: it must only record it).
 
     Written to a temporary file that replaces the disk only when complete: a copy cut
     short (agent crash) leaves the disk blank, so the next attempt copies again instead
@@ -83,7 +91,7 @@ def write_image(image: Path, disk: Path, disk_bytes: int, what: str) -> None:
     try:
         with open(image, "rb") as src, open(tmp, "wb") as dst:
             dst.truncate(disk_bytes)
-            _copy_sparse(src.fileno(), dst.fileno(), size, lg)
+            _copy_sparse(src.fileno(), dst.fileno(), size, lg, progress)
             os.fsync(dst.fileno())
         tmp.rename(disk)
     finally:
@@ -91,7 +99,13 @@ def write_image(image: Path, disk: Path, disk_bytes: int, what: str) -> None:
     lg.info("disk image copied", seconds=round(time.monotonic() - started, 1))
 
 
-def _copy_sparse(src: int, dst: int, size: int, lg: structlog.stdlib.BoundLogger) -> None:
+def _copy_sparse(
+    src: int,
+    dst: int,
+    size: int,
+    lg: structlog.stdlib.BoundLogger,
+    progress: Callable[[int], None] | None,
+) -> None:
     copied, reported = 0, 0
     while chunk := os.read(src, CHUNK):
         if chunk == _ZEROS[: len(chunk)]:
@@ -105,5 +119,7 @@ def _copy_sparse(src: int, dst: int, size: int, lg: structlog.stdlib.BoundLogger
         if percent >= reported + PROGRESS_STEP:
             reported = percent - percent % PROGRESS_STEP
             lg.info("disk image copy progress", percent=reported, copied_bytes=copied)
+            if progress is not None:
+                progress(reported)
     if copied != size:
         raise Unavailable(f"/image.raw: read {copied} of {size} bytes")

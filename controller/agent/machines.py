@@ -2,6 +2,8 @@
 
 Every operation on a VM holds that VM's asyncio.Lock (the supervisor too), so work on
 different VMs runs concurrently while two operations on one VM never interleave.
+Provisioning runs in a background task owned by this table, not by the Deploy RPC: a
+cancelled or timed-out call, and the agent's own shutdown, never tear a machine down.
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import structlog
 
-from controller.agent.errors import (
-    AgentError,
-    FailedPrecondition,
-    MachineNotFound,
-    ProvisionFailed,
-    ResourceExhausted,
-)
+from controller.agent.errors import FailedPrecondition, MachineNotFound, ResourceExhausted
 from controller.agent.events import Event, EventBus, EventType
+from controller.agent.faults import Faults
 from controller.agent.provision import Provisioner
 from controller.agent.spec import MachineSpec, Ref, validate_ref, validate_spec
 from controller.agent.state import MachineRecord, State, StateStore
@@ -34,13 +32,42 @@ def host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@dataclass
+class _Job:
+    """A provisioning running in the background, owned by Machines (never by an RPC).
+
+    While it runs it owns the machine's host state; whoever cancels it waits for it to end
+    and then tears down or re-provisions. It stops at its next checkpoint (between steps,
+    so never in the middle of a mount or a copy), or at once while it waits at a fault point.
+    """
+
+    task: asyncio.Task[None]
+    generation: int  # what it provisions: a Deploy of the same is answered unchanged
+    spec: MachineSpec
+    cancelled: bool = False
+    at_fault_point: bool = False
+
+
+class ProvisioningCancelled(asyncio.CancelledError):
+    """A Delete or a newer generation stopped the provisioning at a checkpoint."""
+
+
 class Machines:
-    def __init__(self, store: StateStore, provisioner: Provisioner, bus: EventBus) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        provisioner: Provisioner,
+        bus: EventBus,
+        faults: Faults | None = None,
+    ) -> None:
         self.store = store
         self.prov = provisioner
         self.bus = bus
+        self.faults = faults if faults is not None else Faults.from_env()
         self.records: dict[str, MachineRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._jobs: dict[str, _Job] = {}
+        provisioner.checkpoint = self._checkpoint
 
     @asynccontextmanager
     async def locked(self, uid: str) -> AsyncIterator[None]:
@@ -48,8 +75,11 @@ class Machines:
             yield
 
     def busy(self, uid: str) -> bool:
-        """An operation holds this VM's lock (the supervisor skips it this round)."""
-        return self._locks[uid].locked()
+        """An operation holds this VM's lock or provisions it (the supervisor skips it)."""
+        return self._locks[uid].locked() or uid in self._jobs
+
+    def provisioning(self, uid: str) -> bool:
+        return uid in self._jobs
 
     def emit(self, rec: MachineRecord, type_: EventType) -> None:
         self.store.save(rec)
@@ -66,66 +96,177 @@ class Machines:
 
     async def adopt_all(self) -> None:
         """At start-up: take over the VMs a previous agent left running, restart the rest
-        per policy (through the supervisor)."""
+        per policy (through the supervisor), and go on with interrupted provisioning in
+        the background."""
         for rec in self.store.load_all():
             self.records[rec.ref.uid] = rec
+            if rec.state is State.PROVISIONING:
+                self._start(rec, rec.generation, rec.spec, EventType.DEPLOYED, resume=True)
+                continue
             async with self.locked(rec.ref.uid):
-                if rec.state is State.PROVISIONING:
-                    await self._resume_provisioning(rec)
-                else:
-                    await self.prov.adopt(rec)
-                    self.emit(rec, EventType.ADOPTED)
+                await self.prov.adopt(rec)
+                self.emit(rec, EventType.ADOPTED)
 
-    async def _resume_provisioning(self, rec: MachineRecord) -> None:
-        """The last agent died inside Deploy: finish it (every step is idempotent), or
-        undo it as a failed Deploy would have."""
+    # ----------------------------------------------------------------- provisioning
+
+    def _start(
+        self,
+        rec: MachineRecord,
+        generation: int,
+        spec: MachineSpec,
+        event: EventType,
+        resume: bool = False,
+    ) -> None:
+        """Provision ``rec`` to (generation, spec) in the background; the record says
+        Provisioning on disk first, so an agent restart goes on with it."""
+        rec.state, rec.reason, rec.message, rec.log_tail = State.PROVISIONING, "", "queued", ""
+        self.store.save(rec)
+        task = asyncio.create_task(self._provision(rec, generation, spec, event, resume))
+        job = _Job(task, generation, spec)
+        self._jobs[rec.ref.uid] = job
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._jobs.get(rec.ref.uid) is job:
+                del self._jobs[rec.ref.uid]
+
+        task.add_done_callback(done)
+
+    async def _provision(
+        self,
+        rec: MachineRecord,
+        generation: int,
+        spec: MachineSpec,
+        event: EventType,
+        resume: bool,
+    ) -> None:
+        """The job's body. ``resume``: a previous agent died while provisioning this
+        record: adopt what it left (a VMM already started is kept), finish the rest."""
+        lg = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
+        first = rec.started_at == 0  # no VMM ever ran: nothing of the guest's to keep
         try:
-            await self.prov.adopt(rec)
-            if rec.vmm is None or not rec.vmm.alive():
-                await self.prov.provision(rec)
+            if resume:
+                await self.prov.adopt(rec)
+                if rec.vmm is not None and rec.vmm.alive():
+                    rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
+                    rec.message = ""
+                    self.emit(rec, event)
+                    return
+                # virtiofsd the dead agent started (recorded at a checkpoint) must go.
+                await self.prov.stop(rec)
+            elif (rec.generation, rec.spec) != (generation, spec) or rec.vmm is not None:
+                # An older generation's VM, or what a cancelled provisioning left: down
+                # first; the writable layer and volumes stay unless nothing ever ran.
+                rec.message = "stopping the previous VM"
+                await self.prov.teardown(rec, keep_data=not first)
+                rec.vmm = None
+            rec.generation, rec.spec = generation, spec
+            rec.restarts = rec.crash_streak = 0
+            rec.exit_code, rec.exit_reason = None, ""  # a new VM: no last exit yet
+            rec.message = "fetching flist"
+            self.store.save(rec)
+            await self.prov.provision(rec)
+        except asyncio.CancelledError:
+            lg.info("provisioning stopped", generation=generation)
+            raise
         except Exception as exc:
-            log.warning("interrupted deploy could not be finished", uid=rec.ref.uid, error=str(exc))
-            first = rec.started_at == 0  # never ran: forget it like a failed first Deploy
-            await self.prov.teardown(rec, keep_data=not first)
-            if first:
-                self.records.pop(rec.ref.uid, None)
-                self.store.remove(rec.ref.uid)
-                return
+            lg.warning("provisioning failed, undoing it", error=str(exc))
+            try:
+                await self.prov.teardown(rec, keep_data=not first)
+            except Exception as undo:
+                lg.exception("undoing a failed provisioning failed", error=str(undo))
             rec.vmm = None
             rec.state, rec.reason, rec.message = State.FAILED, "ProvisionFailed", str(exc)
             self.emit(rec, EventType.FAILED)
             return
         rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
-        self.emit(rec, EventType.DEPLOYED)
+        rec.message = ""
+        self.emit(rec, event)
+
+    async def _checkpoint(self, rec: MachineRecord, point: str, progress: str) -> None:
+        """Between provisioning steps (and around every VMM start): record progress, stop
+        here if cancelled, then the fault point."""
+        job = self._jobs.get(rec.ref.uid)
+        if job is None or job.task is not asyncio.current_task():
+            await self.faults.point(point)  # a restart by the supervisor or the Restart RPC
+            return
+        if job.cancelled:
+            raise ProvisioningCancelled(point)
+        rec.message = progress
+        self.store.save(rec)  # what is made so far (helpers, VMM) is known after a crash
+        job.at_fault_point = True
+        try:
+            await self.faults.point(point)
+        finally:
+            job.at_fault_point = False
+
+    async def _cancel(self, uid: str) -> None:
+        """Stop the background provisioning of ``uid`` and wait until it has ended."""
+        job = self._jobs.get(uid)
+        if job is None:
+            return
+        job.cancelled = True
+        if job.at_fault_point:
+            job.task.cancel()
+        await asyncio.wait({job.task})
+        self._jobs.pop(uid, None)
+
+    # ----------------------------------------------------------------- RPCs
 
     async def deploy(
         self, ref: Ref, generation: int, spec: MachineSpec
     ) -> tuple[MachineRecord, bool]:
+        """Checks the request and starts provisioning in the background; returns at once
+        (the record says Provisioning, then Running or Failed)."""
         validate_ref(ref)
         validate_spec(ref, spec)
         self.prov.check(ref, spec)
         async with self.locked(ref.uid):
             rec = self.records.get(ref.uid)
             if rec is None:
-                return await self._create(ref, generation, spec), True
-            if generation < rec.generation:
+                self._check_memory(ref, spec)
+                rec = MachineRecord(ref=ref, generation=generation, spec=spec)
+                self.records[ref.uid] = rec
+                self._start(rec, generation, spec, EventType.DEPLOYED)
+                return rec, True
+            job = self._jobs.get(ref.uid)
+            deployed = (job.generation, job.spec) if job else (rec.generation, rec.spec)
+            if generation < deployed[0]:
                 raise FailedPrecondition(
                     f"zmachine {ref}: generation {generation} is older than the deployed "
-                    f"generation {rec.generation}; refusing to roll back"
+                    f"generation {deployed[0]}; refusing to roll back"
                 )
-            if generation == rec.generation:
-                if spec != rec.spec and dataclasses.replace(spec, env=rec.spec.env) == rec.spec:
+            if generation == deployed[0]:
+                only_env = dataclasses.replace(spec, env=deployed[1].env) == deployed[1]
+                if spec != deployed[1] and only_env:
                     # Only env changed: a Secret it refers to has a new value. Roll it out.
-                    await self._update(rec, generation, spec)
+                    if job is not None:
+                        await self._cancel(ref.uid)
+                        self._start(rec, generation, spec, self._event_for(rec))
+                    else:
+                        await self._update(rec, generation, spec)
                     return rec, True
-                if spec != rec.spec:
+                if spec != deployed[1]:
                     raise FailedPrecondition(
                         f"zmachine {ref}: generation {generation} is already deployed with a "
                         "different spec; send the new spec with a new generation"
                     )
+                if job is None and rec.state is State.FAILED and rec.reason == "ProvisionFailed":
+                    # The documented retry: the next Deploy provisions again.
+                    self._start(rec, generation, spec, self._event_for(rec))
+                    return rec, True
                 return rec, False
+            if job is not None:
+                # A newer generation while provisioning: stop that, then start over.
+                await self._cancel(ref.uid)
+                self._check_memory(ref, spec, held=rec.spec.memory_bytes)
+                self._start(rec, generation, spec, self._event_for(rec))
+                return rec, True
             await self._update(rec, generation, spec)
             return rec, True
+
+    @staticmethod
+    def _event_for(rec: MachineRecord) -> EventType:
+        return EventType.DEPLOYED if rec.started_at == 0 else EventType.UPDATED
 
     def _check_memory(self, ref: Ref, spec: MachineSpec, held: int = 0) -> None:
         """``held``: what this machine reserves already (an update may reuse it)."""
@@ -136,62 +277,32 @@ class Machines:
                 f"unreserved memory {max(free, 0)} bytes"
             )
 
-    async def _create(self, ref: Ref, generation: int, spec: MachineSpec) -> MachineRecord:
-        self._check_memory(ref, spec)
-        rec = MachineRecord(ref=ref, generation=generation, spec=spec)
-        self.records[ref.uid] = rec
-        self.store.save(rec)
-        try:
-            await self.prov.provision(rec)
-        except BaseException as exc:
-            # Never leave half a VM behind: undo everything, forget the record, say why.
-            log.warning("deploy failed, cleaning up", uid=ref.uid, error=str(exc))
-            await self.prov.teardown(rec, keep_data=False)
-            self.records.pop(ref.uid, None)
-            self.store.remove(ref.uid)
-            if isinstance(exc, AgentError):
-                raise
-            raise ProvisionFailed(f"zmachine {ref}", "deploy", exc) from exc
-        self.emit(rec, EventType.DEPLOYED)
-        return rec
-
     async def _update(self, rec: MachineRecord, generation: int, spec: MachineSpec) -> None:
         self._check_memory(rec.ref, spec, held=rec.spec.memory_bytes)
         await self.prov.check_root_size(rec, spec)
         await self.prov.check_share_sizes(rec, spec)
-        if spec.boot_hash() == rec.spec.boot_hash():
+        running = rec.state in (State.RUNNING, State.PAUSED)
+        if spec.boot_hash() == rec.spec.boot_hash() and running:
             # Only `paused` may differ: apply it to the running VM, nothing else to do.
-            if spec.paused != rec.spec.paused and rec.state in (State.RUNNING, State.PAUSED):
+            if spec.paused != rec.spec.paused:
                 await (self.prov.pause(rec) if spec.paused else self.prov.resume(rec))
             rec.generation, rec.spec = generation, spec
             self.emit(rec, EventType.UPDATED)
             return
-        # A new VM from the new spec; the writable layer and volumes are kept (zos keeps
-        # the rootfs volume across re-provisioning too). Saved as Provisioning first, so
-        # an agent restart in between finishes the job instead of adopting half of it.
-        rec.state = State.PROVISIONING
-        self.store.save(rec)
-        await self.prov.teardown(rec, keep_data=True)
-        rec.generation, rec.spec = generation, spec
-        rec.restarts = rec.crash_streak = 0
-        rec.exit_code, rec.exit_reason = None, ""  # a new VM: no last exit yet
-        try:
-            await self.prov.provision(rec)
-        except BaseException as exc:
-            await self.prov.teardown(rec, keep_data=True)
-            rec.vmm = None
-            rec.state, rec.reason, rec.message = State.FAILED, "ProvisionFailed", str(exc)
-            self.emit(rec, EventType.FAILED)
-            if isinstance(exc, AgentError):
-                raise
-            raise ProvisionFailed(f"zmachine {rec.ref}", "update", exc) from exc
-        self.emit(rec, EventType.UPDATED)
+        # A new VM from the new spec, in the background; the writable layer and volumes
+        # are kept (zos keeps the rootfs volume across re-provisioning too).
+        self._start(rec, generation, spec, self._event_for(rec))
 
     async def delete(self, uid: str) -> bool:
+        # Shielded: a Delete whose RPC is cancelled half-way still finishes.
+        return await asyncio.shield(self._delete(uid))
+
+    async def _delete(self, uid: str) -> bool:
         async with self.locked(uid):
             rec = self.records.get(uid)
             if rec is None:
                 return False
+            await self._cancel(uid)
             await self.prov.teardown(rec, keep_data=False)
             self.store.remove(uid)
             del self.records[uid]
@@ -208,7 +319,7 @@ class Machines:
     async def _power(self, uid: str, pause: bool) -> MachineRecord:
         async with self.locked(uid):
             rec = self.get(uid)
-            if rec.state not in (State.RUNNING, State.PAUSED):
+            if self.provisioning(uid) or rec.state not in (State.RUNNING, State.PAUSED):
                 verb = "pause" if pause else "resume"
                 raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot {verb}")
             await (self.prov.pause(rec) if pause else self.prov.resume(rec))
@@ -218,6 +329,8 @@ class Machines:
     async def restart(self, uid: str) -> MachineRecord:
         async with self.locked(uid):
             rec = self.get(uid)
+            if self.provisioning(uid):
+                raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot restart")
             await self.prov.stop(rec)
             rec.crash_streak = 0
             await self.prov.launch(rec)

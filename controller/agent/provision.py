@@ -15,6 +15,7 @@ import asyncio
 import os
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -44,11 +45,20 @@ BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 MOUNT_TIMEOUT = 30.0
 
+# Called between provisioning steps with the fault point just passed (faults.POINTS) and
+# what comes next (progress shown by Get); Machines sets it.
+Checkpoint = Callable[["MachineRecord", str, str], Awaitable[None]]
+
+
+async def no_checkpoint(rec: MachineRecord, point: str, progress: str) -> None:
+    """The default: nothing between steps."""
+
 
 class Provisioner:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host = boot.HostBoot(config)
+        self.checkpoint: Checkpoint = no_checkpoint
         # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
         # virtiofsd(s) the reboot disconnected.
         self.guest_events: asyncio.Queue[tuple[str, GuestEvent]] = asyncio.Queue()
@@ -110,17 +120,24 @@ class Provisioner:
             info = await asyncio.to_thread(bootmode.detect_boot_mode_flist, flist)
             rec.boot_mode = info.mode.value
             if info.mode is bootmode.BootMode.IMAGE:
+                await self.checkpoint(rec, "after-fetch", "copying image")
                 step = "image"
                 await self._image_disk(rec, flist)
+                await self.checkpoint(rec, "after-image", "creating network")
             else:
+                await self.checkpoint(rec, "after-fetch", "mounting flist")
                 step = "flist"
                 await self._flist_root(rec, flist)
+                await self.checkpoint(rec, "after-mount", "creating volumes")
                 step = "volumes"
                 await self._volumes(rec, format_disks=True)
+                await self.checkpoint(rec, "after-volumes", "creating network")
             step = "network"
             rec.nics = await self.host.create_nics(rec)
+            await self.checkpoint(rec, "after-network", "writing seed")
             step = "seed"
             await self.host.write_seed(rec, p)
+            await self.checkpoint(rec, "after-seed", "starting virtiofsd")
             step = "launch"
             await self.launch(rec)
         except ProvisionFailed:
@@ -196,7 +213,11 @@ class Provisioner:
             if src is None:
                 raise Unavailable(f"{p.lower}: the mounted flist has no /image.raw")
             what = f"spec.volumes[{index}] ({vol.name!r}, the boot disk)"
-            await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what)
+
+            def shown(percent: int) -> None:  # Get shows it while Provisioning
+                rec.message = f"copying image {percent}%"
+
+            await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what, shown)
         finally:
             await asyncio.to_thread(mount.unmount, p.lower)
             for h in [h for h in rec.helpers if h.marker == str(p.lower)]:
@@ -282,11 +303,13 @@ class Provisioner:
         rec.helpers = [h for h in rec.helpers if h.marker == str(p.lower)]
         await self.host.ensure_taps(rec)
         rec.helpers += await self.host.start_shares(rec, p)
+        await self.checkpoint(rec, "after-virtiofsd", "starting the VMM")
         rec.started_at = time.time()
         rec.boot_duration = 0.0
         rec.boot_nonce = guestexit.new_nonce()
         rec.vmm = await self.host.start_vmm(rec, p)
         self._watch(rec)
+        await self.checkpoint(rec, "after-vmm", "VMM started")
         rec.hypervisor = self.host.info().name
         rec.state, rec.reason, rec.message, rec.log_tail = State.RUNNING, "", "", ""
         if rec.spec.paused:

@@ -120,7 +120,7 @@ class Supervisor:
             rec.reason = outcome.reason
             rec.message = f"{outcome.what}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
-            self.machines.emit(rec, EventType.EXITED)
+            self.machines.emit(rec, EventType.EXITED if outcome.clean else EventType.FAILED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
@@ -128,7 +128,7 @@ class Supervisor:
                 rec, f"the VM ended {rec.crash_streak} times in a row (last: {outcome.what})"
             )
             return
-        delay = min(self.rules.backoff_base * 2 ** (rec.crash_streak - 1), self.rules.backoff_max)
+        delay = self._backoff(rec)
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
         rec.message = f"{outcome.what}; restarting in {delay:.0f}s"
@@ -158,16 +158,24 @@ class Supervisor:
         try:
             await self.machines.prov.launch(rec)
         except Exception as exc:
+            # The attempt's virtiofsd (and VMM) must go: a virtiofsd left on the share's
+            # socket makes every later attempt fail.
+            await self.machines.prov.stop(rec)
             rec.crash_streak += 1
             if rec.crash_streak > self.rules.crash_loop_limit:
-                self._fail(rec, f"restart failed: {exc}")
+                self._fail(rec, f"restart failed {rec.crash_streak} times in a row: {exc}")
             else:
-                self._next_start[rec.ref.uid] = time.monotonic() + self.rules.backoff_base
-                rec.message = f"restart failed, retrying: {exc}"
+                delay = self._backoff(rec)
+                self._next_start[rec.ref.uid] = time.monotonic() + delay
+                rec.message = f"restart failed, retrying in {delay:.0f}s: {exc}"
                 self.machines.store.save(rec)
             return
         rec.restarts += 1
         self.machines.emit(rec, EventType.RESTARTED)
+
+    def _backoff(self, rec: MachineRecord) -> float:
+        delay: float = self.rules.backoff_base * 2 ** (rec.crash_streak - 1)
+        return min(delay, self.rules.backoff_max)
 
     def _fail(self, rec: MachineRecord, why: str) -> None:
         rec.state, rec.reason, rec.message = State.FAILED, "CrashLoop", why

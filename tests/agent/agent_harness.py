@@ -54,6 +54,7 @@ class AgentProcess:
         self.extra = extra
         self.log = state_dir.parent / f"{state_dir.name}-agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # extra environment of the next start (fault injection)
 
     @property
     def tls(self) -> ClientTLS | None:
@@ -78,7 +79,7 @@ class AgentProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -139,6 +140,24 @@ class AgentProcess:
         assert isinstance(machines, list)
         for m in machines:
             self.call("delete", m.ref.uid)
+
+    def deploy_settled(
+        self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec, timeout: float = 180
+    ) -> pb.DeployResponse:
+        """Deploy, then wait until the provisioning it started (in the background) is over:
+        the response with the machine as Get reports it then."""
+        resp = self.call("deploy", ref, generation, spec)
+        assert isinstance(resp, pb.DeployResponse)
+        deadline = time.monotonic() + timeout
+        machine = resp.machine
+        while machine.state == pb.MACHINE_STATE_PROVISIONING:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ref.uid} still provisioning after {timeout}s")
+            time.sleep(0.2)
+            got = self.call("get", ref.uid)
+            assert isinstance(got, pb.Machine)
+            machine = got
+        return pb.DeployResponse(machine=machine, changed=resp.changed)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""

@@ -126,13 +126,21 @@ def test_invalid_specs_are_refused_naming_the_field(
     assert not (agent.state_dir / "vms" / uid).exists()
 
 
-def _assert_nothing_left(agent: AgentProcess, uid: str) -> None:
+def _failed_provisioning(agent: AgentProcess, uid: str, spec: pb.ZmachineSpec) -> pb.Machine:
+    """Deploy answers at once (Provisioning); the failure shows through Get: FAILED with
+    reason ProvisionFailed and the cause, everything on the host undone, the record kept
+    until Delete."""
+    ref = pb.ZmachineRef(namespace="default", name="bad", uid=uid)
+    m = agent.deploy_settled(ref, 1, spec).machine
+    assert m.state == pb.MACHINE_STATE_FAILED and m.reason == "ProvisionFailed", m
     assert not (agent.state_dir / "vms" / uid).exists()
-    assert not (agent.state_dir / "machines" / f"{uid}.json").exists()
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(agent.state_dir) not in mounts
     assert not [p for p in Path("/proc").glob("[0-9]*") if uid in _cmdline(p)]
+    assert agent.call("delete", uid) is True
+    assert not (agent.state_dir / "machines" / f"{uid}.json").exists()
     assert agent.call("list") == []
+    return m
 
 
 def _cmdline(proc: Path) -> str:
@@ -142,11 +150,11 @@ def _cmdline(proc: Path) -> str:
         return ""
 
 
-def test_missing_flist_fails_deploy_and_leaves_nothing(agent: AgentProcess, flists: Path) -> None:
-    err = _deploy(agent, "u-missing-flist", _spec(flist=f"file://{flists}/missing.fl"))
-    assert err.code() == grpc.StatusCode.UNAVAILABLE
-    assert "flist" in (err.details() or "") and "missing.fl" in (err.details() or "")
-    _assert_nothing_left(agent, "u-missing-flist")
+def test_missing_flist_fails_provisioning_and_leaves_nothing(
+    agent: AgentProcess, flists: Path
+) -> None:
+    m = _failed_provisioning(agent, "u-missing-flist", _spec(flist=f"file://{flists}/missing.fl"))
+    assert "flist" in m.message and "missing.fl" in m.message
 
 
 @pytest.mark.fuse
@@ -154,8 +162,8 @@ def test_vmm_failure_late_in_deploy_is_reported_and_cleaned_up(
     agent: AgentProcess, flists: Path
 ) -> None:
     """A VM-mode flist whose kernel is junk: everything up to the VMM (FUSE mount,
-    overlay, seed, virtiofsd) is made, QEMU then refuses the kernel. The Deploy must
-    fail with QEMU's reason and undo all of it."""
+    overlay, seed, virtiofsd) is made, QEMU then refuses the kernel. The provisioning
+    must fail with QEMU's reason and undo all of it."""
     from controller.flist.pack import pack
 
     root = flists / "junk-kernel-root"
@@ -163,12 +171,9 @@ def test_vmm_failure_late_in_deploy_is_reported_and_cleaned_up(
     (root / "boot/vmlinuz").write_bytes(b"this is not a kernel\n" * 64)
     flist = flists / "junk-kernel.fl"
     pack(root, flist, [f"dir://{flists / 'store'}"])
-    err = _deploy(agent, "u-junk-kernel", _spec(flist=f"file://{flist}"))
-    assert err.code() == grpc.StatusCode.UNAVAILABLE
-    details = err.details() or ""
-    assert "default/bad" in details and "launch failed" in details, details
-    assert "qemu" in details and "kernel" in details.lower(), details
-    _assert_nothing_left(agent, "u-junk-kernel")
+    m = _failed_provisioning(agent, "u-junk-kernel", _spec(flist=f"file://{flist}"))
+    assert "default/bad" in m.message and "launch failed" in m.message, m.message
+    assert "qemu" in m.message and "kernel" in m.message.lower(), m.message
 
 
 def test_unknown_uid_is_not_found(agent: AgentProcess) -> None:

@@ -79,7 +79,7 @@ def test_reboot_restarts_virtiofsd_and_sigterm_is_not_a_power_off(
         entrypoint="/bin/sh -c 'while :; do sleep 3600; done'",
         restart_policy=pb.RESTART_POLICY_ALWAYS,
     )  # fmt: skip
-    resp = agent.call("deploy", pb.ZmachineRef(namespace="default", name="chr", uid=uid), 1, spec)
+    resp = agent.deploy_settled(pb.ZmachineRef(namespace="default", name="chr", uid=uid), 1, spec)
     assert isinstance(resp, pb.DeployResponse)
     assert resp.machine.hypervisor == "cloud-hypervisor"
     vm_dir = agent.state_dir / "vms" / uid

@@ -95,7 +95,7 @@ def test_a_hostile_flist_cannot_make_the_agent_delete_host_files(
         flist=f"file://{flist}", cpu=1, memory_bytes=256 << 20,
         entrypoint="/bin/sh -c 'sleep 60'",
     )  # fmt: skip
-    proc.call("deploy", pb.ZmachineRef(namespace="default", name="hostile", uid=uid), 1, spec)
+    proc.deploy_settled(pb.ZmachineRef(namespace="default", name="hostile", uid=uid), 1, spec)
     try:
         assert sorted(p.name for p in host.iterdir()) == [
             "ssh_host_ed25519_key", "ssh_host_rsa_key", "sshd_config",

@@ -159,13 +159,13 @@ def test_a_changed_env_value_rolls_out_at_the_same_generation(
             entrypoint="/bin/sh -c 'echo token=$TOKEN; sleep 600'", env={"TOKEN": token},
         )  # fmt: skip
 
-    first = agent.call("deploy", ref, 7, spec("old-value-1"))
+    first = agent.deploy_settled(ref, 7, spec("old-value-1"))
     assert isinstance(first, pb.DeployResponse) and first.changed
     console = Path(first.machine.console_log)
     wait_for("the first value", lambda: "token=old-value-1" in console.read_text(), timeout=180)
     again = agent.call("deploy", ref, 7, spec("old-value-1"))
     assert isinstance(again, pb.DeployResponse) and not again.changed
-    rolled = agent.call("deploy", ref, 7, spec("new-value-2"))
+    rolled = agent.deploy_settled(ref, 7, spec("new-value-2"))
     assert isinstance(rolled, pb.DeployResponse) and rolled.changed
     assert rolled.machine.env_hash != first.machine.env_hash
     wait_for("the new value", lambda: "token=new-value-2" in console.read_text(), timeout=180)

@@ -89,7 +89,7 @@ def test_guest_poweroff_while_the_agent_is_down_is_still_a_success(
         mounts=[pb.Mount(name="ctl", mountpoint="/srv")],
         restart_policy=pb.RESTART_POLICY_ON_FAILURE,
     )  # fmt: skip
-    resp = agent.call("deploy", pb.ZmachineRef(namespace="default", name="off", uid=uid), 1, spec)
+    resp = agent.deploy_settled(pb.ZmachineRef(namespace="default", name="off", uid=uid), 1, spec)
     assert isinstance(resp, pb.DeployResponse)
     console = Path(resp.machine.console_log)
     wait_for("the guest to boot", lambda: "switching root" in console.read_text(), timeout=150)

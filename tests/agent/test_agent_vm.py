@@ -132,7 +132,7 @@ def deploy_error(agent: AgentProcess, generation: int, spec: pb.ZmachineSpec) ->
 def test_container_vm_boots_and_entrypoint_sees_env(
     agent: AgentProcess, spec: pb.ZmachineSpec, events: EventRecorder
 ) -> None:
-    resp = agent.call("deploy", REF, 1, spec)
+    resp = agent.deploy_settled(REF, 1, spec)
     assert isinstance(resp, pb.DeployResponse) and resp.changed
     m = resp.machine
     assert m.state == pb.MACHINE_STATE_RUNNING and m.pid > 0
@@ -193,7 +193,7 @@ def test_root_is_limited_to_root_size(agent: AgentProcess) -> None:
 
 def test_second_identical_deploy_is_a_noop(agent: AgentProcess, spec: pb.ZmachineSpec) -> None:
     before = machine(agent).pid
-    resp = agent.call("deploy", REF, 1, spec)
+    resp = agent.deploy_settled(REF, 1, spec)
     assert isinstance(resp, pb.DeployResponse)
     assert not resp.changed
     assert resp.machine.pid == before
@@ -225,10 +225,10 @@ def test_pause_and_resume_by_rpc_and_by_generation(
     paused = pb.ZmachineSpec()
     paused.CopyFrom(spec)
     paused.paused = True
-    resp = agent.call("deploy", REF, 2, paused)
+    resp = agent.deploy_settled(REF, 2, paused)
     assert isinstance(resp, pb.DeployResponse) and resp.changed
     assert resp.machine.state == pb.MACHINE_STATE_PAUSED and resp.machine.generation == 2
-    resp = agent.call("deploy", REF, 3, spec)
+    resp = agent.deploy_settled(REF, 3, spec)
     assert isinstance(resp, pb.DeployResponse)
     assert resp.machine.state == pb.MACHINE_STATE_RUNNING
     assert resp.machine.pid == pid, "pausing must not replace the VM"
@@ -273,7 +273,7 @@ def test_agent_sigkill_then_restart_adopts_the_running_vm(
     assert m.pid == pid and m.state == pb.MACHINE_STATE_RUNNING
     assert m.boot_duration_seconds == before.boot_duration_seconds > 0  # nothing lost
     # The restarted agent knows the deployed generation from its state file: no-op.
-    resp = agent.call("deploy", REF, 3, spec)
+    resp = agent.deploy_settled(REF, 3, spec)
     assert isinstance(resp, pb.DeployResponse) and not resp.changed
     assert resp.machine.pid == pid
     time.sleep(2)  # a few supervisor rounds: still no second VM, no restart
@@ -340,7 +340,7 @@ def test_new_generation_replaces_the_vm_with_the_new_spec(
     changed.CopyFrom(spec)
     changed.env[AGENT_GREETING_VAR] = "second-generation"
     changed.size_bytes = 600 << 20  # the root grows from the 500 MiB minimum
-    resp = agent.call("deploy", REF, 4, changed)
+    resp = agent.deploy_settled(REF, 4, changed)
     assert isinstance(resp, pb.DeployResponse) and resp.changed
     m = resp.machine
     assert m.generation == 4 and m.pid not in (0, old) and m.restarts == 0

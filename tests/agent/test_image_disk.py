@@ -56,3 +56,12 @@ def test_copy_is_sparse_and_refuses_a_too_small_disk(tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec, match=r"spec.volumes\[0\]: the disk is 1048576 bytes, "):
         write_image(image, tmp_path / "small.img", 1 << 20, "spec.volumes[0]")
     assert not (tmp_path / "small.img").exists()
+
+
+def test_copy_reports_its_progress_every_10_percent(tmp_path: Path) -> None:
+    """What Get shows as "copying image N%" while an image-mode machine provisions."""
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"x" * (20 << 20))  # 20 chunks of 1 MiB
+    seen: list[int] = []
+    write_image(image, tmp_path / "d.img", 32 << 20, "spec.volumes[0]", seen.append)
+    assert seen == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
