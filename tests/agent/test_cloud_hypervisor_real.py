@@ -263,10 +263,9 @@ def test_reboot_reconnects_virtiofs_when_virtiofsd_is_restarted_on_the_event(
             assert names.count("vm/rebooted") == 1, names
             assert took < 20, f"reboot took {took:.0f}s"
             assert vm.alive() and await vm.ready()
-            # CH made a new PTY for the rebooted VM; the console stream reads that one.
-            new_pty = await vm.console_pty()
-            assert new_pty != old_pty
-            await wait_open(new_pty)
+            # CH made a new PTY for the rebooted VM (the kernel may give it the number the
+            # old one freed); the console stream reads that one.
+            await wait_open(await vm.console_pty())
             console.cancel()
 
     asyncio.run(scenario())
