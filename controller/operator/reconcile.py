@@ -33,6 +33,7 @@ from controller.operator.translate import (
     agent_spec,
     env_to_deploy,
     refuse_unsupported,
+    resolve_env,
 )
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
@@ -54,6 +55,8 @@ _PHASE = {
 
 
 AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
+PROVISION_FAILED = "ProvisionFailed"  # the agent's reason: provisioning failed, host cleaned
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 10.0, 300.0
 
 
 @dataclass
@@ -71,6 +74,29 @@ class Runtime:
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # uid -> node -> monotonic expiry: nodes that refused the Zmachine for lack of capacity.
     avoid: dict[str, dict[str, float]] = field(default_factory=dict)
+    # uid -> (attempts, monotonic time of the next) for provisionings the node reported failed.
+    retries: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def retry_due(self, uid: str, machine: pb.Machine | None) -> bool:
+        """A provisioning that failed on the node (the host was cleaned up) is sent again,
+        with exponential backoff; any other state clears the count."""
+        if (
+            machine is None
+            or machine.state != pb.MACHINE_STATE_FAILED
+            or (machine.reason != PROVISION_FAILED)
+        ):
+            self.retries.pop(uid, None)
+            return False
+        now = time.monotonic()
+        if uid not in self.retries:  # just seen failed: the first retry after the base delay
+            self.retries[uid] = (0, now + RETRY_BASE_SECONDS)
+            return False
+        attempts, due = self.retries[uid]
+        if now < due:
+            return False
+        delay = min(RETRY_BASE_SECONDS * 2 ** (attempts + 1), RETRY_MAX_SECONDS)
+        self.retries[uid] = (attempts + 1, now + delay)
+        return True
 
     def avoided(self, uid: str) -> set[str]:
         now = time.monotonic()
@@ -85,6 +111,7 @@ class Runtime:
         """Drop every per-object entry once the Zmachine is gone from the API."""
         self.inventory.forget_zmachine(uid)
         self.avoid.pop(uid, None)
+        self.retries.pop(uid, None)
         lock = self.locks.get(uid)
         if lock is not None and not lock.locked():
             del self.locks[uid]
@@ -184,9 +211,15 @@ async def converge(
                             target.generation,
                         )  # fmt: skip
                     return
-            env = await asyncio.to_thread(
-                env_to_deploy, spec, target.namespace, target.generation, machine, rt.read_secret
-            )
+            env: dict[str, str] | None
+            if rt.retry_due(target.uid, machine):
+                env = await asyncio.to_thread(resolve_env, spec, target.namespace, rt.read_secret)
+                logger.info("provisioning failed on the node; deploying again", node=node_name)
+            else:
+                env = await asyncio.to_thread(
+                    env_to_deploy, spec, target.namespace, target.generation, machine,
+                    rt.read_secret,
+                )  # fmt: skip
             if env is not None:
                 response = await agent.deploy(
                     target.ref(), target.generation, agent_spec(spec, target.name, env)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 from kopf._core.engines import posting
 
+from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.operator import reconcile
 from controller.operator.errors import NodeOutOfCapacity
 from tests.operator.doubles import World, agents, run_converge, run_release
 
@@ -159,3 +162,30 @@ def test_a_lost_node_keeps_its_pinned_zmachines(
     node_ready = next(c for c in out.conditions if c["type"] == "NodeReady")
     assert node_ready["reason"] == "NodeDeleted" and "spec.nodeName" in node_ready["message"]
     assert out.phase == "Unknown"
+
+
+def test_a_failed_provisioning_is_deployed_again_with_backoff(
+    world: World, named: str, events: list[posting.K8sEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent undoes a failed provisioning and keeps the record FAILED/ProvisionFailed;
+    only the controller can try again, and it does, later and later."""
+    monkeypatch.setattr(reconcile, "RETRY_BASE_SECONDS", 0.3)
+    fleet, rt, body = world.deployed(named, nodeName="node-a")
+    agent, uid = fleet.by_address["node-a"], body["metadata"]["uid"]
+
+    def fail() -> None:
+        agent.machines[uid].state = pb.MACHINE_STATE_FAILED
+        agent.machines[uid].reason = reconcile.PROVISION_FAILED
+
+    fail()
+    asyncio.run(run_converge(rt, world.body(named)))
+    assert len(agent.deploys) == 1  # just seen failed: not at once
+    time.sleep(0.4)
+    asyncio.run(run_converge(rt, world.body(named)))
+    assert len(agent.deploys) == 2
+    fail()
+    asyncio.run(run_converge(rt, world.body(named)))
+    assert len(agent.deploys) == 2  # the second retry waits twice as long
+    time.sleep(0.7)
+    asyncio.run(run_converge(rt, world.body(named)))
+    assert len(agent.deploys) == 3
