@@ -14,7 +14,7 @@ def _rules(*rows: tuple[str, str, str]) -> Rules:
 CONTROLLER_CLUSTER = _rules(
     (ZOS, "zmachines", "get list watch patch update"),
     (ZOS, "zmachines/status", "get patch update"),
-    (ZOS, "zmachinenodes", "get list watch"),
+    (ZOS, "zmachinenodes", "get list watch patch"),
     (ZOS, "zmachinenodes/status", "get patch update"),
     ("", "events", "create patch"),
     ("events.k8s.io", "events", "create patch"),
