@@ -38,6 +38,9 @@ class NodeView:
     lease_namespace: str = ""
     conditions: list[dict[str, Any]] = field(default_factory=list)
     finalizers: list[str] = field(default_factory=list)
+    # The node monitor saw its Lease renewed since this controller started. Until then a
+    # Ready condition may be a dead agent's last word: nothing is placed there.
+    renewing: bool = True
 
     @property
     def cpu(self) -> int:
@@ -103,6 +106,7 @@ class Inventory:
             since = previous.unready_since if previous is not None else None
             since = since if since is not None else time.monotonic()
         self.deleted_nodes.pop(name, None)
+        renewing = previous.renewing if previous is not None else False
         self.nodes[name] = NodeView(
             name=name,
             address=str(spec.get("address", "")),
@@ -117,6 +121,7 @@ class Inventory:
             lease_namespace=str(spec.get("leaseNamespace") or ""),
             conditions=[dict(c) for c in status.get("conditions") or []],
             finalizers=list(meta.get("finalizers") or []),
+            renewing=renewing,
         )
 
     def mark_unready(self, name: str) -> None:

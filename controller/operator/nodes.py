@@ -40,6 +40,7 @@ class NodeMonitor:
     # (node, uid) -> monotonic time the VM was first seen without a Zmachine placed there.
     suspects: dict[tuple[str, str], float] = field(default_factory=dict)
     published: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> status
+    first_seen: dict[str, str] = field(default_factory=dict)  # node -> Lease version at start
 
     async def run(self) -> None:
         while True:
@@ -52,9 +53,9 @@ class NodeMonitor:
                 await self.check(node)
             except ControllerError as exc:
                 log.warning("node check failed", node=node.name, error=str(exc))
-        for name in list(self.published):
-            if name not in self.rt.inventory.nodes:
-                del self.published[name]
+        for per_node in (self.published, self.first_seen):
+            for name in [n for n in per_node if n not in self.rt.inventory.nodes]:
+                del per_node[name]
         for key in [k for k in self.suspects if k[0] not in self.rt.inventory.nodes]:
             del self.suspects[key]
 
@@ -67,6 +68,12 @@ class NodeMonitor:
     async def _liveness(self, node: NodeView) -> None:
         namespace = node.lease_namespace or LEASE_NAMESPACE_DEFAULT
         lease = await self.rt.kube.lease(namespace, lease_name(node.name))
+        version = lease.metadata.resource_version if lease and lease.metadata else None
+        if not node.renewing and version is not None:
+            # Placement waits for a renewal seen with our own eyes (client-go's observedTime
+            # gives a Lease seen first a whole duration, a dead agent's Lease included).
+            first = self.first_seen.setdefault(node.name, version)
+            node.renewing = first != version
         # By our own clock since the Lease last changed, never the agent's renewTime against
         # our wall clock; a Lease first seen after our start gets its whole duration.
         if (lease is not None and not self.leases.expired(lease)) or not node.ready:

@@ -24,7 +24,7 @@ def _fmt(nbytes: int) -> str:
 def _misfit(
     node: NodeView, request: Request, used: Request, selector: Mapping[str, str]
 ) -> str | None:
-    if not node.ready:
+    if not node.ready or not node.renewing:
         return "not Ready"
     missing = [k for k, v in selector.items() if node.labels.get(k) != v]
     if missing:

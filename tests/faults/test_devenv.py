@@ -79,7 +79,12 @@ def _deploy(address: str, pki: Path, flist: Path) -> None:
 
     async def go() -> None:
         async with AgentClient(address, ClientTLS.from_dir(pki), timeout=180) as agent:
-            await agent.deploy(ref, 1, spec)
+            machine = (await agent.deploy(ref, 1, spec)).machine
+            # Deploy answers at once; the provisioning goes on in the background.
+            while machine.state == pb.MACHINE_STATE_PROVISIONING:
+                await asyncio.sleep(0.2)
+                machine = await agent.get(ref.uid)
+            assert machine.state == pb.MACHINE_STATE_RUNNING, machine
 
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + 60

@@ -5,11 +5,18 @@ Zmachine placed on their node. Lease freshness by observation is tested with the
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import yaml
+
 from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.operator.inventory import Request
 from controller.operator.nodes import NodeMonitor
-from tests.operator.doubles import World
+from controller.operator.placement import choose_node
+from tests.operator.doubles import World, agents
+
+GI = 1024**3
 
 
 def _vm(namespace: str, name: str, uid: str) -> pb.Machine:
@@ -41,3 +48,29 @@ def test_orphans_are_removed_only_when_the_api_confirms(
     assert sorted(node_a.machines) == sorted([uid, "other-ns"])
     assert node_b.machines == {}
     assert monitor.rt.inventory.node_of(uid) == "node-a"
+
+
+def test_placement_waits_for_a_lease_renewed_since_start(world: World, events: list[Any]) -> None:
+    """At start a Ready condition may be a dead agent's last word: a node takes Zmachines
+    once the monitor has seen its Lease renewed."""
+    name = "renewing-node"
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": f"zmachine-node-{name}", "namespace": world.ns},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 600,
+                 "renewTime": "2026-01-01T00:00:00.000000Z"},
+    }  # fmt: skip
+    world.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(lease))
+    rt = world.runtime(agents())
+    rt.inventory.nodes.clear()
+    ready = [{"type": "Ready", "status": "True"}]
+    status = {"allocatable": {"cpu": 4, "memory": "8Gi"}, "conditions": ready}
+    rt.inventory.observe_node(name, {}, {"address": "node-a", "leaseNamespace": world.ns}, status)
+    monitor = NodeMonitor(rt, namespaces=[world.ns])
+    asyncio.run(monitor.tick())
+    assert choose_node(rt.inventory, Request(1, GI), {}).node is None
+    renewed = json.dumps({"spec": {"renewTime": "2026-01-01T00:00:10.000000Z"}})
+    world.cluster.kubectl("-n", world.ns, "patch", "lease", f"zmachine-node-{name}",
+                          "--type=merge", "-p", renewed)  # fmt: skip
+    asyncio.run(monitor.tick())
+    assert choose_node(rt.inventory, Request(1, GI), {}).node == name

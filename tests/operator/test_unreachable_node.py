@@ -1,12 +1,14 @@
 """A node that is registered and heartbeating but whose agent does not answer.
 
 No agent listens at the node's address (a closed loopback port), so every call fails the way
-a cut network does; the node's Lease is kept fresh by the test.
+a cut network does; the test renews the node's Lease every 2 s, as an agent would.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import threading
 
 import yaml
 
@@ -40,13 +42,30 @@ def register_ghost_node(cluster: ControlPlane, name: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(lease))
 
 
+def renew_ghost_lease(cluster: ControlPlane, name: str) -> None:
+    """A heartbeat, as the agent's: the controller places only on nodes it sees renewing."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cluster.kubectl("patch", "lease", "-n", "zmachine-system", f"zmachine-node-{name}",
+                    "--type=merge", "-p", json.dumps({"spec": {"renewTime": now}}))  # fmt: skip
+
+
 def test_unreachable_agent_is_reported_and_force_delete_releases(
     cluster: ControlPlane, ns: str, controller: RunningController
 ) -> None:
     register_ghost_node(cluster, "ghost")
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(2):
+            renew_ghost_lease(cluster, "ghost")
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
     try:
         stranded_then_forced(cluster, ns)
     finally:
+        stop.set()
+        beating.join(10)
         cluster.kubectl("delete", "zmn", "ghost", "--wait=false")
         cluster.kubectl("delete", "lease", "-n", "zmachine-system", "zmachine-node-ghost")
 
