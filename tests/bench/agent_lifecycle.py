@@ -96,9 +96,10 @@ the 2-core dev machine shared with other work.
 |---|---|
 {table}
 
-Deploy returns once the VMM's control socket answers; the guest boot (see "Guest boot")
-follows. Delete waits 2 s for the guest to honour the ACPI power button, which a container
-entrypoint running as PID 1 does not.
+Deploy answers at once (Provisioning) and provisions in the background; "Deploy to Running"
+is until Get reports the VMM's control socket answering; the guest boot (see "Guest boot")
+follows. Delete waits 2 s for the guest to honour the ACPI power button, which a busybox
+guest ignores.
 """
 
 
