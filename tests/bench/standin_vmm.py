@@ -381,6 +381,9 @@ class VMM:
 
     def exit(self, code: int) -> None:
         self.event("vmm", "shutdown")
+        # The kernel hands what we wrote to the PTY's reader asynchronously; closing our side
+        # first would drop the last console lines (the guest's power-off line among them).
+        time.sleep(0.2)
         sys.exit(code)
 
 
