@@ -1,5 +1,5 @@
-# The v1 flist schema (0-flist format/flist.capnp), written from the field list in
-# shared/reference/flist-format.md section 2.3; used only to build test flists with `capnp encode`.
+# The v1 flist schema (0-flist format/flist.capnp), written from its documented field list;
+# used only to build test flists with `capnp encode`.
 @0xe0cbbd1b3e5c9a21;
 
 struct Dir {
