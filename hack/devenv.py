@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from controller.agent.procs import ProcessRef
+from controller.agent.runtime.procs import ProcessRef
 from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def _guest_kernel() -> Path:
 def dev_pki() -> Path:
     pki = CACHE / "pki"
     if not (pki / "ca.crt").exists():
-        from controller.agent.tls import write_dev_pki
+        from controller.agent.rpc.tls import write_dev_pki
 
         write_dev_pki(pki)
     return pki

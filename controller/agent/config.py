@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from controller.agent.errors import InvalidSpec
-from controller.agent.tls import ServerTLS
+from controller.agent.rpc.tls import ServerTLS
 
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 AccelChoice = Literal["auto", "kvm", "tcg"]

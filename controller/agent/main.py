@@ -15,19 +15,19 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from controller.agent.cleanup import cleanup
 from controller.agent.config import AgentConfig, parse_config
 from controller.agent.errors import AgentError
-from controller.agent.events import EventBus
-from controller.agent.machines import Machines
-from controller.agent.metrics import MachineCollector
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
-from controller.agent.provision import Provisioner
+from controller.agent.guest.provision import Provisioner
 from controller.agent.registration import Registrar, Registration
-from controller.agent.service import AgentService
-from controller.agent.state import StateStore
-from controller.agent.supervisor import Supervisor
-from controller.agent.tls import server_credentials, write_dev_pki
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
+from controller.agent.rpc.service import AgentService
+from controller.agent.rpc.tls import server_credentials, write_dev_pki
+from controller.agent.runtime.cleanup import cleanup
+from controller.agent.runtime.events import EventBus
+from controller.agent.runtime.machines import Machines
+from controller.agent.runtime.metrics import MachineCollector
+from controller.agent.runtime.state import StateStore
+from controller.agent.runtime.supervisor import Supervisor
 from controller.logs import configure_logging
 
 log = structlog.get_logger(__name__)

@@ -10,9 +10,9 @@ from typing import TypeVar
 
 import grpc
 
-from controller.agent.client import AgentClient
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.tls import ClientTLS
+from controller.agent.rpc.client import AgentClient
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.tls import ClientTLS
 from controller.operator import metrics
 from controller.operator.errors import (
     AgentRejected,

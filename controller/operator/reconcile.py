@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.api import conditions as cond
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
 from controller.operator import metrics

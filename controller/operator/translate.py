@@ -6,7 +6,7 @@ import base64
 import re
 from collections.abc import Callable
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.spec import env_digest, hostname_label
 from controller.api.zmachine import RestartPolicy, ZmachineSpec
 from controller.operator.errors import SecretUnavailable, UnsupportedSpec

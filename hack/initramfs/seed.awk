@@ -1,4 +1,4 @@
-# Flattens the block-style YAML subset that controller/agent/seed.py writes into
+# Flattens the block-style YAML subset that controller/agent/guest/seed.py writes into
 # one "dotted.path=value" line per scalar, so /init can read the seed with
 # busybox ash + awk instead of a YAML library:
 #

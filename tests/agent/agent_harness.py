@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.agent.client import AgentClient
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.tls import ClientTLS, channel_credentials
+from controller.agent.rpc.client import AgentClient
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.tls import ClientTLS, channel_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 

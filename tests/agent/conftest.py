@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent.tls import write_dev_pki
+from controller.agent.rpc.tls import write_dev_pki
 from hack.controlplane import guest_kernel_dir, virtiofsd_path
 from tests.agent.agent_harness import AgentProcess
 from tests.netns import bridged_netns

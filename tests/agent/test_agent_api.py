@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.agent.client import AgentClient
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.tls import ClientTLS, write_dev_pki
+from controller.agent.rpc.client import AgentClient
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.tls import ClientTLS, write_dev_pki
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process
 

@@ -22,7 +22,7 @@ import pytest
 
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI
 from controller.agent.hypervisor.cloud_hypervisor import event_names, read_events
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process
 from tests.agent.test_agent_vm import vm_pids_of, wait_for

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent.confined import open_in_root, remove_in_root
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.guest.confined import open_in_root, remove_in_root
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process
 from tests.agent.test_agent_vm import vm_pids_of

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.test_agent_policy import in_state
 from tests.agent.test_agent_vm import vm_pids_of, wait_for

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from controller.agent.procs import cmdline
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.procs import cmdline
 from hack.controlplane import guest_kernel_dir
 from tests.agent.agent_harness import ROOT, AgentProcess
 from tests.agent.conftest import agent_process

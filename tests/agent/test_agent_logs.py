@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from controller.agent.provision import rotate
+from controller.agent.guest.provision import rotate
 
 
 def test_rotation_keeps_the_tail_and_the_writer_keeps_appending(tmp_path: Path) -> None:

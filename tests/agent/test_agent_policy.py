@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from controller.agent.hypervisor.qmp import QMP
-from controller.agent.procs import cmdline
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.procs import cmdline
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.test_agent_vm import vm_pids_of, wait_for
 

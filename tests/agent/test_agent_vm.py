@@ -21,8 +21,8 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from controller.agent.procs import cmdline
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.procs import cmdline
 from tests.agent.agent_harness import AgentProcess, EventRecorder, loop_backing_files
 from tests.agent.conftest import AGENT_ENTRYPOINT, AGENT_GREETING_VAR, agent_process
 

@@ -9,6 +9,22 @@ import pytest
 
 from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
+from controller.agent.guest.virtiofs import (
+    QEMU_VIRTIOFSD,
+    Flavor,
+    Virtiofsd,
+    VirtiofsError,
+    find_virtiofsd,
+    start_virtiofsd,
+)
+from controller.agent.guest.vmconfig import (
+    BootMode,
+    Disk,
+    FsShare,
+    detect_boot,
+    kernel_cmdline,
+    resolve_in_root,
+)
 from controller.agent.hypervisor import (
     CloudHypervisor,
     ExitStatus,
@@ -18,22 +34,6 @@ from controller.agent.hypervisor import (
     select_hypervisor,
 )
 from controller.agent.hypervisor.qemu import classify_qemu_exit
-from controller.agent.virtiofs import (
-    QEMU_VIRTIOFSD,
-    Flavor,
-    Virtiofsd,
-    VirtiofsError,
-    find_virtiofsd,
-    start_virtiofsd,
-)
-from controller.agent.vmconfig import (
-    BootMode,
-    Disk,
-    FsShare,
-    detect_boot,
-    kernel_cmdline,
-    resolve_in_root,
-)
 from tests.agent.test_cloud_hypervisor import make_config
 
 BASE = "rw console=ttyS0 reboot=k panic=1 root=vroot rootfstype=virtiofs rootdelay=30"

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent.console import ConsoleStream
-from controller.agent.guestexit import EntrypointExit, find_exit, new_nonce
+from controller.agent.guest.exitmarker import EntrypointExit, find_exit, new_nonce
+from controller.agent.guest.seed import Interface, Mount, Route, SeedConfig, write_seed
+from controller.agent.guest.virtiofs import QEMU_VIRTIOFSD, Flavor, Virtiofsd, start_virtiofsd
+from controller.agent.guest.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
+from controller.agent.guest.vmconfig import kernel_cmdline as make_cmdline
 from controller.agent.hypervisor import VM, ExitRecord, GuestEvent, GuestExit, Qemu
-from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
-from controller.agent.procs import ProcessRef, cmdline, terminate
-from controller.agent.seed import Interface, Mount, Route, SeedConfig, write_seed
-from controller.agent.virtiofs import QEMU_VIRTIOFSD, Flavor, Virtiofsd, start_virtiofsd
-from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, detect_boot
-from controller.agent.vmconfig import kernel_cmdline as make_cmdline
+from controller.agent.network.local import create_tap, delete_tap, mac_address, tap_name
+from controller.agent.runtime.console import ConsoleStream
+from controller.agent.runtime.procs import ProcessRef, cmdline, terminate
 from hack.controlplane import virtiofsd_path
 from tests.agent.conftest import guest_busybox_root, guest_install_binary
 

@@ -26,6 +26,7 @@ import grpc
 import pytest
 
 from controller.agent.errors import FailedPrecondition
+from controller.agent.guest.vmconfig import Disk, FsShare, Nic, VMConfig
 from controller.agent.hypervisor import (
     CloudHypervisor,
     ExitStatus,
@@ -42,8 +43,7 @@ from controller.agent.hypervisor.cloud_hypervisor import (
     event_names,
     read_events,
 )
-from controller.agent.procs import ProcessRef, spawn_detached, terminate
-from controller.agent.vmconfig import Disk, FsShare, Nic, VMConfig
+from controller.agent.runtime.procs import ProcessRef, spawn_detached, terminate
 
 pytestmark = pytest.mark.timeout(60)
 

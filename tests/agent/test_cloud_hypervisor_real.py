@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent.console import ConsoleStream
+from controller.agent.guest.virtiofs import Flavor, Virtiofsd, find_virtiofsd, start_virtiofsd
+from controller.agent.guest.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, kernel_cmdline
 from controller.agent.hypervisor import (
     CloudHypervisor,
     GuestEvent,
@@ -35,10 +36,9 @@ from controller.agent.hypervisor import (
     still_running,
 )
 from controller.agent.hypervisor.cloud_hypervisor import CloudHypervisorVM, event_names, read_events
-from controller.agent.network import create_tap, delete_tap, mac_address, tap_name
-from controller.agent.procs import ProcessRef, terminate
-from controller.agent.virtiofs import Flavor, Virtiofsd, find_virtiofsd, start_virtiofsd
-from controller.agent.vmconfig import BootMode, Disk, FsShare, Nic, VMConfig, kernel_cmdline
+from controller.agent.network.local import create_tap, delete_tap, mac_address, tap_name
+from controller.agent.runtime.console import ConsoleStream
+from controller.agent.runtime.procs import ProcessRef, terminate
 from tests.agent.conftest import guest_busybox_root
 
 pytestmark = [

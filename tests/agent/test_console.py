@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from controller.agent.console import HISTORY_BYTES, SUBSCRIBER_BACKLOG, ConsoleStream
+from controller.agent.runtime.console import HISTORY_BYTES, SUBSCRIBER_BACKLOG, ConsoleStream
 
 pytestmark = pytest.mark.timeout(60)
 

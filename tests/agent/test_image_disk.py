@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from controller.agent.errors import InvalidSpec
-from controller.agent.image import boot_disk, is_blank, write_image
+from controller.agent.guest.image import boot_disk, is_blank, write_image
 from controller.agent.spec import MachineSpec, Mount, Volume, VolumeKind
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller.agent.errors import ResourceExhausted
-from controller.agent.network import (
+from controller.agent.network.local import (
     IPAllocator,
     NetworkError,
     create_tap,

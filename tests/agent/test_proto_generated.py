@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO_DIR = Path("controller/agent/proto")
+PROTO_DIR = Path("controller/agent/rpc/proto")
 
 
 def _generated(base: Path) -> dict[Path, Path]:
@@ -32,7 +32,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 
 def test_enums_reserve_unspecified_zero() -> None:
-    from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+    from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 
     for enum in pb.DESCRIPTOR.enum_types_by_name.values():
         zero = enum.values_by_number[0].name

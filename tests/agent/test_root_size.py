@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent import rootlayer
 from controller.agent.errors import InvalidSpec, Unavailable
+from controller.agent.guest import rootlayer
 from controller.agent.spec import (
     GIB,
     MIB,

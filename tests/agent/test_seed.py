@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from controller.agent.errors import InvalidSpec
-from controller.agent.seed import (
+from controller.agent.guest.seed import (
     Interface,
     Mount,
     Route,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI, CloudHypervisorAPIError
-from controller.agent.procs import cmdline
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.procs import cmdline
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import STANDIN_VMM, standin_agent_process
 from tests.agent.test_agent_vm import wait_for

@@ -6,8 +6,8 @@ import json
 import stat
 from pathlib import Path
 
+from controller.agent.runtime.state import MachineRecord, StateStore
 from controller.agent.spec import MachineSpec, Ref
-from controller.agent.state import MachineRecord, StateStore
 
 SECRET = "s3cr3t-value-for-the-test"
 

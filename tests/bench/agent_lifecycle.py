@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.tls import write_dev_pki
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.tls import write_dev_pki
 from controller.flist.pack import pack
 from hack.controlplane import guest_kernel_dir
 from tests.agent.agent_harness import AgentProcess

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from controller.agent.guest.seed import SeedConfig, write_seed
+from controller.agent.guest.virtiofs import find_virtiofsd, start_virtiofsd
+from controller.agent.guest.vmconfig import BootMode, Disk, FsShare, VMConfig, kernel_cmdline
 from controller.agent.hypervisor import Qemu
-from controller.agent.procs import terminate
-from controller.agent.seed import SeedConfig, write_seed
-from controller.agent.virtiofs import find_virtiofsd, start_virtiofsd
-from controller.agent.vmconfig import BootMode, Disk, FsShare, VMConfig, kernel_cmdline
+from controller.agent.runtime.procs import terminate
 from hack.controlplane import guest_kernel_dir, virtiofsd_path
 from tests.agent.conftest import guest_busybox_root
 from tests.bench.report import write_section

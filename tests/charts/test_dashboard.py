@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.core import Metric
 from prometheus_client.registry import REGISTRY
 
-from controller.agent.machines import Machines
-from controller.agent.metrics import MachineCollector
+from controller.agent.runtime.machines import Machines
+from controller.agent.runtime.metrics import MachineCollector
 from controller.operator import metrics as controller_metrics
 from tests.charts.helm import CHART
 

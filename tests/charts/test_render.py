@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from controller.agent.config import parse_config
 from controller.agent.errors import InvalidSpec
-from controller.agent.tls import ClientTLS, ServerTLS, channel_credentials, server_credentials
+from controller.agent.rpc.tls import ClientTLS, ServerTLS, channel_credentials, server_credentials
 from tests.charts.helm import CHART, VALUE_SETS, Helm, Manifest, find, kubelet_env, one
 
 # What the downward API gives a pod (release namespace zm-ops, on node-a at 192.0.2.7).

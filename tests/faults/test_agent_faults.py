@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller.agent.client import AgentClient
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.client import AgentClient
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from tests.agent.agent_harness import AgentProcess, EventRecorder
 from tests.agent.conftest import standin_agent_process
 from tests.agent.test_agent_vm import wait_for

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.agent.client import AgentClient
-from controller.agent.procs import ProcessRef
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.tls import ClientTLS
+from controller.agent.rpc.client import AgentClient
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.tls import ClientTLS
+from controller.agent.runtime.procs import ProcessRef
 from hack import devenv
 from hack.controlplane import ControlPlane
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir  # noqa: F401 (fixtures)

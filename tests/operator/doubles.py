@@ -17,7 +17,7 @@ import kopf
 import yaml
 from kopf._core.engines import posting
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.operator.errors import AgentUnavailable
 from controller.operator.inventory import Inventory, NodeView
 from controller.operator.kubeapi import Kube

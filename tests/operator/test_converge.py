@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from kopf._core.engines import posting
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.operator import reconcile
 from controller.operator.errors import NodeOutOfCapacity
 from tests.operator.doubles import World, agents, run_converge, run_release

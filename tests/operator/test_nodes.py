@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.operator.inventory import Request
 from controller.operator.nodes import NodeMonitor
 from controller.operator.placement import choose_node

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from controller.agent.convert import spec_from_pb
 from controller.agent.errors import InvalidSpec
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.convert import spec_from_pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.spec import Ref, env_digest, validate_spec
 from controller.api.zmachine import ZmachineSpec
 from controller.operator.errors import SecretUnavailable

@@ -29,9 +29,9 @@ from typing import ClassVar
 import structlog
 
 from controller.agent.errors import Unavailable
-from controller.agent.network import netns_argv
-from controller.agent.procs import ProcessRef, cmdline, exit_code, spawn_detached, terminate
-from controller.agent.vmconfig import VMConfig
+from controller.agent.guest.vmconfig import VMConfig
+from controller.agent.network.local import netns_argv
+from controller.agent.runtime.procs import ProcessRef, cmdline, exit_code, spawn_detached, terminate
 
 log = structlog.get_logger(__name__)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.agent.errors import FailedPrecondition
+from controller.agent.guest.vmconfig import VMConfig
 from controller.agent.hypervisor.base import (
     PROBE_CMDLINE,
     VM,
@@ -39,8 +40,7 @@ from controller.agent.hypervisor.base import (
     version_output,
 )
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI
-from controller.agent.procs import ProcessRef
-from controller.agent.vmconfig import VMConfig
+from controller.agent.runtime.procs import ProcessRef
 
 # CH's default log format: "cloud-hypervisor: 1.2s: <vcpu0> ERROR:vmm/src/cpu.rs:1440 -- ..."
 _ERROR_LINE = re.compile(r"> ERROR:")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.agent.errors import InvalidSpec
+from controller.agent.guest.vmconfig import MAX_SOCKET_PATH, VMConfig
 from controller.agent.hypervisor.base import (
     PROBE_CMDLINE,
     VM,
@@ -32,8 +33,7 @@ from controller.agent.hypervisor.base import (
     version_output,
 )
 from controller.agent.hypervisor.qmp import QMP, follow_events
-from controller.agent.procs import ProcessRef
-from controller.agent.vmconfig import MAX_SOCKET_PATH, VMConfig
+from controller.agent.runtime.procs import ProcessRef
 
 ACCELS = ("auto", "kvm", "tcg")
 

@@ -21,7 +21,6 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from controller.agent import boot, confined, guestexit, image, rootlayer
 from controller.agent.config import AgentConfig
 from controller.agent.errors import (
     AgentError,
@@ -30,12 +29,14 @@ from controller.agent.errors import (
     ProvisionFailed,
     Unavailable,
 )
+from controller.agent.guest import boot, confined, image, rootlayer
+from controller.agent.guest import exitmarker as guestexit
+from controller.agent.guest.vmconfig import RUN_LOG
 from controller.agent.hypervisor import ExitRecord, GuestEvent, log_tail
-from controller.agent.layout import VMPaths
-from controller.agent.procs import spawn_detached, terminate
+from controller.agent.runtime.layout import VMPaths
+from controller.agent.runtime.procs import spawn_detached, terminate
+from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
-from controller.agent.state import MachineRecord, State
-from controller.agent.vmconfig import RUN_LOG
 from controller.flist import bootmode, fetch, mount, overlay
 
 log = structlog.get_logger(__name__)

@@ -15,19 +15,19 @@ import grpc
 import structlog
 
 from controller.agent import __version__
-from controller.agent.convert import (
+from controller.agent.errors import AgentError, InvalidSpec
+from controller.agent.guest.provision import Provisioner
+from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
     machine_to_pb,
     ref_from_pb,
     spec_from_pb,
 )
-from controller.agent.errors import AgentError, InvalidSpec
-from controller.agent.events import EventBus
-from controller.agent.machines import Machines, host_memory
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
-from controller.agent.provision import Provisioner
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
+from controller.agent.runtime.events import EventBus
+from controller.agent.runtime.machines import Machines, host_memory
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")

@@ -22,9 +22,9 @@ from pathlib import Path
 import structlog
 
 from controller.agent.errors import Unavailable
+from controller.agent.guest.vmconfig import FsShare
 from controller.agent.hypervisor.base import log_tail, still_running
-from controller.agent.procs import ProcessRef, exit_code, spawn_detached
-from controller.agent.vmconfig import FsShare
+from controller.agent.runtime.procs import ProcessRef, exit_code, spawn_detached
 
 log = structlog.get_logger(__name__)
 

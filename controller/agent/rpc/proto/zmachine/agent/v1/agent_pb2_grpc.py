@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in controller/agent/proto/zmachine/agent/v1/agent_pb2_grpc.py depends on'
+        + ' but the generated code in controller/agent/rpc/proto/zmachine/agent/v1/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class AgentServiceStub:
         """
         self.Deploy = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Deploy',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Get',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/List',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Delete',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.Pause = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Pause',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Resume',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
                 _registered_method=True)
         self.Restart = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Restart',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
                 _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/zmachine.agent.v1.AgentService/WatchEvents',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.FromString,
                 _registered_method=True)
         self.NodeInfo = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/NodeInfo',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/zmachine.agent.v1.AgentService/Stats',
-                request_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-                response_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
                 _registered_method=True)
 
 
@@ -159,53 +159,53 @@ def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.SerializeToString,
             ),
             'Pause': grpc.unary_unary_rpc_method_handler(
                     servicer.Pause,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
             ),
             'Restart': grpc.unary_unary_rpc_method_handler(
                     servicer.Restart,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.SerializeToString,
             ),
             'NodeInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeInfo,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
-                    response_serializer=controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.SerializeToString,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,8 +233,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Deploy',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeployResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +260,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Get',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.GetRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,8 +287,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/List',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ListResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,8 +314,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Delete',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,8 +341,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Pause',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +368,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Resume',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +395,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Restart',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Machine.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,8 +422,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/WatchEvents',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.WatchEventsRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
@@ -449,8 +449,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/NodeInfo',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.NodeInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -476,8 +476,8 @@ class AgentService:
             request,
             target,
             '/zmachine.agent.v1.AgentService/Stats',
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
-            controller_dot_agent_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
             options,
             channel_credentials,
             insecure,

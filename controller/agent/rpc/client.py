@@ -10,9 +10,9 @@ from types import TracebackType
 
 import grpc
 
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
-from controller.agent.tls import ClientTLS, channel_credentials
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
+from controller.agent.rpc.tls import ClientTLS, channel_credentials
 
 
 class AgentClient:

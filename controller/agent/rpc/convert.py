@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controller.agent.events import Event, EventType
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.events import Event, EventType
+from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import (
     Interface,
     MachineSpec,
@@ -16,7 +17,6 @@ from controller.agent.spec import (
     VolumeKind,
     env_digest,
 )
-from controller.agent.state import MachineRecord, State
 
 _POLICY = {
     pb.RESTART_POLICY_UNSPECIFIED: RestartPolicy.ALWAYS,

@@ -10,8 +10,8 @@ from enum import StrEnum
 
 import structlog
 
+from controller.agent.runtime.state import State
 from controller.agent.spec import Ref
-from controller.agent.state import State
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from cryptography.fernet import Fernet, InvalidToken
 
-from controller.agent.procs import ProcessRef
+from controller.agent.runtime.procs import ProcessRef
 from controller.agent.spec import MachineSpec, Ref
 
 log = structlog.get_logger(__name__)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import structlog
 
 from controller.agent.config import Supervision
-from controller.agent.events import EventType
 from controller.agent.hypervisor import ExitRecord, GuestEvent
-from controller.agent.machines import Machines
+from controller.agent.runtime.events import EventType
+from controller.agent.runtime.machines import Machines
+from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import RestartPolicy
-from controller.agent.state import MachineRecord, State
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ no free IP), UNAVAILABLE (the node cannot run VMs right now); the message says w
 """
 
 from collections import abc as _abc
-from controller.agent.proto.zmachine.agent.v1 import agent_pb2 as _agent_pb2
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as _agent_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import structlog
 
 from controller.agent.errors import FailedPrecondition, MachineNotFound, ResourceExhausted
-from controller.agent.events import Event, EventBus, EventType
 from controller.agent.faults import Faults
-from controller.agent.provision import Provisioner
+from controller.agent.guest.provision import Provisioner
+from controller.agent.runtime.events import Event, EventBus, EventType
+from controller.agent.runtime.state import MachineRecord, State, StateStore
 from controller.agent.spec import MachineSpec, Ref, validate_ref, validate_spec
-from controller.agent.state import MachineRecord, State, StateStore
 
 log = structlog.get_logger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import structlog
 
 from controller.agent.config import AgentConfig
-from controller.agent.procs import cmdline
-from controller.agent.provision import Provisioner
-from controller.agent.state import StateStore
+from controller.agent.guest.provision import Provisioner
+from controller.agent.runtime.procs import cmdline
+from controller.agent.runtime.state import StateStore
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import structlog
 
-from controller.agent import hypervisor, image, network, seed, virtiofs, vmconfig
+from controller.agent import hypervisor
 from controller.agent.config import AgentConfig
-from controller.agent.console import ConsoleStream
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
+from controller.agent.guest import image, seed, virtiofs, vmconfig
 from controller.agent.hypervisor.qemu import QemuVM
-from controller.agent.layout import VMPaths
-from controller.agent.procs import ProcessRef, terminate
+from controller.agent.network import local as network
+from controller.agent.runtime.console import ConsoleStream
+from controller.agent.runtime.layout import VMPaths
+from controller.agent.runtime.procs import ProcessRef, terminate
+from controller.agent.runtime.state import MachineRecord, NicStatus
 from controller.agent.spec import VolumeKind, hostname_label
-from controller.agent.state import MachineRecord, NicStatus
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller.agent.machines import Machines
+from controller.agent.runtime.machines import Machines
 
 log = structlog.get_logger(__name__)
 LABELS = ["namespace", "name", "uid"]

@@ -1,0 +1,1 @@
+"""Host networking, one module per kind of guest interface."""
