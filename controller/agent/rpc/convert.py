@@ -41,6 +41,10 @@ class UnknownVolumeKind(ValueError):
     pass
 
 
+def state_to_pb(state: State) -> pb.MachineState.ValueType:
+    return _STATE[state]
+
+
 def ref_from_pb(ref: pb.ZmachineRef) -> Ref:
     return Ref(namespace=ref.namespace, name=ref.name, uid=ref.uid)
 

@@ -17,6 +17,7 @@ import structlog
 from controller.agent import __version__
 from controller.agent.errors import AgentError, InvalidSpec
 from controller.agent.guest.provision import Provisioner
+from controller.agent.rpc import consoles
 from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
@@ -53,6 +54,21 @@ def mapped(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("context.abort returned")  # abort always raises
 
     return wrapper
+
+
+async def mapped_stream(
+    name: str, items: AsyncIterator[Resp], context: grpc.aio.ServicerContext[Any, Resp]
+) -> AsyncIterator[Resp]:
+    """``mapped`` for server streams: an AgentError ends the stream with its status code."""
+    try:
+        async for item in items:
+            yield item
+    except AgentError as exc:
+        log.info("request refused", method=name, code=exc.code.name, error=str(exc))
+        await context.abort(exc.code, str(exc))
+    except Exception as exc:
+        log.exception("request failed", method=name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -156,3 +172,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
             restarts=rec.restarts,
             boot_duration_seconds=rec.boot_duration,
         )
+
+    async def AttachConsole(
+        self, request_iterator: AsyncIterator[pb.ConsoleInput], context: Any
+    ) -> AsyncIterator[pb.ConsoleOutput]:
+        session = consoles.attach(self.machines, request_iterator)
+        async for msg in mapped_stream("AttachConsole", session, context):
+            yield msg
+
+    async def ConsoleLog(
+        self, request: pb.ConsoleLogRequest, context: Any
+    ) -> AsyncIterator[pb.ConsoleOutput]:
+        chunks = consoles.serial_log(self.machines, request)
+        async for data in mapped_stream("ConsoleLog", chunks, context):
+            yield pb.ConsoleOutput(data=data)

@@ -54,6 +54,15 @@ class AgentServiceStub:
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]
+    AttachConsole: _grpc.StreamStreamMultiCallable[_agent_pb2.ConsoleInput, _agent_pb2.ConsoleOutput]
+    """The serial console, shared: the first message names the machine (attach), then
+    input bytes and window sizes; the answer is the history ring, then live output and
+    the machine's state whenever it changes. Every attached client may type.
+    """
+    ConsoleLog: _grpc.UnaryStreamMultiCallable[_agent_pb2.ConsoleLogRequest, _agent_pb2.ConsoleOutput]
+    """The serial log: the last tail_lines lines of console.log, then (follow) new output
+    until the call is cancelled or the machine is deleted.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -74,6 +83,15 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]  # type: ignore[assignment]
+    AttachConsole: _aio.StreamStreamMultiCallable[_agent_pb2.ConsoleInput, _agent_pb2.ConsoleOutput]  # type: ignore[assignment]
+    """The serial console, shared: the first message names the machine (attach), then
+    input bytes and window sizes; the answer is the history ring, then live output and
+    the machine's state whenever it changes. Every attached client may type.
+    """
+    ConsoleLog: _aio.UnaryStreamMultiCallable[_agent_pb2.ConsoleLogRequest, _agent_pb2.ConsoleOutput]  # type: ignore[assignment]
+    """The serial log: the last tail_lines lines of console.log, then (follow) new output
+    until the call is cancelled or the machine is deleted.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,5 +169,26 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.MachineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.MachineStats, _abc.Awaitable[_agent_pb2.MachineStats]]: ...
+
+    @_abc_1.abstractmethod
+    def AttachConsole(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ConsoleInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConsoleOutput], _abc.AsyncIterator[_agent_pb2.ConsoleOutput]]:
+        """The serial console, shared: the first message names the machine (attach), then
+        input bytes and window sizes; the answer is the history ring, then live output and
+        the machine's state whenever it changes. Every attached client may type.
+        """
+
+    @_abc_1.abstractmethod
+    def ConsoleLog(
+        self,
+        request: _agent_pb2.ConsoleLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConsoleOutput], _abc.AsyncIterator[_agent_pb2.ConsoleOutput]]:
+        """The serial log: the last tail_lines lines of console.log, then (follow) new output
+        until the call is cancelled or the machine is deleted.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
