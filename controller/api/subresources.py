@@ -10,7 +10,8 @@ GROUP = "subresources.zos.threefold.io"
 VERSION = "v1"
 CONSOLE = "console"  # websocket: read and type (zmachines/console)
 LOG = "log"  # the serial log, with follow (zmachines/log)
-SUBRESOURCES = (CONSOLE, LOG)
+RESTART = "restart"  # PUT: the node restarts the VM (zmachines/restart, verb update)
+VERBS = {CONSOLE: "get", LOG: "get", RESTART: "update"}
 
 
 def path(namespace: str, name: str, subresource: str) -> str:

@@ -370,7 +370,8 @@ class ZmachineStatus(KubeModel):
     ip: str | None = None
     """Address of the private interface."""
     console_url: str | None = None
-    """Web serial console."""
+    """API path of the serial console (a websocket through the API server; `kubectl
+    zmachine console NAME` uses it)."""
     restart_count: int = 0
     """Times the node restarted the machine."""
     exit_code: int | None = None

@@ -104,7 +104,9 @@ class RequestHeaderConfig:
 async def authorize(
     api: client.ApiClient, user: User, namespace: str, name: str, subresource: str
 ) -> None:
-    """SubjectAccessReview: may ``user`` get zmachines/<subresource> ``name``? Else 403."""
+    """SubjectAccessReview: may ``user`` use zmachines/<subresource> ``name`` (with the
+    subresource's verb, subresources.VERBS)? Else 403."""
+    verb = subresources.VERBS[subresource]
     review = client.V1SubjectAccessReview(
         spec=client.V1SubjectAccessReviewSpec(
             user=user.name,
@@ -116,7 +118,7 @@ async def authorize(
                 version=subresources.VERSION,
                 resource="zmachines",
                 subresource=subresource,
-                verb="get",
+                verb=verb,
                 namespace=namespace,
                 name=name,
             ),
@@ -128,7 +130,7 @@ async def authorize(
     if status is None or not status.allowed:
         raise Forbidden(
             f'zmachines.{subresources.GROUP} "{name}" is forbidden: User "{user.name}" '
-            f'cannot get resource "zmachines/{subresource}" in API group '
+            f'cannot {verb} resource "zmachines/{subresource}" in API group '
             f'"{subresources.GROUP}" in the namespace "{namespace}"'
             + (f": {status.reason}" if status is not None and status.reason else "")
         )

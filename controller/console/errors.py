@@ -28,6 +28,13 @@ class NotFound(ConsoleError):
     reason = "NotFound"
 
 
+class Conflict(ConsoleError):
+    """Not in this state (restarting a machine that is not running)."""
+
+    code = 409
+    reason = "Conflict"
+
+
 class Unavailable(ConsoleError):
     """The Zmachine has no node yet or its agent does not answer."""
 

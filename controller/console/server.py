@@ -31,7 +31,13 @@ from controller.api import subresources
 from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.console.auth import RequestHeaderConfig, User, authorize
-from controller.console.errors import BadRequest, ConsoleError, NotFound, Unavailable
+from controller.console.errors import (
+    BadRequest,
+    Conflict,
+    ConsoleError,
+    NotFound,
+    Unavailable,
+)
 from controller.kube import ApiException, api_client, get_object
 from controller.logs import configure_logging
 
@@ -111,6 +117,7 @@ class Server:
                 web.get(PREFIX, self.discovery(_resource_list)),
                 web.get(f"{PREFIX}{sub}/{subresources.CONSOLE}", self.console),
                 web.get(f"{PREFIX}{sub}/{subresources.LOG}", self.serial_log),
+                web.put(f"{PREFIX}{sub}/{subresources.RESTART}", self.restart),
             ]
         )
 
@@ -154,6 +161,26 @@ class Server:
         await session.run()
         bound.info("console closed")
         return ws
+
+    async def restart(self, request: web.Request) -> web.StreamResponse:
+        namespace, name, user = await self._target(request, subresources.RESTART)
+        uid, address = await self.backend.locate(namespace, name)
+        try:
+            machine = await self.backend.agent(address).restart(uid)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise Conflict(f"zmachine {namespace}/{name}: {exc.details()}") from exc
+            raise Unavailable(f"zmachine {namespace}/{name}: {_why(exc)}") from exc
+        log.info("restarted", namespace=namespace, name=name, uid=uid, user=user.name)
+        return web.json_response(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "message": f"zmachine {namespace}/{name} restarted ({state_name(machine.state)})",
+            }
+        )
 
     async def serial_log(self, request: web.Request) -> web.StreamResponse:
         namespace, name, user = await self._target(request, subresources.LOG)
@@ -343,8 +370,8 @@ def _resource_list() -> dict[str, Any]:
         "apiVersion": "v1",
         "groupVersion": f"{subresources.GROUP}/{subresources.VERSION}",
         "resources": [
-            {"name": f"zmachines/{sub}", "namespaced": True, "kind": "Zmachine", "verbs": ["get"]}
-            for sub in subresources.SUBRESOURCES
+            {"name": f"zmachines/{sub}", "namespaced": True, "kind": "Zmachine", "verbs": [verb]}
+            for sub, verb in subresources.VERBS.items()
         ],
     }
 

@@ -14,6 +14,7 @@ import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.api import conditions as cond
+from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
 from controller.operator import metrics
 from controller.operator.agents import AgentPool
@@ -192,6 +193,10 @@ async def converge(
                 "at creation (delete and recreate to move it)",
             )
 
+        # Served by the console server through the API server (docs/console.md).
+        out.set(
+            "consoleURL", subresources.path(target.namespace, target.name, subresources.CONSOLE)
+        )
         node = rt.inventory.nodes.get(node_name)
         if node is None or not node.ready:
             _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
