@@ -370,7 +370,13 @@ def _resource_list() -> dict[str, Any]:
         "apiVersion": "v1",
         "groupVersion": f"{subresources.GROUP}/{subresources.VERSION}",
         "resources": [
-            {"name": f"zmachines/{sub}", "namespaced": True, "kind": "Zmachine", "verbs": [verb]}
+            {
+                "name": f"zmachines/{sub}",
+                "singularName": "",
+                "namespaced": True,
+                "kind": "Zmachine",
+                "verbs": [verb],
+            }
             for sub, verb in subresources.VERBS.items()
         ],
     }

@@ -176,11 +176,12 @@ def test_input_reaches_the_current_pty_and_nothing_while_none_is_open(tmp_path: 
         vmm = PtyVMM()
         follower = asyncio.create_task(stream.follow(vmm))
         try:
-            while not stream.connected:
+            deadline = asyncio.get_running_loop().time() + 5
+            while stream.write(b"ls\r") == 0:  # 0 until the PTY is open
+                assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.02)
             os.set_blocking(vmm.master, False)
             stream.resize(40, 120)
-            assert stream.write(b"ls\r") == 3
             assert await read_master(vmm.master, b"ls\r") == b"ls\r"
             vmm.replace()
             os.set_blocking(vmm.master, False)
