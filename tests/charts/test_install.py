@@ -113,7 +113,18 @@ def test_rendered_value_sets_pass_api_validation(
     # The Prometheus Operator's CRDs are not installed here.
     accepted = [d for d in docs if d["kind"] != "ServiceMonitor"]
     stream = yaml.safe_dump_all(accepted)
-    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=stream, check=False)
+    # apply, not create: the ClusterRoles for users and the APIService have fixed names, so
+    # the installed release already holds them.
+    result = cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=stream,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == len(accepted)
 
