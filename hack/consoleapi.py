@@ -39,20 +39,34 @@ class ConsoleServer:
     def log(self) -> Path:
         return self.workdir / "console.log"
 
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "console-pki"
+
+    def argv(self) -> list[str]:
+        """The server's command line (its serving certificate made on first use)."""
+        if not (self.pki / "server.crt").exists():
+            write_dev_pki(self.pki, (f"{SERVICE}.{NAMESPACE}.svc",), client_name="unused")
+        return [
+            sys.executable, "-m", "controller.console.server",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--tls-cert", str(self.pki / "server.crt"), "--tls-key", str(self.pki / "server.key"),
+            "--agent-tls-dir", str(self.agent_tls_dir),
+            "--kubeconfig", str(self.cluster.kubeconfig),
+        ]  # fmt: skip
+
     def start(self, timeout: float = 90.0) -> None:
-        pki = self.workdir / "console-pki"
-        write_dev_pki(pki, server_names=(f"{SERVICE}.{NAMESPACE}.svc",), client_name="unused")
+        """Run the server as a child of this process, then publish it."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller.console.server",
-                 "--listen", f"127.0.0.1:{self.port}",
-                 "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
-                 "--agent-tls-dir", str(self.agent_tls_dir),
-                 "--kubeconfig", str(self.cluster.kubeconfig)],
-                stdout=out, stderr=subprocess.STDOUT,
+                self.argv(), stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
-        self.register((pki / "ca.crt").read_bytes())
+        self.publish(timeout)
+
+    def publish(self, timeout: float = 90.0) -> None:
+        """Register the server's APIService and wait until the API server finds it Available."""
+        self.register((self.pki / "ca.crt").read_bytes())
         self.wait_available(timeout)
 
     def register(self, ca_bundle: bytes) -> None:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from controller.agent.runtime.procs import ProcessRef
+from hack.consoleapi import ConsoleServer
 from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ MARKERS = {
     "kube-apiserver": "kube-apiserver",
     "agent": "controller.agent.main",
     "controller": "controller.operator.main",
+    "console": "controller.console.server",
 }
 
 
@@ -173,6 +175,14 @@ def up() -> int:
             sys.executable, "-m", "controller.operator.main", "--agent-tls-dir", str(pki),
             "--metrics-port", str(free_port()), "--health-port", str(free_port()),
         ], env)  # fmt: skip
+    if "console" not in alive:
+        say("starting the console server, an aggregated API (log: .cache/logs/console.log)")
+        console = ConsoleServer(ControlPlane(CACHE / "cluster"), CACHE, pki)
+        _spawn("console", console.argv(), env)
+        console.publish()
+    # `kubectl zmachine ...` finds the plugin next to kubectl.
+    (BIN / "kubectl-zmachine").unlink(missing_ok=True)
+    (BIN / "kubectl-zmachine").symlink_to(Path(sys.executable).parent / "kubectl-zmachine")
     say("applying examples/")
     subprocess.run([*kubectl, "apply", "-f", str(REPO / "examples")], check=True)
     return _wait_running(kubectl)
@@ -205,7 +215,9 @@ Next:
   export KUBECONFIG={KUBECONFIG} PATH={BIN}:$PATH
   kubectl get zm              # phase, node, mode, IP
   kubectl describe zm hello   # conditions and events
-  cat .cache/agent/vms/*/console.log        # the serial console of the guests
+  kubectl zmachine console hello            # its serial console (leave with Ctrl-])
+  kubectl zmachine open hello --browser     # the same in a browser page
+  kubectl zmachine logs hello -f            # the serial log
   ip netns exec {NETNS} busybox ping <IP>    # the guests' bridge lives in netns {NETNS}
   make down                   # delete the examples and stop everything
 """)

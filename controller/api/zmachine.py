@@ -369,7 +369,7 @@ class ZmachineStatus(KubeModel):
     """container, vm or image, detected from the flist."""
     ip: str | None = None
     """Address of the private interface."""
-    console_url: str | None = None
+    console_url: Annotated[str | None, Field(alias="consoleURL")] = None
     """API path of the serial console (a websocket through the API server; `kubectl
     zmachine console NAME` uses it)."""
     restart_count: int = 0
