@@ -161,6 +161,9 @@ class ControlPlane:
                 # Addresses are bookkeeping only: nothing here routes to this range.
                 "--service-cluster-ip-range=10.96.0.0/24",
                 "--authorization-mode=RBAC",
+                # A request without credentials is 401, not a user named system:anonymous
+                # (the console tests check that a missing token is refused as such).
+                "--anonymous-auth=false",
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--v=1",
@@ -246,6 +249,35 @@ class ControlPlane:
         (a user of its own in the audit log; group system:masters makes it cluster-admin)."""
         path = self.workdir / f"kubeconfig-{user}"
         self._write_kubeconfig(path, user, groups)
+        return path
+
+    def token_kubeconfig(self, path: Path, token: str | None) -> Path:
+        """A kubeconfig that sends ``token`` as a bearer token (none: no credentials)."""
+        user: dict[str, Any] = {"token": token} if token else {}
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "local",
+                            "cluster": {
+                                "server": self.url,
+                                "certificate-authority": str(
+                                    self.workdir / "serving" / "apiserver.crt"
+                                ),
+                            },
+                        }
+                    ],
+                    "users": [{"name": "user", "user": user}],
+                    "contexts": [
+                        {"name": "local", "context": {"cluster": "local", "user": "user"}}
+                    ],
+                    "current-context": "local",
+                }
+            )
+        )
         return path
 
     def kubectl(

@@ -77,10 +77,13 @@ class Kube:
         ns = namespace or (active.get("context") or {}).get("namespace") or "default"
         if cfg.refresh_api_key_hook is not None:  # exec / auth-provider credentials
             cfg.refresh_api_key_hook(cfg)
-        headers = {}
-        if token := cfg.api_key.get("authorization"):
-            prefix = cfg.api_key_prefix.get("authorization")
-            headers["Authorization"] = f"{prefix} {token}" if prefix else token
+        # Bearer tokens (static, exec, OIDC) as the generated client would send them.
+        settings: dict[str, Any] = dict(cfg.auth_settings())
+        headers = {
+            str(auth["key"]): str(auth["value"])
+            for auth in settings.values()
+            if auth.get("in") == "header" and auth.get("value")
+        }
         tls: ssl.SSLContext | bool = False
         if cfg.verify_ssl:
             tls = ssl.create_default_context(cafile=cfg.ssl_ca_cert)

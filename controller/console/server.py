@@ -208,13 +208,16 @@ class Server:
                 bound.info("serial log interrupted; reconnecting", error=_why(exc))
             except NotFound:
                 break
+            except ConnectionResetError:
+                return response  # the client left
             first = False
             if not response.prepared:
                 await response.prepare(request)
             await asyncio.sleep(RETRY_MAX)
-        if not response.prepared:
-            await response.prepare(request)
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # the client may be gone
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
         return response
 
 

@@ -22,10 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from hack.consoleapi import ConsoleServer
-from hack.controlplane import ControlPlane, free_port, virtiofsd_path
+from hack.controlplane import ControlPlane, virtiofsd_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
 from tests.charts.helm import Helm, build_helm
+from tests.e2e.conftest import start_controller
 from tests.netns import bridged_netns
 from tests.operator.conftest import wait_for
 
@@ -83,33 +84,6 @@ def _user_roles() -> list[dict[str, Any]]:
         if d["kind"] == "ClusterRole"
         and d["metadata"]["name"] in ("zmachine-console", "zmachine-viewer")
     ]
-
-
-def token_kubeconfig(cluster: ControlPlane, path: Path, token: str | None) -> Path:
-    user: dict[str, Any] = {"token": token} if token else {}
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "local",
-                        "cluster": {
-                            "server": cluster.url,
-                            "certificate-authority": str(
-                                cluster.workdir / "serving" / "apiserver.crt"
-                            ),
-                        },
-                    }
-                ],
-                "users": [{"name": "u", "user": user}],
-                "contexts": [{"name": "c", "context": {"cluster": "local", "user": "u"}}],
-                "current-context": "c",
-            }
-        )
-    )
-    return path
 
 
 def _b64(data: bytes) -> str:
@@ -176,11 +150,11 @@ def console_env(
     cluster.kubectl("create", "rolebinding", "dave-console", "-n", ns,
                     "--clusterrole=zmachine-console", f"--serviceaccount={ns}:dave")  # fmt: skip
     token = cluster.kubectl("create", "token", "dave", "-n", ns, "--duration=1h").stdout.strip()
-    kubeconfigs["dave"] = token_kubeconfig(cluster, base / "kubeconfig-dave", token)
-    kubeconfigs["dave-expired"] = token_kubeconfig(
-        cluster, base / "kubeconfig-dave-expired", expired(token, cluster.pki / "sa.key")
+    kubeconfigs["dave"] = cluster.token_kubeconfig(base / "kubeconfig-dave", token)
+    kubeconfigs["dave-expired"] = cluster.token_kubeconfig(
+        base / "kubeconfig-dave-expired", expired(token, cluster.pki / "sa.key")
     )
-    kubeconfigs["anonymous"] = token_kubeconfig(cluster, base / "kubeconfig-anonymous", None)
+    kubeconfigs["anonymous"] = cluster.token_kubeconfig(base / "kubeconfig-anonymous", None)
 
     with contextlib.ExitStack() as stack:
         netns = stack.enter_context(bridged_netns("zmcon", "zmbr0", "10.236.0.1/16"))
@@ -193,20 +167,13 @@ def console_env(
             "--lease-namespace", "zmachine-system", "--virtiofsd", str(virtiofsd_path()),
         ]  # fmt: skip
         log = base / "controller.log"
-        with log.open("wb") as out:
-            controller = subprocess.Popen(
-                [sys.executable, "-m", "controller.operator.main",
-                 "--agent-tls-dir", str(agent_pki), "--metrics-port", str(free_port()),
-                 "--health-port", str(free_port()), "--delete-timeout", "60",
-                 "--namespace", ns, "--lease-namespace", ns],
-                env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        controller = start_controller(cluster, agent_pki, ns, log)
         server = ConsoleServer(cluster, base, agent_pki)
 
         def teardown() -> None:
-            with contextlib.suppress(Exception):
-                cluster.kubectl("delete", "zm", NAME, "-n", ns, "--wait=false")
+            # The controller deletes it through the agent; delete_all is the safety net
+            # (VMs and their mounts outlive the agent by design).
+            cluster.kubectl("delete", "zm", NAME, "-n", ns, "--timeout=120s", check=False)
             with contextlib.suppress(Exception):
                 agent.delete_all()
             controller.terminate()

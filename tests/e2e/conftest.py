@@ -66,6 +66,21 @@ def node_agent(
     return agent
 
 
+def start_controller(
+    cluster: ControlPlane, pki: Path, ns: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """The controller, watching ``ns`` only, its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controller.operator.main",
+             "--agent-tls-dir", str(pki), "--metrics-port", str(free_port()),
+             "--health-port", str(free_port()), "--delete-timeout", "60",
+             "--namespace", ns, "--lease-namespace", ns],
+            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fleet(
     cluster: ControlPlane,
@@ -84,15 +99,7 @@ def fleet(
         for name in NODES
     }
     log = base / "controller.log"
-    with log.open("wb") as out:
-        controller = subprocess.Popen(
-            [sys.executable, "-m", "controller.operator.main",
-             "--agent-tls-dir", str(agent_pki), "--metrics-port", str(free_port()),
-             "--health-port", str(free_port()), "--delete-timeout", "60",
-             "--namespace", ns, "--lease-namespace", ns],
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    controller = start_controller(cluster, agent_pki, ns, log)
     try:
         for agent in agents.values():
             agent.start()
