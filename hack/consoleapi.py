@@ -57,12 +57,21 @@ class ConsoleServer:
 
     def start(self, timeout: float = 90.0) -> None:
         """Run the server as a child of this process, then publish it."""
+        self._run()
+        self.publish(timeout)
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Stop and start the process; the APIService stays registered meanwhile."""
+        self._terminate()
+        self._run()
+        self.wait_available(timeout)
+
+    def _run(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.argv(), stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
-        self.publish(timeout)
 
     def publish(self, timeout: float = 90.0) -> None:
         """Register the server's APIService and wait until the API server finds it Available."""
@@ -111,6 +120,10 @@ class ConsoleServer:
         raise TimeoutError(f"APIService {APISERVICE} not Available after {timeout}s: {last}")
 
     def stop(self) -> None:
+        self._terminate()
+        self.cluster.kubectl("delete", "apiservice", APISERVICE, "--ignore-not-found")
+
+    def _terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -118,4 +131,3 @@ class ConsoleServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.cluster.kubectl("delete", "apiservice", APISERVICE, "--ignore-not-found")

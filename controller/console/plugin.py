@@ -35,7 +35,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 
 class PluginError(Exception):
-    """Printed as is (kubectl style) and exit code 1."""
+    """Printed as is (kubectl style) and exit code 1; ``code`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def status_error(code: int, body: str) -> PluginError:
@@ -45,11 +49,12 @@ def status_error(code: int, body: str) -> PluginError:
     except ValueError:
         status = {}
     if code == 401:
-        return PluginError("error: You must be logged in to the server (Unauthorized)")
+        return PluginError("error: You must be logged in to the server (Unauthorized)", code)
     message = status.get("message") or body.strip() or f"HTTP {code}"
     reason = status.get("reason") or ""
     return PluginError(
-        f"Error from server ({reason}): {message}" if reason else f"Error from server: {message}"
+        f"Error from server ({reason}): {message}" if reason else f"Error from server: {message}",
+        code,
     )
 
 
@@ -301,8 +306,10 @@ def page_app(kube: Kube, name: str, token: str, port: int) -> web.Application:
                 upstream = await kube.websocket(session, path)
             except PluginError as exc:
                 await browser.send_json({"type": "error", "message": str(exc)})
-                code = 4401 if "Unauthorized" in str(exc) else 4403
-                await browser.close(code=code)
+                # A refusal (4401/4403/4404) is final for the page; anything else (the API
+                # server or the console server unavailable) it retries.
+                refused = exc.code in (401, 403, 404)
+                await browser.close(code=4000 + exc.code if refused else 1011)
                 return browser
 
             async def down() -> None:

@@ -74,10 +74,9 @@ class ConsoleEnv:
         return ((self.cluster.get("zm", NAME, self.ns) or {}).get("status")) or {}
 
 
-def _user_roles() -> list[dict[str, Any]]:
+def _user_roles(helm_home: Path) -> list[dict[str, Any]]:
     """The chart's ClusterRoles for users, rendered by the real helm."""
-    home = Path(os.environ.get("TMPDIR", "/tmp")) / f"zm-console-helm-{os.getpid()}"
-    docs = Helm(build_helm(), home).template()
+    docs = Helm(build_helm(), helm_home).template()
     return [
         d
         for d in docs
@@ -138,7 +137,8 @@ def console_env(
     base = tmp_path_factory.mktemp("console")
     other_ns = f"{ns}-other"
     cluster.kubectl("create", "namespace", other_ns, check=False)
-    for role in _user_roles():
+    roles = _user_roles(base / "helm-home")
+    for role in roles:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
     kubeconfigs = {u: cluster.user_kubeconfig(u, []) for u in ("alice", "bob", "carol")}
     # alice may use the console in ns (and nowhere else), carol may read the log, bob nothing.
@@ -180,6 +180,9 @@ def console_env(
             controller.wait(30)
             agent.stop()
             server.stop()
+            # Cluster-wide and not helm's: a chart installed later in the session owns them.
+            for role in roles:
+                cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], check=False)
 
         stack.callback(teardown)
         agent.start()

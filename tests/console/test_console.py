@@ -291,6 +291,25 @@ def test_browser_page_shows_boot_output_and_runs_a_command(console_env: ConsoleE
                 )
                 assert not page.is_visible("#banner")  # Running: no banner
                 page.screenshot(path=str(shot))
+                # A paused VM: a banner says so, and goes once it runs again.
+                env.kubeconfigs["admin"] = env.cluster.kubeconfig
+                assert env.plugin("admin", "pause", NAME).returncode == 0
+                page.wait_for_selector("#banner.shown", timeout=60_000)
+                assert "Paused" in page.inner_text("#banner")
+                page.screenshot(path=str(ARTIFACTS / "console-page-paused.png"))
+                assert env.plugin("admin", "resume", NAME).returncode == 0
+                page.wait_for_selector("#banner", state="hidden", timeout=60_000)
+                # The console server restarts: the page reconnects by itself.
+                connects = page.evaluate("() => window.zmachineConnects")
+                env.server.restart()
+                page.wait_for_function(
+                    f"() => window.zmachineConnects > {connects}", timeout=60_000
+                )
+                page.keyboard.type("echo again-$((50+5))")
+                page.keyboard.press("Enter")
+                page.wait_for_function(
+                    f"() => ({_TERMINAL_TEXT})().includes('again-55')", timeout=60_000
+                )
                 # A page from another origin cannot use the user's credentials.
                 other = page.evaluate(
                     """url => new Promise(ok => {

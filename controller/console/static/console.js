@@ -38,6 +38,7 @@
     ws.binaryType = "arraybuffer";
     ws.onopen = function () {
       conn.textContent = "connected";
+      window.zmachineConnects = (window.zmachineConnects || 0) + 1;
       delay = 500;
       sendSize();
     };
@@ -57,7 +58,7 @@
     };
     ws.onclose = function (event) {
       conn.textContent = "disconnected; reconnecting";
-      if (event.code === 4403 || event.code === 4401 || event.code === 4404) {
+      if (event.code === 4401 || event.code === 4403 || event.code === 4404) {
         conn.textContent = "closed";
         return; // refused: reconnecting would be refused again
       }
