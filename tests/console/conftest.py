@@ -180,6 +180,12 @@ def console_env(
             controller.wait(30)
             agent.stop()
             server.stop()
+            # Offline, as `make down` does: whatever a refused Delete left (VMMs, mounts,
+            # loop devices, helpers outlive the agent by design) must not outlive the test.
+            subprocess.run(
+                [sys.executable, "-m", "controller.agent.main", "cleanup", *agent.argv()[4:]],
+                check=False, capture_output=True, timeout=300,
+            )  # fmt: skip
             # Cluster-wide and not helm's: a chart installed later in the session owns them.
             for role in roles:
                 cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], check=False)
