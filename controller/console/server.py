@@ -146,7 +146,10 @@ class Server:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         user = self.user(request)
         await authorize(self.backend.api, user, namespace, name, subresource)
-        await self.backend.locate(namespace, name)  # 404 before anything is streamed
+        # 404 before anything is streamed; a Zmachine not on a node yet is served (the
+        # console shows it waiting, the log says it is unavailable).
+        with contextlib.suppress(Unavailable):
+            await self.backend.locate(namespace, name)
         return namespace, name, user
 
     async def console(self, request: web.Request) -> web.StreamResponse:

@@ -180,12 +180,7 @@ def console_env(
             controller.wait(30)
             agent.stop()
             server.stop()
-            # Offline, as `make down` does: whatever a refused Delete left (VMMs, mounts,
-            # loop devices, helpers outlive the agent by design) must not outlive the test.
-            subprocess.run(
-                [sys.executable, "-m", "controller.agent.main", "cleanup", *agent.argv()[4:]],
-                check=False, capture_output=True, timeout=300,
-            )  # fmt: skip
+            sweep(agent)
             # Cluster-wide and not helm's: a chart installed later in the session owns them.
             for role in roles:
                 cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], check=False)
@@ -204,3 +199,35 @@ def console_env(
             print(log.read_text()[-4000:], agent.log_text())
             raise
         yield env
+    sweep(agent)  # again, with the netns gone: nothing may be left at all
+
+
+def sweep(agent: AgentProcess) -> None:
+    """Offline, as `make down` does: whatever a refused Delete left (VMMs, mounts, loop
+    devices and helpers outlive the agent by design) must not outlive the test."""
+    for _ in range(3):  # a killed helper's mounts may take a moment to go
+        swept = subprocess.run(
+            [sys.executable, "-m", "controller.agent.main", "cleanup", *agent.argv()[4:]],
+            check=False, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if swept.returncode == 0:
+            return
+        print("agent cleanup:", swept.stderr[-3000:], "holders:", _holders(agent.state_dir))
+        time.sleep(2)
+
+
+def _holders(state_dir: Path) -> list[str]:
+    """Processes in another mount namespace that still holds a mount under ``state_dir``
+    (what keeps a root image's loop device busy after the agent unmounted it)."""
+    found = []
+    ours = os.readlink("/proc/self/ns/mnt")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            other_ns = os.readlink(proc / "ns" / "mnt") != ours
+            if other_ns and str(state_dir) in (proc / "mountinfo").read_text():
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:150]!r}")
+        except OSError:
+            continue
+    return found

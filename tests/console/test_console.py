@@ -98,16 +98,32 @@ def test_logs_follow_sees_new_output_and_tail_limits(console_env: ConsoleEnv) ->
          "--tail", "0"],
         env=console_env.env("carol"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    try:
-        time.sleep(2)  # the follow is open before the line is typed
-        asyncio.run(_typist(_kube(console_env, "alice"), "echo follow-$((40+2))", "follow-42", []))
+    assert follow.stdout is not None
+    out = follow.stdout.fileno()
+    os.set_blocking(out, False)
+
+    async def type_until_followed() -> bytes:
+        """Type a line every few seconds until `logs -f` prints its result: the follow
+        may start (a slow plugin start) after the first line was typed."""
+        kube = _kube(console_env, "alice")
+        path = subresources.path(kube.namespace, NAME, subresources.CONSOLE)
         got = b""
-        assert follow.stdout is not None
-        deadline = time.monotonic() + 30
-        while b"follow-42" not in got:
-            assert time.monotonic() < deadline, got
-            assert follow.poll() is None, follow.stderr.read() if follow.stderr else ""
-            got += os.read(follow.stdout.fileno(), 4096)
+        deadline = time.monotonic() + 180
+        async with aiohttp.ClientSession() as session:
+            ws = await kube.websocket(session, path)
+            while b"follow-42" not in got:
+                assert time.monotonic() < deadline, got[-2000:]
+                assert follow.poll() is None, follow.stderr.read() if follow.stderr else ""
+                await ws.send_bytes(b"echo follow-$((40+2))\r")
+                for _ in range(20):
+                    with contextlib.suppress(BlockingIOError):
+                        got += os.read(out, 65536)
+                    await asyncio.sleep(0.25)
+            await ws.close()
+        return got
+
+    try:
+        assert b"follow-42" in asyncio.run(type_until_followed())
     finally:
         follow.terminate()
         follow.wait(10)
