@@ -17,6 +17,7 @@ import structlog
 from kubernetes import client
 
 from controller.api.zmachine import GROUP, PLURAL, VERSION
+from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.kube import ApiException, get_object, micro_time
 from controller.operator.errors import ControllerError
@@ -94,6 +95,39 @@ class Kube:
         )
         items: list[dict[str, Any]] = get_object(found).get("items", [])
         return items
+
+    async def list_namespaced_zmachines(self, namespace: str) -> list[dict[str, Any]]:
+        found = await self._call(
+            f"list zmachines in {namespace}",
+            self.custom.list_namespaced_custom_object,
+            GROUP, VERSION, namespace, PLURAL,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = get_object(found).get("items", [])
+        return items
+
+    async def network(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ZmachineNetwork as the API server has it now, or None when it is gone."""
+        try:
+            found = await self._call(
+                f"get zmachinenetwork {namespace}/{name}",
+                self.custom.get_namespaced_custom_object,
+                GROUP, VERSION, namespace, NETWORK_PLURAL, name,
+            )  # fmt: skip
+        except Gone:
+            return None
+        return get_object(found)
+
+    async def patch_network_status(
+        self, namespace: str, name: str, resource_version: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the network's status only if it is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        found = await self._call(
+            f"patch zmachinenetwork {namespace}/{name} status",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, NETWORK_PLURAL, name, body,
+        )  # fmt: skip
+        return get_object(found)
 
     async def patch_node(self, name: str, body: dict[str, Any], status: bool) -> None:
         fn = (

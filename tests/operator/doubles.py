@@ -36,6 +36,7 @@ class FakeNodeAgent:
     node: str
     machines: dict[str, pb.Machine] = field(default_factory=dict)
     deploys: list[tuple[str, int]] = field(default_factory=list)
+    specs: dict[str, pb.ZmachineSpec] = field(default_factory=dict)  # last one sent per uid
     deletes: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # set: Deploy proceeds; unset: Deploy waits on it
     refuse: Exception | None = None
@@ -51,6 +52,7 @@ class FakeNodeAgent:
         self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec
     ) -> pb.DeployResponse:
         self.deploys.append((ref.uid, generation))
+        self.specs[ref.uid] = spec
         self.called.set()
         if self.gate is not None:
             await self.gate.wait()

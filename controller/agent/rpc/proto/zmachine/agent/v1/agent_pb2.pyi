@@ -241,18 +241,41 @@ class NetworkInterface(_message.Message):
 
     NETWORK_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    IP_RANGE_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    IPV6_SUBNET_FIELD_NUMBER: _builtins.int
+    NAT_FIELD_NUMBER: _builtins.int
     network: _builtins.str
     ip: _builtins.str
-    """IPv4; empty = the agent assigns one from its CIDR"""
+    """IPv4; empty = the agent assigns one from subnet (or its --cidr)"""
+    network_id: _builtins.str
+    """The ZmachineNetwork, as the controller placed it. Without a subnet the interface
+    joins the agent's node-local bridge (--bridge, --cidr).
+    the network's uid: names its bridge and namespace on the node
+    """
+    ip_range: _builtins.str
+    """the whole IPv4 range, routed via the subnet's .1"""
+    subnet: _builtins.str
+    """this node's /24 of the range"""
+    ipv6_subnet: _builtins.str
+    """the /64 matching subnet"""
+    nat: _builtins.bool
+    """masquerade egress to outside the range behind the node's uplink"""
     def __init__(
         self,
         *,
         network: _builtins.str = ...,
         ip: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        ip_range: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+        ipv6_subnet: _builtins.str = ...,
+        nat: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "network", b"network"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "ip_range", b"ip_range", "ipv6_subnet", b"ipv6_subnet", "nat", b"nat", "network", b"network", "network_id", b"network_id", "subnet", b"subnet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,10 +424,12 @@ class InterfaceStatus(_message.Message):
     IP_FIELD_NUMBER: _builtins.int
     MAC_FIELD_NUMBER: _builtins.int
     TAP_FIELD_NUMBER: _builtins.int
+    IPV6_FIELD_NUMBER: _builtins.int
     network: _builtins.str
     ip: _builtins.str
     mac: _builtins.str
     tap: _builtins.str
+    ipv6: _builtins.str
     def __init__(
         self,
         *,
@@ -412,10 +437,11 @@ class InterfaceStatus(_message.Message):
         ip: _builtins.str = ...,
         mac: _builtins.str = ...,
         tap: _builtins.str = ...,
+        ipv6: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "mac", b"mac", "network", b"network", "tap", b"tap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "ipv6", b"ipv6", "mac", b"mac", "network", b"network", "tap", b"tap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
