@@ -90,6 +90,8 @@ class NodeSubnet(KubeModel):
     """IPv4 /24 of the range; its .1 is the guests' gateway on that node."""
     ipv6_subnet: Annotated[str, Field(alias="ipv6Subnet")]
     """IPv6 /64 matching the IPv4 subnet."""
+    listen_port: Annotated[int, Field(alias="listenPort", ge=1, le=65535)]
+    """UDP port of the node's end of the network's overlay."""
 
 
 class ZmachineNetworkStatus(KubeModel):

@@ -186,6 +186,10 @@ async def network_status(
         IN_USE, bool(names), "Used" if names else "Unused",
         f"used by {', '.join(names)}" if names else "no Zmachine uses it",
     )  # fmt: skip
+    if status.get("subnets"):
+        rt = _runtime(memo)
+        network = networks.Network.of({"metadata": meta, "spec": spec, "status": status})
+        await networks.push_peers(network, rt.inventory.nodes, rt.agents)
 
 
 @kopf.on.delete(GROUP, VERSION, NETWORK_PLURAL)

@@ -105,6 +105,14 @@ class Kube:
         items: list[dict[str, Any]] = get_object(found).get("items", [])
         return items
 
+    async def list_networks(self) -> list[dict[str, Any]]:
+        found = await self._call(
+            "list zmachinenetworks",
+            self.custom.list_cluster_custom_object, GROUP, VERSION, NETWORK_PLURAL,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = get_object(found).get("items", [])
+        return items
+
     async def network(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The ZmachineNetwork as the API server has it now, or None when it is gone."""
         try:

@@ -4,6 +4,7 @@ deployed there) and what the agent is told about the network."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,13 +16,19 @@ from controller.agent.network import addressing
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.api.zmachine import ZmachineSpec
 from controller.api.zmachinenetwork import NODE_PREFIX, ZmachineNetworkSpec
-from controller.operator.errors import NetworkFull, NetworkMisfit, NetworkUnavailable
+from controller.operator.errors import (
+    ControllerError,
+    NetworkFull,
+    NetworkMisfit,
+    NetworkUnavailable,
+)
 from controller.operator.inventory import NodeView
 from controller.operator.kubeapi import Conflict, Kube
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
 WRITE_ATTEMPTS = 5
+FIRST_PORT = 51820  # WireGuard's usual port, then upwards per network on a node
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Network:
     ipv6_prefix: addressing.V6Net
     nat: bool
     subnets: Mapping[str, addressing.V4Net]  # node -> its /24
+    ports: Mapping[str, int]  # node -> UDP port of its overlay end
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> Network:
@@ -59,6 +67,7 @@ class Network:
                 str(s["node"]): ipaddress.IPv4Network(s["subnet"])
                 for s in status.get("subnets") or []
             },
+            ports={str(s["node"]): int(s["listenPort"]) for s in status.get("subnets") or []},
         )
 
     def __str__(self) -> str:
@@ -76,12 +85,13 @@ class Network:
             (s for s in self.ip_range.subnets(new_prefix=NODE_PREFIX) if s not in taken), None
         )
 
-    def status_subnets(self) -> list[dict[str, str]]:
+    def status_subnets(self) -> list[dict[str, Any]]:
         return [
             {
                 "node": node,
                 "subnet": str(subnet),
                 "ipv6Subnet": str(addressing.ipv6_subnet(self.ipv6_prefix, subnet)),
+                "listenPort": self.ports[node],
             }
             for node, subnet in sorted(self.subnets.items())
         ]
@@ -102,6 +112,8 @@ class Attachment:
 
     def misfit(self, node: NodeView) -> str | None:
         """Why the node cannot serve this interface (placement skips it), or None."""
+        if not node.wireguard_key:
+            return "has no overlay for private networks (wireguard-go or underlay address)"
         held = self.network.subnets.get(node.name)
         want = self.wanted_subnet
         if held is not None:
@@ -148,7 +160,7 @@ async def ensure_subnet(kube: Kube, att: Attachment, node: str) -> Network:
     that holds the asked ip."""
     network = att.network
     for _ in range(WRITE_ATTEMPTS):
-        view = NodeView(node, "", 0, 0)
+        view = NodeView(node, "", 0, 0, wireguard_key="checked by placement")
         why = Attachment(network, att.ip).misfit(view)
         if why is not None:
             cls = NetworkFull if att.ip is None else NetworkMisfit
@@ -157,8 +169,11 @@ async def ensure_subnet(kube: Kube, att: Attachment, node: str) -> Network:
             return network
         subnet = network.free_subnet(Attachment(network, att.ip).wanted_subnet)
         assert subnet is not None  # misfit said there is one
-        grown = Network(
-            **{**network.__dict__, "subnets": {**network.subnets, node: subnet}},
+        port = await _free_port(kube, node)
+        grown = dataclasses.replace(
+            network,
+            subnets={**network.subnets, node: subnet},
+            ports={**network.ports, node: port},
         )
         try:
             await kube.patch_network_status(
@@ -181,6 +196,18 @@ async def ensure_subnet(kube: Kube, att: Attachment, node: str) -> Network:
     raise Conflict(f"{network}: the status kept changing while a subnet was assigned")
 
 
+async def _free_port(kube: Kube, node: str) -> int:
+    """The lowest overlay port no network of any namespace uses on `node` (the controller
+    is the only writer, and assigns under its placement lock)."""
+    used = {
+        int(s["listenPort"])
+        for item in await kube.list_networks()
+        for s in (item.get("status") or {}).get("subnets") or []
+        if s.get("node") == node
+    }
+    return next(p for p in range(FIRST_PORT, 65536) if p not in used)
+
+
 def agent_interface(network: Network, node: str, ip: str | None) -> pb.NetworkInterface:
     """What the node needs to plumb the interface (the subnet is the node's own /24)."""
     subnet = network.subnets[node]
@@ -192,7 +219,51 @@ def agent_interface(network: Network, node: str, ip: str | None) -> pb.NetworkIn
         subnet=str(subnet),
         ipv6_subnet=str(addressing.ipv6_subnet(network.ipv6_prefix, subnet)),
         nat=network.nat,
+        listen_port=network.ports[node],
     )
+
+
+def peers_of(network: Network, node: str, nodes: Mapping[str, NodeView]) -> list[pb.WireguardPeer]:
+    """The other nodes of the network as `node`'s overlay peers: each one's /24, /64 and
+    overlay address (100.64.<o2>.<o3>, as zos numbers its WireGuard ends). Nodes not
+    registered, or without an overlay, are left out until they are."""
+    peers = []
+    for other, subnet in sorted(network.subnets.items()):
+        view = nodes.get(other)
+        if other == node or view is None or not view.wireguard_key or not view.underlay:
+            continue
+        o = subnet.network_address.packed
+        host = f"[{view.underlay}]" if ":" in view.underlay else view.underlay
+        peers.append(
+            pb.WireguardPeer(
+                public_key=view.wireguard_key,
+                endpoint=f"{host}:{network.ports[other]}",
+                allowed_ips=[
+                    str(subnet),
+                    str(addressing.ipv6_subnet(network.ipv6_prefix, subnet)),
+                    f"100.64.{o[1]}.{o[2]}/32",
+                ],
+            )
+        )
+    return peers
+
+
+async def push_peers(network: Network, nodes: Mapping[str, NodeView], agents: Any) -> None:
+    """Tell every node of the network who its peers are (idempotent; a node that has no
+    machine of the network yet ignores it and is told again next time)."""
+    for node in sorted(network.subnets):
+        view = nodes.get(node)
+        if view is None or not view.ready:
+            continue
+        try:
+            await agents.client(view.address).apply_network(
+                network.uid, peers_of(network, node, nodes)
+            )
+        except ControllerError as exc:
+            log.warning(
+                "peers not pushed", namespace=network.namespace, network=network.name,
+                node=node, error=str(exc),
+            )  # fmt: skip
 
 
 def uses(zmachine: Mapping[str, Any], network: str) -> bool:

@@ -37,6 +37,7 @@ class FakeNodeAgent:
     machines: dict[str, pb.Machine] = field(default_factory=dict)
     deploys: list[tuple[str, int]] = field(default_factory=list)
     specs: dict[str, pb.ZmachineSpec] = field(default_factory=dict)  # last one sent per uid
+    peers: dict[str, list[pb.WireguardPeer]] = field(default_factory=dict)  # per network uid
     deletes: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # set: Deploy proceeds; unset: Deploy waits on it
     refuse: Exception | None = None
@@ -72,6 +73,12 @@ class FakeNodeAgent:
     async def list(self) -> list[pb.Machine]:
         return list(self.machines.values())
 
+    async def apply_network(
+        self, network_id: str, peers: list[pb.WireguardPeer]
+    ) -> pb.ApplyNetworkResponse:
+        self.peers[network_id] = peers
+        return pb.ApplyNetworkResponse(present=True)
+
     async def stats(self, uid: str) -> pb.MachineStats:
         return pb.MachineStats(uid=uid)
 
@@ -92,7 +99,10 @@ class RecordingAgents:
 def _inventory() -> Inventory:
     inventory = Inventory()
     for name in ("node-a", "node-b"):
-        inventory.nodes[name] = NodeView(name, name, cores=4, memory=8 * GI, ready=True)
+        inventory.nodes[name] = NodeView(
+            name, name, cores=4, memory=8 * GI, ready=True,
+            wireguard_key=f"key-of-{name}", underlay=f"192.0.2.{len(inventory.nodes) + 1}",
+        )  # fmt: skip
     return inventory
 
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from controller.agent.network import addressing
+from controller.operator import networks
 from tests.operator.conftest import RunningController, wait_for
 from tests.operator.doubles import World, agents, run_converge
 
@@ -95,6 +96,19 @@ def test_each_node_gets_its_own_subnet_and_the_agent_learns_it(
                 addressing.ipv6_subnet(prefix, ipaddress.IPv4Network(subnets[node]))
             )
             assert nic.ip == ""  # the node's IPAM picks it
+        ports = {s["node"]: s["listenPort"] for s in network["status"]["subnets"]}
+        assert ports == {"node-a": 51820, "node-b": 51820}  # one network: the first port
+        # The peers each node is told: the other node, its /24, /64 and overlay address.
+        net = networks.Network.of(network)
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet))
+        (peer,) = fleet.by_address["node-a"].peers[network["metadata"]["uid"]]
+        assert peer.public_key == "key-of-node-b"
+        assert peer.endpoint == "192.0.2.2:51820"
+        b = ipaddress.IPv4Network(subnets["node-b"])
+        assert list(peer.allowed_ips) == [
+            str(b), str(addressing.ipv6_subnet(prefix, b)),
+            f"100.64.{b.network_address.packed[1]}.{b.network_address.packed[2]}/32",
+        ]  # fmt: skip
     finally:
         for body in bodies:
             world.cleanup(body["metadata"]["name"])
@@ -125,6 +139,45 @@ def test_an_ip_places_the_zmachine_on_the_node_serving_its_subnet(
     finally:
         for name in ("net-ip-first", "net-ip-second", "net-ip-third"):
             world.cleanup(name)
+
+
+def test_a_second_network_on_a_node_gets_the_next_port(world: World, events: Any) -> None:
+    _apply_network(world, "first", ipRange="10.40.0.0/16")
+    _apply_network(world, "second", ipRange="10.40.0.0/16")  # overlapping ranges are fine
+    fleet = agents()
+    rt = world.runtime(fleet)
+    bodies = [
+        world.create(f"port-{n}", network=_nic(n), nodeName="node-a") for n in ("first", "second")
+    ]
+    try:
+        for body in bodies:
+            asyncio.run(run_converge(rt, body))
+        ports = [
+            (world.cluster.get("zmnet", n, world.ns) or {})["status"]["subnets"][0]["listenPort"]
+            for n in ("first", "second")
+        ]
+        assert ports == [51820, 51821]
+    finally:
+        for body in bodies:
+            world.cleanup(body["metadata"]["name"])
+        for n in ("first", "second"):
+            world.cluster.kubectl("-n", world.ns, "delete", "zmnet", n, "--wait=false")
+
+
+def test_a_node_without_overlay_is_not_chosen(world: World, office: str, events: Any) -> None:
+    fleet = agents()
+    rt = world.runtime(fleet)
+    rt.inventory.nodes["node-a"].wireguard_key = ""
+    body = world.create("no-overlay", network=_nic(office))
+    try:
+        asyncio.run(run_converge(rt, body))
+        assert world.body("no-overlay")["status"]["nodeName"] == "node-b"
+        pinned = world.create("no-overlay-pinned", network=_nic(office), nodeName="node-a")
+        out = asyncio.run(run_converge(rt, pinned))
+        assert "has no overlay for private networks" in out.patch.status["message"]
+    finally:
+        world.cleanup("no-overlay")
+        world.cleanup("no-overlay-pinned")
 
 
 def test_an_ip_outside_the_range_fails_with_the_field(

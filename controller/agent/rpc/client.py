@@ -5,7 +5,7 @@ gRPC errors surface as ``grpc.aio.AioRpcError`` with the agent's status code and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -73,6 +73,12 @@ class AgentClient:
 
     async def node_info(self) -> pb.NodeInfoResponse:
         return await self._stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout)
+
+    async def apply_network(
+        self, network_id: str, peers: Sequence[pb.WireguardPeer]
+    ) -> pb.ApplyNetworkResponse:
+        request = pb.ApplyNetworkRequest(network_id=network_id, peers=peers)
+        return await self._stub.ApplyNetwork(request, timeout=self.timeout)
 
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._stub.Stats(pb.MachineRequest(uid=uid), timeout=self.timeout)

@@ -6,6 +6,7 @@ typed exceptions, and anything untyped is reported as INTERNAL with its message.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
     machine_to_pb,
+    peer_from_pb,
     ref_from_pb,
     spec_from_pb,
 )
@@ -139,7 +141,18 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            **self.prov.host.overlay_identity(),
         )
+
+    @mapped
+    async def ApplyNetwork(
+        self, request: pb.ApplyNetworkRequest, context: Any
+    ) -> pb.ApplyNetworkResponse:
+        peers = [peer_from_pb(request.network_id, p) for p in request.peers]
+        present = await asyncio.to_thread(
+            self.prov.host.private.apply_peers, request.network_id, peers
+        )
+        return pb.ApplyNetworkResponse(present=present)
 
     @mapped
     async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:

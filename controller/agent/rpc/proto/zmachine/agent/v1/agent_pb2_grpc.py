@@ -84,6 +84,11 @@ class AgentServiceStub:
                 request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
                 response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
                 _registered_method=True)
+        self.ApplyNetwork = channel.unary_unary(
+                '/zmachine.agent.v1.AgentService/ApplyNetwork',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -154,6 +159,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyNetwork(self, request, context):
+        """The overlay peers of a private network on this node; ignored (present=false) when
+        no machine of the network runs here (the network is set up by the first Deploy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +219,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
                     response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.SerializeToString,
+            ),
+            'ApplyNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyNetwork,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +496,33 @@ class AgentService:
             '/zmachine.agent.v1.AgentService/Stats',
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zmachine.agent.v1.AgentService/ApplyNetwork',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
             options,
             channel_credentials,
             insecure,

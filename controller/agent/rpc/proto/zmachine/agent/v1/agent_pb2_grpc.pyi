@@ -54,6 +54,10 @@ class AgentServiceStub:
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]
+    ApplyNetwork: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]
+    """The overlay peers of a private network on this node; ignored (present=false) when
+    no machine of the network runs here (the network is set up by the first Deploy).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -74,6 +78,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]  # type: ignore[assignment]
+    ApplyNetwork: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]  # type: ignore[assignment]
+    """The overlay peers of a private network on this node; ignored (present=false) when
+    no machine of the network runs here (the network is set up by the first Deploy).
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,5 +159,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.MachineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.MachineStats, _abc.Awaitable[_agent_pb2.MachineStats]]: ...
+
+    @_abc_1.abstractmethod
+    def ApplyNetwork(
+        self,
+        request: _agent_pb2.ApplyNetworkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ApplyNetworkResponse, _abc.Awaitable[_agent_pb2.ApplyNetworkResponse]]:
+        """The overlay peers of a private network on this node; ignored (present=false) when
+        no machine of the network runs here (the network is set up by the first Deploy).
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
