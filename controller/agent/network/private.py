@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,9 @@ class PrivateNetworks:
         self.node_netns = node_netns
         self.wireguard_go = wireguard_go
         self.key = key
+        # Deploys, deletes and peer updates of one node's networks, one at a time: a peer
+        # update must not land between the steps of a set-up and be lost by it.
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ naming and state
 
@@ -168,6 +172,10 @@ class PrivateNetworks:
     def ensure(self, nic: Interface) -> NetworkState:
         """Create whatever of the network is missing on this node (idempotent, also after a
         reboot wiped the namespaces)."""
+        with self._lock:
+            return self._ensure(nic)
+
+    def _ensure(self, nic: Interface) -> NetworkState:
         binary = wireguard.require(self.wireguard_go, f"network {nic.network}")
         n = self.names(nic.network_id)
         old = self.load(nic.network_id)
@@ -193,7 +201,7 @@ class PrivateNetworks:
             log.info("network namespace created", network=nic.network, netns=ns)
         _check(_ip(ns, "link", "set", "lo", "up"), ns)
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
-            _run(["ip", "netns", "exec", ns, "sysctl", "-qw", key], f"{ns}: sysctl {key}")
+            _run([*netns_argv(ns), "sysctl", "-qw", key], f"{ns}: sysctl {key}")
         node = self.node_netns
         if not link_exists(n.bridge, node):
             _check(_ip(node, "link", "add", n.bridge, "type", "bridge"), n.bridge)
@@ -308,6 +316,10 @@ table ip {n.table} {{
 
     def apply_peers(self, network_id: str, peers: list[wireguard.Peer]) -> bool:
         """Replace the overlay peers; False when the network is not on this node."""
+        with self._lock:
+            return self._apply_peers(network_id, peers)
+
+    def _apply_peers(self, network_id: str, peers: list[wireguard.Peer]) -> bool:
         state = self.load(network_id)
         if state is None:
             return False
@@ -328,6 +340,10 @@ table ip {n.table} {{
 
     def remove_if_unused(self, nic: Interface) -> None:
         """Remove the network from the node once its IPAM holds no machine."""
+        with self._lock:
+            self._remove_if_unused(nic)
+
+    def _remove_if_unused(self, nic: Interface) -> None:
         n = self.names(nic.network_id)
         ipam = self.dir / f"{n.h}.ipam.json"
         if ipam.exists() and json.loads(ipam.read_text() or "{}"):
