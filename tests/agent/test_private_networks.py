@@ -19,6 +19,7 @@ import ipaddress
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -166,6 +167,12 @@ def console(agent: AgentProcess, uid: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def console_once(agent: AgentProcess, uid: str, done: Callable[[str], bool]) -> str | None:
+    """The guest's console once `done` holds for it, else None."""
+    text = console(agent, uid)
+    return text if done(text) else None
+
+
 def results(text: str, tag: str) -> list[str]:
     return re.findall(rf"ZMNET {tag} (OK|FAIL)", text)
 
@@ -189,8 +196,10 @@ def test_two_nodes_one_network(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     started = time.monotonic()
-    office = network("office-uid", "office", PREFIX, True, ["node-a", "node-b"], PORT)
-    other = network("other-uid", "other", OTHER_PREFIX, False, ["node-a"], PORT + 1)
+    # Fresh uids: the namespaces they name are the host's, and must not meet a leftover.
+    run = uuid.uuid4().hex[:8]
+    office = network(f"office-{run}", "office", PREFIX, True, ["node-a", "node-b"], PORT)
+    other = network(f"other-{run}", "other", OTHER_PREFIX, False, ["node-a"], PORT + 1)
     v6 = {k: str(addressing.ipv6_of(PREFIX, ipaddress.IPv4Address(ip))) for k, ip in IPS.items()}
     capture = tmp_path / "underlay.pcap"
     tcpdump = subprocess.Popen(
@@ -230,9 +239,10 @@ def test_two_nodes_one_network(
 
         wait_for("every node to have its networks", told, timeout=120)
 
-        a1 = wait_for("a1 to ping b1, b1's IPv6 and the public host", lambda: (
-            (t := console(nodes["node-a"], "uid-a1")) and results(t, "public") and t
-        ))  # fmt: skip
+        a1 = wait_for(
+            "a1 to ping b1, b1's IPv6 and the public host",
+            lambda: console_once(nodes["node-a"], "uid-a1", lambda t: bool(results(t, "public"))),
+        )
         assert results(a1, "ping4")[-1] == "OK" and results(a1, "ping6")[-1] == "OK", a1
         assert results(a1, "public")[-1] == "OK", a1
         wait_for(
@@ -243,10 +253,12 @@ def test_two_nodes_one_network(
         assert (machine.interfaces[0].ip, machine.interfaces[0].ipv6) == (IPS["a1"], v6["a1"])
 
         # x1 keeps trying while the others talk: never once through.
-        x1 = wait_for("x1 to try 8 times", lambda: (
-            (t := console(nodes["node-a"], "uid-x1")) and len(results(t, "watch-b1")) >= 8
-            and len(results(t, "watch-public")) >= 8 and t
-        ))  # fmt: skip
+        x1 = wait_for(
+            "x1 to try 8 times",
+            lambda: console_once(nodes["node-a"], "uid-x1", lambda t: (
+                len(results(t, "watch-b1")) >= 8 and len(results(t, "watch-public")) >= 8
+            )),
+        )  # fmt: skip
         assert set(results(x1, "watch-b1")) == {"FAIL"}, x1
         assert set(results(x1, "watch-public")) == {"FAIL"}, x1
         # Nor does the node itself, or the public host, reach a guest.
@@ -292,7 +304,7 @@ def test_two_nodes_one_network(
         assert host(netns, "nft", "list", "ruleset").stdout.strip() == ""
         assert not list((agent.state_dir / "networks").glob("*.json"))
     netns_left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for h in (short_id(n, u) for n in nodes for u in ("office-uid", "other-uid")):
+    for h in (short_id(n, net.uid) for n in nodes for net in (office, other)):
         assert f"zn-{h}" not in netns_left, netns_left
         assert not Path(f"/var/run/wireguard/zw{h}.sock").exists()
         pgrep = subprocess.run(["pgrep", "-f", f"wireguard-go -f zw{h}"], capture_output=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -74,9 +75,9 @@ class FakeNodeAgent:
         return list(self.machines.values())
 
     async def apply_network(
-        self, network_id: str, peers: list[pb.WireguardPeer]
+        self, network_id: str, peers: Sequence[pb.WireguardPeer]
     ) -> pb.ApplyNetworkResponse:
-        self.peers[network_id] = peers
+        self.peers[network_id] = list(peers)
         return pb.ApplyNetworkResponse(present=True)
 
     async def stats(self, uid: str) -> pb.MachineStats:

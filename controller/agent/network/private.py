@@ -208,6 +208,7 @@ class PrivateNetworks:
         _check(_ip(node, "link", "set", n.bridge, "addrgenmode", "none"), n.bridge)
         _check(_ip(node, "link", "set", n.bridge, "up"), n.bridge)
         if not link_exists(n.veth, node):
+            _drop_stale(ns, ROUTER_PORT)
             veth = ["type", "veth", "peer", "name", ROUTER_PORT, "netns", ns]
             _check(_ip(node, "link", "add", n.veth, *veth), n.veth)
         _check(_ip(node, "link", "set", n.veth, "addrgenmode", "none"), n.veth)
@@ -281,6 +282,7 @@ class PrivateNetworks:
         node_end, router_end = link.network_address + 1, link.network_address + 2
         node = self.node_netns
         if not link_exists(n.uplink, node):
+            _drop_stale(n.netns, UPLINK_PORT)
             veth = ["type", "veth", "peer", "name", UPLINK_PORT, "netns", n.netns]
             _check(_ip(node, "link", "add", n.uplink, *veth), n.uplink)
         _check(_ip(node, "addr", "replace", f"{node_end}/30", "dev", n.uplink), n.uplink)
@@ -389,3 +391,10 @@ def _stop(ref: ProcessRef, grace: float = 5.0) -> None:
         while time.monotonic() < deadline and ref.alive():
             reap_children()
             time.sleep(0.05)
+
+
+def _drop_stale(netns: str, port: str) -> None:
+    """A router end whose node end is gone (the node namespace was recreated) would block
+    creating the pair again."""
+    if link_exists(port, netns):
+        _check(_ip(netns, "link", "del", port), f"{netns}: stale {port}")
