@@ -67,11 +67,16 @@ class Kube:
 
     async def zmachine(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The object as the API server has it now, or None when it is gone."""
+        return await self._get("zmachine", PLURAL, namespace, name)
+
+    async def _get(
+        self, kind: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
         try:
             found = await self._call(
-                f"get zmachine {namespace}/{name}",
+                f"get {kind} {namespace}/{name}",
                 self.custom.get_namespaced_custom_object,
-                GROUP, VERSION, namespace, PLURAL, name,
+                GROUP, VERSION, namespace, plural, name,
             )  # fmt: skip
         except Gone:
             return None
@@ -115,15 +120,7 @@ class Kube:
 
     async def network(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The ZmachineNetwork as the API server has it now, or None when it is gone."""
-        try:
-            found = await self._call(
-                f"get zmachinenetwork {namespace}/{name}",
-                self.custom.get_namespaced_custom_object,
-                GROUP, VERSION, namespace, NETWORK_PLURAL, name,
-            )  # fmt: skip
-        except Gone:
-            return None
-        return get_object(found)
+        return await self._get("zmachinenetwork", NETWORK_PLURAL, namespace, name)
 
     async def patch_network_status(
         self, namespace: str, name: str, resource_version: str, status: dict[str, Any]

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -36,11 +35,11 @@ from controller.operator.inventory import NodeView
 from hack.controlplane import wireguard_go_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import GUEST_APPLETS, agent_process, guest_busybox_root
+from tests.agent.test_agent_vm import wait_for
 from tests.netns import underlay
 
 pytestmark = [pytest.mark.fuse, pytest.mark.qemu, pytest.mark.timeout(600)]
 
-T = TypeVar("T")
 RANGE = ipaddress.IPv4Network("10.20.0.0/16")
 PREFIX = ipaddress.IPv6Network("fd12:3456:789a::/48")
 OTHER_PREFIX = ipaddress.IPv6Network("fd12:3456:789b::/48")
@@ -67,16 +66,6 @@ while [ $i -lt $tries ]; do
   i=$((i+1)); sleep 1
 done
 """
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 240.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +231,7 @@ def test_two_nodes_one_network(
         a1 = wait_for(
             "a1 to ping b1, b1's IPv6 and the public host",
             lambda: console_once(nodes["node-a"], "uid-a1", lambda t: bool(results(t, "public"))),
+            timeout=240,
         )
         assert results(a1, "ping4")[-1] == "OK" and results(a1, "ping6")[-1] == "OK", a1
         assert results(a1, "public")[-1] == "OK", a1

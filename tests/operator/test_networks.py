@@ -218,6 +218,14 @@ def test_deleting_a_network_in_use_waits_for_its_zmachines(
     """The real controller (kopf, finalizer): the network stays, saying who uses it."""
     _apply_network(world, "busy")
     world.create("busy-user", network=_nic("busy"), nodeName="nowhere")
+    # The controller's finalizer comes with its first look at the network: only then is
+    # deletion its to hold (a network deleted before the controller ever saw it just goes).
+    wait_for(
+        lambda: ((world.cluster.get("zmnet", "busy", world.ns) or {}).get("status") or {}).get(
+            "machines"
+        ) == 1,
+        what="the controller to count the network's Zmachine",
+    )  # fmt: skip
     world.cluster.kubectl("-n", world.ns, "delete", "zmnet", "busy", "--wait=false")
 
     def held() -> bool:

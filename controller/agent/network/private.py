@@ -21,15 +21,14 @@ machines, and the network is removed with the last one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from controller.agent.network.local import (
     link_exists,
     netns_argv,
 )
-from controller.agent.runtime.procs import ProcessRef, reap_children
+from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.spec import Interface
 
 log = structlog.get_logger(__name__)
@@ -93,13 +92,7 @@ class Names:
 class NetworkState:
     """What the node keeps about one network (``networks/<h>.json``)."""
 
-    network_id: str
-    network: str
-    subnet: str
-    ipv6_subnet: str
-    ip_range: str
-    nat: bool
-    listen_port: int
+    interface: Interface  # as the last Deploy sent it, without a machine's ip
     nat_link: str = ""  # the /30 of the NAT link, when nat
     peers: tuple[wireguard.Peer, ...] = ()
     wg_pid: int = 0
@@ -109,9 +102,9 @@ class NetworkState:
     def from_json(cls, data: dict[str, Any]) -> NetworkState:
         peers = tuple(
             wireguard.Peer(p["public_key"], p["endpoint"], tuple(p["allowed_ips"]))
-            for p in data.pop("peers", [])
+            for p in data["peers"]
         )
-        return cls(**data, peers=peers)
+        return cls(**{**data, "interface": Interface(**data["interface"]), "peers": peers})
 
 
 def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
@@ -158,6 +151,15 @@ class PrivateNetworks:
             return None
         return NetworkState.from_json(json.loads(path.read_text()))
 
+    def _states(self) -> list[NetworkState]:
+        """Every network this node has state for."""
+        paths = sorted(self.dir.glob("*.json")) if self.dir.exists() else []
+        return [
+            NetworkState.from_json(json.loads(p.read_text()))
+            for p in paths
+            if not p.name.endswith(".ipam.json")
+        ]
+
     def _save(self, n: Names, state: NetworkState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path(n).with_suffix(".tmp")
@@ -180,13 +182,7 @@ class PrivateNetworks:
         n = self.names(nic.network_id)
         old = self.load(nic.network_id)
         state = NetworkState(
-            network_id=nic.network_id,
-            network=nic.network,
-            subnet=nic.subnet,
-            ipv6_subnet=nic.ipv6_subnet,
-            ip_range=nic.ip_range,
-            nat=nic.nat,
-            listen_port=nic.listen_port,
+            interface=dataclasses.replace(nic, ip=""),
             nat_link=(old.nat_link if old else "") or (self._free_nat_link() if nic.nat else ""),
             peers=old.peers if old else (),
             wg_pid=old.wg_pid if old else 0,
@@ -219,7 +215,7 @@ class PrivateNetworks:
         _check(_ip(ns, "-6", "addr", "replace", gw6, "dev", ROUTER_PORT, "nodad"), ns)
         _check(_ip(ns, "link", "set", ROUTER_PORT, "up"), ns)
         state = self._ensure_overlay(binary, n, state, subnet)
-        if state.nat:
+        if nic.nat:
             self._ensure_nat(n, state, subnet)
         self._save(n, state)
         return state
@@ -235,8 +231,8 @@ class PrivateNetworks:
             _check(_ip(self.node_netns, "link", "set", n.wg, "netns", n.netns), n.wg)
             state = dataclasses.replace(state, wg_pid=ref.pid, wg_start=ref.start_time)
             self._save(n, state)
-            log.info("overlay started", network=state.network, device=n.wg, pid=ref.pid)
-        wireguard.configure(n.wg, self.key, state.listen_port, list(state.peers))
+            log.info("overlay started", network=state.interface.network, device=n.wg, pid=ref.pid)
+        wireguard.configure(n.wg, self.key, state.interface.listen_port, list(state.peers))
         o = subnet.network_address.packed
         _check(_ip(n.netns, "addr", "replace", f"100.64.{o[1]}.{o[2]}/16", "dev", n.wg), n.wg)
         _check(_ip(n.netns, "link", "set", n.wg, "mtu", str(wireguard.MTU), "up"), n.wg)
@@ -264,14 +260,7 @@ class PrivateNetworks:
             _check(_ip(n.netns, "route", "del", dst, "dev", n.wg), f"{n.wg}: route {dst}")
 
     def _free_nat_link(self) -> str:
-        used = set()
-        if self.dir.exists():
-            for path in self.dir.glob("*.json"):
-                if path.name.endswith(".ipam.json"):
-                    continue
-                link = json.loads(path.read_text()).get("nat_link")
-                if link:
-                    used.add(link)
+        used = {state.nat_link for state in self._states()}
         for link in NAT_LINKS.subnets(new_prefix=30):
             if str(link) not in used:
                 return str(link)
@@ -329,7 +318,7 @@ table ip {n.table} {{
         state = dataclasses.replace(state, peers=tuple(peers))
         self._save(n, state)
         if link_exists(n.wg, n.netns):
-            wireguard.configure(n.wg, self.key, state.listen_port, peers)
+            wireguard.configure(n.wg, self.key, state.interface.listen_port, peers)
             self._routes(n, state)
         return True
 
@@ -337,7 +326,7 @@ table ip {n.table} {{
 
     def _stop_overlay_sync(self, ref: ProcessRef | None, n: Names) -> None:
         if ref is not None:
-            _stop(ref)
+            asyncio.run(terminate(ref))  # callers run in worker threads, with no loop
         wireguard.socket_path(n.wg).unlink(missing_ok=True)
 
     def remove_if_unused(self, nic: Interface) -> None:
@@ -371,26 +360,8 @@ table ip {n.table} {{
 
     def remove_all(self) -> None:
         """Every network this node has state for (the agent's cleanup)."""
-        if not self.dir.exists():
-            return
-        for path in sorted(self.dir.glob("*.json")):
-            if not path.name.endswith(".ipam.json"):
-                self.remove(json.loads(path.read_text())["network_id"])
-
-
-def _stop(ref: ProcessRef, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds (sync: callers run in worker threads)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not ref.alive():
-            return
-        try:
-            os.kill(ref.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and ref.alive():
-            reap_children()
-            time.sleep(0.05)
+        for state in self._states():
+            self.remove(state.interface.network_id)
 
 
 def _drop_stale(netns: str, port: str) -> None:
