@@ -245,7 +245,7 @@ def _router_hint(kubectl: list[str]) -> str:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     router = f"zn-{short_id(NODE_NAME, out.stdout.strip())}"
-    return f"ip netns exec {router} ping <IP>   # network zmnet's router on this node"
+    return f"ip netns exec {router} busybox ping <IP>   # network zmnet's router on this node"
 
 
 def start_agent(guest: Path, flists: Path, pki: Path, env: dict[str, str]) -> str:
