@@ -244,10 +244,11 @@ def _validate_network(where: str, spec: MachineSpec) -> None:
             except ValueError as exc:
                 raise InvalidSpec(f"{field}.ip {nic.ip!r} is not IPv4") from exc
         if nic.subnet:
-            _validate_subnet(field, nic, ip)
+            validate_private(field, nic, ip)
 
 
-def _validate_subnet(field: str, nic: Interface, ip: ipaddress.IPv4Address | None) -> None:
+def validate_private(field: str, nic: Interface, ip: ipaddress.IPv4Address | None) -> None:
+    """An interface on a ZmachineNetwork: its addresses fit together; `ip` is a guest's."""
     try:
         ip_range = ipaddress.IPv4Network(nic.ip_range)
         subnet = ipaddress.IPv4Network(nic.subnet)

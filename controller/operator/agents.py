@@ -108,6 +108,8 @@ class Agent:
         return await self._call("Stats", lambda: self.raw.stats(uid))
 
     async def apply_network(
-        self, network_id: str, peers: Sequence[pb.WireguardPeer]
+        self, network_id: str, peers: Sequence[pb.WireguardPeer], network: pb.NetworkInterface
     ) -> pb.ApplyNetworkResponse:
-        return await self._call("ApplyNetwork", lambda: self.raw.apply_network(network_id, peers))
+        return await self._call(
+            "ApplyNetwork", lambda: self.raw.apply_network(network_id, peers, network)
+        )

@@ -249,15 +249,16 @@ def peers_of(network: Network, node: str, nodes: Mapping[str, NodeView]) -> list
 
 
 async def push_peers(network: Network, nodes: Mapping[str, NodeView], agents: Any) -> None:
-    """Tell every node of the network who its peers are (idempotent; a node that has no
-    machine of the network yet ignores it and is told again next time)."""
+    """Tell every node of the network who its peers are, and its options as they stand
+    (idempotent; a node with no machine of the network yet ignores it and is told again
+    next time)."""
     for node in sorted(network.subnets):
         view = nodes.get(node)
         if view is None or not view.ready:
             continue
         try:
             await agents.client(view.address).apply_network(
-                network.uid, peers_of(network, node, nodes)
+                network.uid, peers_of(network, node, nodes), agent_interface(network, node, None)
             )
         except ControllerError as exc:
             log.warning(

@@ -15,6 +15,7 @@ is deleted at the end, and nothing of the networks may remain.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import subprocess
@@ -50,6 +51,7 @@ SUBNETS = {
 PORT = 51820
 IPS = {"a1": "10.20.1.5", "b1": "10.20.2.5", "x1": "10.20.1.6"}
 PUBLIC = "192.0.2.100"
+PING = ("busybox", "ping", "-c1", "-W1")  # on the host, from the namespaces the test made
 
 # Prints "ZMNET <tag> OK|FAIL" for each try of a command, at most <tries> times, stopping
 # at the first OK unless <tag> starts with "watch" (then it keeps trying).
@@ -221,7 +223,8 @@ def test_two_nodes_one_network(
             for net in (office, other):
                 for node in net.subnets:
                     peers = networks.peers_of(net, node, known)
-                    resp = nodes[node].call("apply_network", net.uid, peers)
+                    nic = networks.agent_interface(net, node, None)
+                    resp = nodes[node].call("apply_network", net.uid, peers, nic)
                     assert isinstance(resp, pb.ApplyNetworkResponse)
                     answers.append(resp.present)
             return all(answers)
@@ -253,7 +256,23 @@ def test_two_nodes_one_network(
         assert set(results(x1, "watch-public")) == {"FAIL"}, x1
         # Nor does the node itself, or the public host, reach a guest.
         for where in (fabric["node-a"][0], fabric["public"][0]):
-            assert host(where, "ping", "-c1", "-W1", IPS["a1"]).returncode != 0
+            assert host(where, *PING, IPS["a1"]).returncode == 1  # no answer (not: no ping)
+
+        # NAT turned off on a running network: its link, default route and rules go.
+        router = f"zn-{short_id('node-a', office.uid)}"
+        assert "default" in host(router, "ip", "route").stdout
+        off = dataclasses.replace(office, nat=False)
+        peers = networks.peers_of(off, "node-a", known)
+        nodes["node-a"].call(
+            "apply_network", off.uid, peers, networks.agent_interface(off, "node-a", None)
+        )
+        assert "default" not in host(router, "ip", "route").stdout
+        assert (
+            f"zu{short_id('node-a', office.uid)}"
+            not in host(fabric["node-a"][0], "ip", "-o", "link").stdout
+        )
+        assert host(router, "nft", "list", "ruleset").stdout.strip() == ""
+        assert host(fabric["node-a"][0], *PING, PUBLIC).returncode == 0
     except AssertionError:
         for name, (node, net, _) in guests.items():
             print(f"--- {name} console:\n{console(nodes[node], f'uid-{name}')[-1500:]}")

@@ -75,8 +75,9 @@ class FakeNodeAgent:
         return list(self.machines.values())
 
     async def apply_network(
-        self, network_id: str, peers: Sequence[pb.WireguardPeer]
+        self, network_id: str, peers: Sequence[pb.WireguardPeer], network: pb.NetworkInterface
     ) -> pb.ApplyNetworkResponse:
+        assert network.network_id == network_id
         self.peers[network_id] = list(peers)
         return pb.ApplyNetworkResponse(present=True)
 

@@ -181,6 +181,9 @@ class PrivateNetworks:
         binary = wireguard.require(self.wireguard_go, f"network {nic.network}")
         n = self.names(nic.network_id)
         old = self.load(nic.network_id)
+        if old is not None and old.nat_link and not nic.nat:
+            self._drop_nat(n)
+            old = dataclasses.replace(old, nat_link="")
         state = NetworkState(
             interface=dataclasses.replace(nic, ip=""),
             nat_link=(old.nat_link if old else "") or (self._free_nat_link() if nic.nat else ""),
@@ -297,6 +300,16 @@ table ip {n.table} {{
         for where, rules in ((n.netns, router_rules), (node, node_rules)):
             self._nft_replace(where, n.table, rules)
 
+    def _drop_nat(self, n: Names) -> None:
+        """NAT turned off: the link (and with it the router's default route) and both
+        tables go."""
+        for where in (n.netns, self.node_netns):
+            subprocess.run([*netns_argv(where), "nft", "delete", "table", "ip", n.table],
+                           capture_output=True, check=False)  # fmt: skip
+        if link_exists(n.uplink, self.node_netns):
+            _check(_ip(self.node_netns, "link", "del", n.uplink), n.uplink)
+            log.info("network NAT removed", netns=n.netns)
+
     def _nft_replace(self, netns: str | None, table: str, rules: str) -> None:
         prefix = netns_argv(netns)
         subprocess.run([*prefix, "nft", "delete", "table", "ip", table], capture_output=True,
@@ -305,9 +318,17 @@ table ip {n.table} {{
 
     # ------------------------------------------------------------------ peers
 
-    def apply_peers(self, network_id: str, peers: list[wireguard.Peer]) -> bool:
-        """Replace the overlay peers; False when the network is not on this node."""
+    def apply(
+        self, network_id: str, peers: list[wireguard.Peer], nic: Interface | None = None
+    ) -> bool:
+        """Replace the overlay peers, and apply the network's options when `nic` changed
+        them; False when the network is not on this node."""
         with self._lock:
+            state = self.load(network_id)
+            if state is None:
+                return False
+            if nic is not None and dataclasses.replace(nic, ip="") != state.interface:
+                self._ensure(nic)
             return self._apply_peers(network_id, peers)
 
     def _apply_peers(self, network_id: str, peers: list[wireguard.Peer]) -> bool:
@@ -347,9 +368,8 @@ table ip {n.table} {{
         ref = ProcessRef(state.wg_pid, state.wg_start, n.wg) if state and state.wg_pid else None
         self._stop_overlay_sync(ref, n)
         node = self.node_netns
-        subprocess.run([*netns_argv(node), "nft", "delete", "table", "ip", n.table],
-                       capture_output=True, check=False)  # fmt: skip
-        for link in (n.uplink, n.veth, n.bridge):
+        self._drop_nat(n)
+        for link in (n.veth, n.bridge):
             if link_exists(link, node):
                 _check(_ip(node, "link", "del", link), f"network {network_id}: {link}")
         if Path(f"/run/netns/{n.netns}").exists():

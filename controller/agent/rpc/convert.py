@@ -71,19 +71,7 @@ def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
         env=dict(sorted(spec.env.items())),
         volumes=tuple(volumes),
         mounts=tuple(Mount(m.name, m.mountpoint) for m in spec.mounts),
-        interfaces=tuple(
-            Interface(
-                n.network,
-                n.ip,
-                n.network_id,
-                n.ip_range,
-                n.subnet,
-                n.ipv6_subnet,
-                n.nat,
-                n.listen_port,
-            )
-            for n in spec.interfaces
-        ),
+        interfaces=tuple(interface_from_pb(n) for n in spec.interfaces),
         restart_policy=_POLICY.get(spec.restart_policy, RestartPolicy.ALWAYS),
         paused=spec.paused,
         hostname=spec.hostname,
@@ -131,6 +119,12 @@ def event_to_pb(event: Event) -> pb.Event:
         reason=event.reason,
         message=event.message,
         time=_timestamp(event.time),
+    )
+
+
+def interface_from_pb(n: pb.NetworkInterface) -> Interface:
+    return Interface(
+        n.network, n.ip, n.network_id, n.ip_range, n.subnet, n.ipv6_subnet, n.nat, n.listen_port
     )
 
 

@@ -21,6 +21,7 @@ from controller.agent.guest.provision import Provisioner
 from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
+    interface_from_pb,
     machine_to_pb,
     peer_from_pb,
     ref_from_pb,
@@ -30,6 +31,7 @@ from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.runtime.events import EventBus
 from controller.agent.runtime.machines import Machines, host_memory
+from controller.agent.spec import validate_private
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -149,8 +151,14 @@ class AgentService(pb_grpc.AgentServiceServicer):
         self, request: pb.ApplyNetworkRequest, context: Any
     ) -> pb.ApplyNetworkResponse:
         peers = [peer_from_pb(request.network_id, p) for p in request.peers]
+        nic = None
+        if request.HasField("network"):
+            nic = interface_from_pb(request.network)
+            if nic.network_id != request.network_id:
+                raise InvalidSpec(f"network {request.network_id}: its interface names another")
+            validate_private(f"network {request.network_id}", nic, None)
         present = await asyncio.to_thread(
-            self.prov.host.private.apply_peers, request.network_id, peers
+            self.prov.host.private.apply, request.network_id, peers, nic
         )
         return pb.ApplyNetworkResponse(present=present)
 

@@ -873,18 +873,24 @@ class ApplyNetworkRequest(_message.Message):
 
     NETWORK_ID_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WireguardPeer]: ...
+    @_builtins.property
+    def network(self) -> Global___NetworkInterface:
+        """The network as the node serves it now (a changed nat applies at once); no ip."""
+
     def __init__(
         self,
         *,
         network_id: _builtins.str = ...,
         peers: _abc.Iterable[Global___WireguardPeer] | None = ...,
+        network: Global___NetworkInterface | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["network_id", b"network_id", "peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "network_id", b"network_id", "peers", b"peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

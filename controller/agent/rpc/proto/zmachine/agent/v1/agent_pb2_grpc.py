@@ -160,8 +160,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApplyNetwork(self, request, context):
-        """The overlay peers of a private network on this node; ignored (present=false) when
-        no machine of the network runs here (the network is set up by the first Deploy).
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,8 +55,8 @@ class AgentServiceStub:
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]
     ApplyNetwork: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]
-    """The overlay peers of a private network on this node; ignored (present=false) when
-    no machine of the network runs here (the network is set up by the first Deploy).
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
     """
 
 @_typing.type_check_only
@@ -79,8 +79,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     NodeInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]  # type: ignore[assignment]
     ApplyNetwork: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]  # type: ignore[assignment]
-    """The overlay peers of a private network on this node; ignored (present=false) when
-    no machine of the network runs here (the network is set up by the first Deploy).
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -166,8 +166,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.ApplyNetworkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ApplyNetworkResponse, _abc.Awaitable[_agent_pb2.ApplyNetworkResponse]]:
-        """The overlay peers of a private network on this node; ignored (present=false) when
-        no machine of the network runs here (the network is set up by the first Deploy).
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
