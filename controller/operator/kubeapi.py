@@ -94,27 +94,24 @@ class Kube:
         )  # fmt: skip
         return get_object(found)
 
-    async def list_zmachines(self) -> list[dict[str, Any]]:
-        found = await self._call(
-            "list zmachines", self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL
-        )
-        items: list[dict[str, Any]] = get_object(found).get("items", [])
-        return items
-
-    async def list_namespaced_zmachines(self, namespace: str) -> list[dict[str, Any]]:
-        found = await self._call(
-            f"list zmachines in {namespace}",
-            self.custom.list_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL,
-        )  # fmt: skip
-        items: list[dict[str, Any]] = get_object(found).get("items", [])
-        return items
+    async def list_zmachines(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every Zmachine, or those of `namespace`."""
+        return await self._list(PLURAL, namespace)
 
     async def list_networks(self) -> list[dict[str, Any]]:
-        found = await self._call(
-            "list zmachinenetworks",
-            self.custom.list_cluster_custom_object, GROUP, VERSION, NETWORK_PLURAL,
-        )  # fmt: skip
+        return await self._list(NETWORK_PLURAL, None)
+
+    async def _list(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            found = await self._call(
+                f"list {plural}", self.custom.list_cluster_custom_object, GROUP, VERSION, plural
+            )
+        else:
+            found = await self._call(
+                f"list {plural} in {namespace}",
+                self.custom.list_namespaced_custom_object,
+                GROUP, VERSION, namespace, plural,
+            )  # fmt: skip
         items: list[dict[str, Any]] = get_object(found).get("items", [])
         return items
 

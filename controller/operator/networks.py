@@ -277,5 +277,5 @@ def uses(zmachine: Mapping[str, Any], network: str) -> bool:
 
 async def users(kube: Kube, namespace: str, network: str) -> list[str]:
     """Names of the Zmachines (deleting ones included: their nodes still hold the network)."""
-    items = await kube.list_namespaced_zmachines(namespace)
+    items = await kube.list_zmachines(namespace)
     return sorted(str(z["metadata"]["name"]) for z in items if uses(z, network))
