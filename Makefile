@@ -38,6 +38,9 @@ virtiofsd: ## build the Rust virtiofsd from crates.io (cached)
 console-assets: ## copy xterm.js (pinned by package-lock.json) into the console package (cached)
 	@bash hack/build-console-assets.sh >/dev/null
 
+wireguard-go: ## build wireguard-go, the private networks' overlay, from its Go module (cached)
+	@bash hack/build-wireguard-go.sh >/dev/null
+
 generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
 	@$(BIN)/python -m controller.api.crdgen --out crds
 	@bash hack/sync-chart-crds.sh
@@ -49,7 +52,7 @@ lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
 	$(BIN)/mypy
 	$(BIN)/python -m controller.api.crdgen --out crds --check
 
-test: $(STAMP) kube-assets helm virtiofsd console-assets lint ## the whole test suite (what CI runs)
+test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go lint ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
@@ -58,7 +61,7 @@ test: $(STAMP) kube-assets helm virtiofsd console-assets lint ## the whole test 
 bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python -m tests.bench
 
-run: $(STAMP) kube-assets virtiofsd console-assets ## local control plane, CRDs, agent, controller, examples/
+run: $(STAMP) kube-assets virtiofsd console-assets wireguard-go ## local control plane, CRDs, agent, controller, examples/
 	@$(BIN)/python -m hack.devenv up
 
 down: ## stop everything `make run` started
@@ -67,4 +70,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd console-assets generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go generate lint test bench run down clean

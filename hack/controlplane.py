@@ -56,6 +56,11 @@ def virtiofsd_path() -> Path:
     return _built_by("build-virtiofsd.sh", timeout=1800)
 
 
+def wireguard_go_path() -> Path:
+    """wireguard-go pinned in hack/versions.env, built (cached) by hack/build-wireguard-go.sh."""
+    return _built_by("build-wireguard-go.sh", timeout=900)
+
+
 def _built_by(script: str, timeout: float) -> Path:
     """The path a hack/ build script prints last (its cached output)."""
     result = subprocess.run(

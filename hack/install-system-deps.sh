@@ -17,6 +17,7 @@ packages=(
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
   nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
   chromium                               # the console page's browser test (Playwright drives it)
+  nftables tcpdump                       # NAT of private networks; the overlay capture test
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -16,6 +16,8 @@ CONTROLLER_CLUSTER = _rules(
     (ZOS, "zmachines/status", "get patch update"),
     (ZOS, "zmachinenodes", "get list watch patch"),
     (ZOS, "zmachinenodes/status", "get patch update"),
+    (ZOS, "zmachinenetworks", "get list watch patch update"),
+    (ZOS, "zmachinenetworks/status", "get patch update"),
     ("", "events", "create patch"),
     ("events.k8s.io", "events", "create patch"),
     ("", "secrets", "get"),

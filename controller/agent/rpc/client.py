@@ -81,6 +81,15 @@ class AgentClient:
     async def node_info(self) -> pb.NodeInfoResponse:
         return await self._stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout)
 
+    async def apply_network(
+        self,
+        network_id: str,
+        peers: Sequence[pb.WireguardPeer],
+        network: pb.NetworkInterface | None = None,
+    ) -> pb.ApplyNetworkResponse:
+        request = pb.ApplyNetworkRequest(network_id=network_id, peers=peers, network=network)
+        return await self._stub.ApplyNetwork(request, timeout=self.timeout)
+
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._stub.Stats(pb.MachineRequest(uid=uid), timeout=self.timeout)
 

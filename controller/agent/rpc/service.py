@@ -6,6 +6,7 @@ typed exceptions, and anything untyped is reported as INTERNAL with its message.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,9 @@ from controller.agent.rpc import consoles
 from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
+    interface_from_pb,
     machine_to_pb,
+    peer_from_pb,
     ref_from_pb,
     spec_from_pb,
 )
@@ -29,6 +32,7 @@ from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.runtime.events import EventBus
 from controller.agent.runtime.machines import Machines, host_memory
+from controller.agent.spec import validate_private
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -155,7 +159,24 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            **self.prov.host.overlay_identity(),
         )
+
+    @mapped
+    async def ApplyNetwork(
+        self, request: pb.ApplyNetworkRequest, context: Any
+    ) -> pb.ApplyNetworkResponse:
+        peers = [peer_from_pb(request.network_id, p) for p in request.peers]
+        nic = None
+        if request.HasField("network"):
+            nic = interface_from_pb(request.network)
+            if nic.network_id != request.network_id:
+                raise InvalidSpec(f"network {request.network_id}: its interface names another")
+            validate_private(f"network {request.network_id}", nic, None)
+        present = await asyncio.to_thread(
+            self.prov.host.private.apply, request.network_id, peers, nic
+        )
+        return pb.ApplyNetworkResponse(present=present)
 
     @mapped
     async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:

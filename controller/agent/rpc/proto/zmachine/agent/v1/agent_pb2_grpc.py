@@ -94,6 +94,11 @@ class AgentServiceStub:
                 request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.SerializeToString,
                 response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
                 _registered_method=True)
+        self.ApplyNetwork = channel.unary_unary(
+                '/zmachine.agent.v1.AgentService/ApplyNetwork',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -181,6 +186,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyNetwork(self, request, context):
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +256,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ConsoleLog,
                     request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.FromString,
                     response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'ApplyNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyNetwork,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -569,6 +587,33 @@ class AgentService:
             '/zmachine.agent.v1.AgentService/ConsoleLog',
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.SerializeToString,
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zmachine.agent.v1.AgentService/ApplyNetwork',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class AgentServiceStub:
     """The serial log: the last tail_lines lines of console.log, then (follow) new output
     until the call is cancelled or the machine is deleted.
     """
+    ApplyNetwork: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -91,6 +95,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ConsoleLog: _aio.UnaryStreamMultiCallable[_agent_pb2.ConsoleLogRequest, _agent_pb2.ConsoleOutput]  # type: ignore[assignment]
     """The serial log: the last tail_lines lines of console.log, then (follow) new output
     until the call is cancelled or the machine is deleted.
+    """
+    ApplyNetwork: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]  # type: ignore[assignment]
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -189,6 +197,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConsoleOutput], _abc.AsyncIterator[_agent_pb2.ConsoleOutput]]:
         """The serial log: the last tail_lines lines of console.log, then (follow) new output
         until the call is cancelled or the machine is deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyNetwork(
+        self,
+        request: _agent_pb2.ApplyNetworkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ApplyNetworkResponse, _abc.Awaitable[_agent_pb2.ApplyNetworkResponse]]:
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
