@@ -1,4 +1,4 @@
-"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, fetch."""
+"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, migrate-store, fetch."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controller.flist import bootmode, mount
 from controller.flist.cache import BlockCache
-from controller.flist.errors import FlistError
+from controller.flist.errors import FlistError, StoreError
 from controller.flist.fetch import fetch_flist
 from controller.flist.meta import Entry, Flist, open_flist
 from controller.flist.pack import pack
-from controller.flist.stores import Router
+from controller.flist.stores import DirStore, Router, migrate_dir_store
 from controller.flist.unpack import unpack
 from controller.logs import configure_logging
 
@@ -137,6 +138,17 @@ def _cmd_boot_mode(args: argparse.Namespace) -> None:
             print(f"{name}: {value}")
 
 
+def _cmd_migrate_store(args: argparse.Namespace) -> None:
+    parts = urlsplit(args.store)
+    if parts.scheme != "dir":
+        raise StoreError("only dir:// stores have a layout to migrate", path=args.store)
+    stats = migrate_dir_store(DirStore(args.store).root)
+    print(
+        f"{args.store}: {stats.moved} blocks moved to the flat layout, {stats.duplicates}"
+        f" duplicates removed, {stats.skipped} other files left in place"
+    )
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     print(fetch_flist(args.url, args.cache))
 
@@ -187,6 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("boot-mode", help="container, vm or image (flist file or directory)")
     cmd.add_argument("source", type=Path)
     cmd.set_defaults(func=_cmd_boot_mode)
+    cmd = sub.add_parser(
+        "migrate-store", help="move a dir:// store's blocks to the flat layout rfs v2.0.6 reads"
+    )
+    cmd.add_argument("store", help="dir:///path")
+    cmd.set_defaults(func=_cmd_migrate_store)
     cmd = sub.add_parser("fetch", help="download and verify an flist into the cache")
     cmd.add_argument("url")
     cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "flists")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -19,6 +20,8 @@ from controller.flist.resp import RespConnection, RespError, RespReplyError
 
 DEFAULT_ZDB_PORT = 9900
 TIMEOUT = 30.0
+_SHARD = re.compile(r"[0-9a-f]{2}")
+_BLOCK = re.compile(r"[0-9a-f]{64}|[0-9a-f]{32}")  # v2 and v1 ids
 _SPEC = re.compile(r"^(?:([0-9a-fA-F]{2})-([0-9a-fA-F]{2})=)?(.+)$")
 
 
@@ -50,7 +53,11 @@ def strip_password(url: str) -> str:
 
 
 class DirStore:
-    """``dir:///root``: block at ``root/<hex[:2]>/<hex>`` (reads also try ``root/<hex>``)."""
+    """``dir:///root``: block at ``root/<hex>``, the layout rfs v2.0.6 (what zos runs) reads.
+
+    Reads also find ``root/<hex[:2]>/<hex>``, the layout later rfs code and our releases before
+    this one wrote; :func:`migrate_dir_store` moves such blocks to the flat layout.
+    """
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -59,13 +66,12 @@ class DirStore:
         self.url = url
         self.root = Path(unquote(parts.path))
 
-    def _path(self, block_id: bytes) -> Path:
+    def _paths(self, block_id: bytes) -> tuple[Path, Path]:
         name = block_id.hex()
-        return self.root / name[:2] / name
+        return self.root / name, self.root / name[:2] / name
 
     def get(self, block_id: bytes) -> bytes | None:
-        name = block_id.hex()
-        for path in (self._path(block_id), self.root / name):
+        for path in self._paths(block_id):
             try:
                 with path.open("rb") as handle:
                     return handle.read(MAX_STORED_BLOCK + 1)
@@ -76,13 +82,48 @@ class DirStore:
         return None
 
     def exists(self, block_id: bytes) -> bool:
-        return self._path(block_id).exists() or (self.root / block_id.hex()).exists()
+        return any(path.exists() for path in self._paths(block_id))
 
     def set(self, block_id: bytes, data: bytes) -> None:
-        write_atomic(self._path(block_id), data)
+        write_atomic(self._paths(block_id)[0], data)
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class MigrateStats:
+    moved: int = 0
+    duplicates: int = 0  # already present in the flat layout: the nested copy was removed
+    skipped: int = 0  # files in a two-hex-digit directory that are not blocks
+
+
+def migrate_dir_store(root: Path) -> MigrateStats:
+    """Move every block from ``root/<hex[:2]>/<hex>`` to ``root/<hex>`` (idempotent).
+
+    Safe while readers run: a rename is atomic and readers look in both places. Emptied
+    two-digit directories are removed.
+    """
+    stats = MigrateStats()
+    try:
+        subdirs = sorted(p for p in root.iterdir() if _SHARD.fullmatch(p.name) and p.is_dir())
+        for subdir in subdirs:
+            for block in sorted(subdir.iterdir()):
+                if not (_BLOCK.fullmatch(block.name) and block.name[:2] == subdir.name):
+                    stats.skipped += 1
+                    continue
+                flat = root / block.name
+                if flat.exists():
+                    block.unlink()
+                    stats.duplicates += 1
+                else:
+                    os.rename(block, flat)
+                    stats.moved += 1
+            with contextlib.suppress(OSError):  # not empty: it keeps what was skipped
+                subdir.rmdir()
+    except OSError as exc:
+        raise StoreError(f"cannot migrate: {exc.strerror}", path=exc.filename) from None
+    return stats
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -104,7 +145,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 class HttpStore:
     """``http(s)://host/prefix``, read-only.
 
-    GET ``prefix/<hex[:2]>/<hex>``, then ``prefix/<hex>`` (an http server in front of a dir store).
+    GET ``prefix/<hex>``, then ``prefix/<hex[:2]>/<hex>``: an http server in front of a dir store
+    in either layout (rfs tries the nested one first; ours are flat, so flat saves a round trip).
     """
 
     def __init__(self, url: str) -> None:
@@ -125,8 +167,8 @@ class HttpStore:
 
     def get(self, block_id: bytes) -> bytes | None:
         name = block_id.hex()
-        found = self._fetch(f"{self.base}/{name[:2]}/{name}")
-        return found if found is not None else self._fetch(f"{self.base}/{name}")
+        found = self._fetch(f"{self.base}/{name}")
+        return found if found is not None else self._fetch(f"{self.base}/{name[:2]}/{name}")
 
     def exists(self, block_id: bytes) -> bool:
         return self.get(block_id) is not None

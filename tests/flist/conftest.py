@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,21 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
     assert sorted(got) == sorted(want)
     for path in want:
         assert got[path] == want[path], path
+
+
+def run_cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``zmachine-flist ARGS`` in a child process (what a user runs), output captured."""
+    done = subprocess.run(
+        [sys.executable, "-m", "controller.flist.cli", *args],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
+    if check and done.returncode:
+        raise AssertionError(f"zmachine-flist {' '.join(args)}: {done.stderr}")
+    return done
 
 
 @pytest.fixture
