@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -9,17 +10,26 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from redis.asyncio import ConnectionPool, Redis, UnixDomainSocketConnection
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import ResponseError as RedisResponseError
 
 from controller.flist.chunks import MAX_STORED_BLOCK
 from controller.flist.errors import BlockMissingError, StoreError
-from controller.flist.resp import RespConnection, RespError, RespReplyError
 
 DEFAULT_ZDB_PORT = 9900
 TIMEOUT = 30.0
+T = TypeVar("T")
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _BLOCK = re.compile(r"[0-9a-f]{64}|[0-9a-f]{32}")  # v2 and v1 ids
 _SPEC = re.compile(r"^(?:([0-9a-fA-F]{2})-([0-9a-fA-F]{2})=)?(.+)$")
@@ -180,84 +190,98 @@ class HttpStore:
         pass
 
 
+class _LoopThread:
+    """One asyncio loop in a daemon thread, shared by every zdb store: the stores are called from
+    FUSE and pack worker threads, and redis-py's asyncio client lives on a single loop."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=self._loop.run_forever, name="flist-zdb", daemon=True
+                ).start()
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(_wait(awaitable), loop).result()
+
+
+async def _wait(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+_LOOP = _LoopThread()
+
+
 class ZdbStore:
     """``zdb://[user[:pass]@]host[:port][/namespace]`` (or ``zdb:///unix/socket``): 0-db in user
-    mode, keys are the raw block ids. Connections are pooled; each selects the namespace."""
+    mode, keys are the raw block ids. redis-py's asyncio client with a connection pool; each new
+    connection selects the namespace (``SELECT ns [password]``, 0-db's form)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         parts = urlsplit(url)
-        self.unix_path: str | None = None
-        self.namespace: str | None = None
+        namespace = unquote(parts.path.strip("/")) if parts.hostname else ""
+        self.namespace = namespace if namespace and namespace != "default" else None
+        self.password = unquote(parts.password) if parts.password else None
+        common: dict[str, Any] = {
+            "max_connections": 16,
+            "socket_timeout": TIMEOUT,
+            "socket_connect_timeout": TIMEOUT,
+            "protocol": 2,
+            "driver_info": None,  # no CLIENT SETINFO: 0-db does not know it
+            "redis_connect_func": self._on_connect,
+            # A pooled connection the server dropped fails once; the retry reconnects.
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError],
+        }
         if parts.hostname:
-            self.host, self.port = parts.hostname, parts.port or DEFAULT_ZDB_PORT
-            ns = unquote(parts.path.strip("/"))
-            self.namespace = ns if ns and ns != "default" else None
+            port = parts.port or DEFAULT_ZDB_PORT
+            pool = ConnectionPool(host=parts.hostname, port=port, **common)
         elif parts.path:
-            self.host, self.port, self.unix_path = "", 0, unquote(parts.path)
+            pool = ConnectionPool(
+                connection_class=UnixDomainSocketConnection, path=unquote(parts.path), **common
+            )
         else:
             raise StoreError("zdb store needs a host or a socket path", path=strip_password(url))
-        self.password = unquote(parts.password) if parts.password else None
-        self._idle: list[RespConnection] = []
-        self._lock = threading.Lock()
+        self._client = Redis(connection_pool=pool)
 
-    def _connect(self) -> RespConnection:
-        conn = RespConnection.connect(self.host, self.port, self.unix_path, TIMEOUT)
+    async def _on_connect(self, conn: AbstractConnection) -> None:
+        await conn.on_connect()
         if self.namespace:
-            try:
-                conn.command("SELECT", self.namespace, *([self.password] if self.password else []))
-            except RespError:
-                conn.close()
-                raise
-        return conn
+            args = [self.namespace, *([self.password] if self.password else [])]
+            await conn.send_command("SELECT", *args)
+            reply = await conn.read_response()
+            if reply not in (b"OK", "OK"):
+                raise RedisConnectionError(f"SELECT {self.namespace}: {reply!r}")
 
-    def _on(self, conn: RespConnection, args: tuple[bytes | str, ...]) -> object:
-        """Run one command; the connection goes back to the pool unless it broke."""
+    def _call(self, name: str, awaitable: Awaitable[T]) -> T:
         try:
-            result = conn.command(*args)
-        except RespReplyError:
-            self._release(conn)
-            raise
-        except RespError:
-            conn.close()
-            raise
-        self._release(conn)
-        return result
-
-    def _release(self, conn: RespConnection) -> None:
-        with self._lock:
-            self._idle.append(conn)
-
-    def _call(self, *args: bytes | str) -> object:
-        with self._lock:
-            pooled = self._idle.pop() if self._idle else None
-        try:
-            if pooled is not None:
-                try:
-                    return self._on(pooled, args)
-                except RespReplyError:
-                    raise
-                except RespError:
-                    pass  # a pooled connection may have gone stale: one fresh try
-            return self._on(self._connect(), args)
-        except RespError as exc:
-            raise StoreError(f"{args[0]!s}: {exc}", path=strip_password(self.url)) from None
+            return _LOOP.run(awaitable)
+        except RedisResponseError as exc:
+            raise StoreError(
+                f"{name}: server error: {exc}", path=strip_password(self.url)
+            ) from None
+        except (RedisError, OSError) as exc:
+            raise StoreError(
+                f"{name}: cannot connect: {exc}", path=strip_password(self.url)
+            ) from None
 
     def get(self, block_id: bytes) -> bytes | None:
-        result = self._call("GET", block_id)
+        result = self._call("GET", self._client.get(block_id))
         return result if isinstance(result, bytes) else None
 
     def exists(self, block_id: bytes) -> bool:
-        return self._call("EXISTS", block_id) == 1
+        return bool(self._call("EXISTS", self._client.exists(block_id)))
 
     def set(self, block_id: bytes, data: bytes) -> None:
-        self._call("SET", block_id, data)
+        self._call("SET", self._client.set(block_id, data))
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._call("close", self._client.aclose(close_connection_pool=True))
 
 
 def open_store(url: str) -> Store:
