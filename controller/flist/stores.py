@@ -1,9 +1,12 @@
-"""Block stores (``dir://``, ``http(s)://``, ``zdb://``) and the router that shards over them."""
+"""Block stores (``dir://``, ``http(s)://``, ``zdb://``, ``s3://``) and the router over them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import hashlib
+import hmac
 import os
 import re
 import tempfile
@@ -14,7 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool, Redis, UnixDomainSocketConnection
 from redis.asyncio.connection import AbstractConnection
@@ -30,6 +33,7 @@ from controller.flist.errors import BlockMissingError, StoreError
 DEFAULT_ZDB_PORT = 9900
 TIMEOUT = 30.0
 T = TypeVar("T")
+S3_SCHEMES = ("s3", "s3s", "s3+tls", "s3s+tls")
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _BLOCK = re.compile(r"[0-9a-f]{64}|[0-9a-f]{32}")  # v2 and v1 ids
 _SPEC = re.compile(r"^(?:([0-9a-fA-F]{2})-([0-9a-fA-F]{2})=)?(.+)$")
@@ -284,6 +288,101 @@ class ZdbStore:
         self._call("close", self._client.aclose(close_connection_pool=True))
 
 
+class S3Store:
+    """``s3://key:secret@host:port/bucket[?region=r]`` (http), ``s3s://``, ``s3+tls://`` or
+    ``s3s+tls://`` (https): objects named by the hex id, path-style, signed with AWS SigV4.
+
+    Parsed as rfs parses them: the port is required, key and secret are the user and password.
+    Without a secret (routes are stored without passwords) requests go unsigned, for a bucket
+    that allows anonymous reads. Without ``region`` we sign for us-east-1, S3's default.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        shown = strip_password(url)
+        tls = parts.scheme in ("s3s", "s3+tls", "s3s+tls")
+        try:
+            port = parts.port
+        except ValueError:
+            raise StoreError("bad port in s3 store URL", path=shown) from None
+        if not parts.hostname or port is None:
+            raise StoreError("s3 store needs host:port (as rfs)", path=shown)
+        self.bucket = parts.path.strip("/")
+        if not self.bucket or "/" in self.bucket:
+            raise StoreError("s3 store needs one bucket name as its path", path=shown)
+        self.host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.host = f"{self.host}:{port}"
+        self.base = f"{'https' if tls else 'http'}://{self.host}/{quote(self.bucket)}"
+        self.access_key = unquote(parts.username or "")
+        self.secret = unquote(parts.password) if parts.password else None
+        self.region = parse_qs(parts.query).get("region", ["us-east-1"])[0] or "us-east-1"
+
+    def _headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
+        payload = hashlib.sha256(body).hexdigest()
+        now = datetime.datetime.now(datetime.UTC)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        headers = {"host": self.host, "x-amz-content-sha256": payload, "x-amz-date": stamp}
+        if self.secret is None:
+            return headers
+        names = ";".join(sorted(headers))
+        canonical = "\n".join(
+            [method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "", names, payload]
+        )
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(
+            ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        key = f"AWS4{self.secret}".encode()
+        for part in (day, self.region, "s3", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope},"
+            f" SignedHeaders={names}, Signature={signature}"
+        )
+        return headers
+
+    def _request(self, method: str, block_id: bytes, body: bytes = b"") -> bytes | None:
+        address = f"{self.base}/{block_id.hex()}"
+        path = urlsplit(address).path
+        request = urllib.request.Request(
+            address, data=body if method == "PUT" else None, method=method
+        )
+        for name, value in self._headers(method, path, body).items():
+            if name != "host":
+                request.add_header(name, value)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                data: bytes = response.read(MAX_STORED_BLOCK + 1)
+                return data
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(512).decode("utf-8", "replace")
+            code = re.search(r"<Code>([^<]*)</Code>", detail)
+            if exc.code == 404 and not (code and code.group(1) == "NoSuchBucket"):
+                return None
+            reason = f"HTTP {exc.code}" + (f" {code.group(1)}" if code else "")
+            raise StoreError(
+                f"{method} {block_id.hex()}: {reason}", path=strip_password(self.url)
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise StoreError(
+                f"{method} {block_id.hex()}: {exc}", path=strip_password(self.url)
+            ) from None
+
+    def get(self, block_id: bytes) -> bytes | None:
+        return self._request("GET", block_id)
+
+    def exists(self, block_id: bytes) -> bool:
+        return self._request("HEAD", block_id) is not None
+
+    def set(self, block_id: bytes, data: bytes) -> None:
+        self._request("PUT", block_id, data)
+
+    def close(self) -> None:
+        pass
+
+
 def open_store(url: str) -> Store:
     scheme = urlsplit(url).scheme
     if scheme == "dir":
@@ -292,6 +391,8 @@ def open_store(url: str) -> Store:
         return HttpStore(url)
     if scheme == "zdb":
         return ZdbStore(url)
+    if scheme in S3_SCHEMES:
+        return S3Store(url)
     raise StoreError(f"unsupported store scheme {scheme!r}", path=strip_password(url))
 
 
