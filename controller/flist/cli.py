@@ -12,11 +12,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from controller.flist import bootmode, mount
+from controller.flist.archive import pack_source
 from controller.flist.cache import BlockCache
 from controller.flist.errors import FlistError, StoreError
 from controller.flist.fetch import fetch_flist
 from controller.flist.meta import Entry, Flist, open_flist
-from controller.flist.pack import pack
 from controller.flist.stores import DirStore, Router, migrate_dir_store
 from controller.flist.unpack import unpack
 from controller.logs import configure_logging
@@ -32,7 +32,9 @@ def _cache(flist: Flist, args: argparse.Namespace) -> BlockCache:
 
 
 def _cmd_pack(args: argparse.Namespace) -> None:
-    stats = pack(args.dir, args.output, args.store, progress=not args.quiet)
+    stats, image = pack_source(args.source, args.output, args.store, progress=not args.quiet)
+    for key, value in sorted(image.tags().items()) if image else ():
+        print(f"tag: {key}={value}")
     print(
         f"{args.output}: {stats.files} files, {stats.dirs} dirs, {stats.symlinks} symlinks,"
         f" {stats.hardlinks} hard links, {stats.specials} special; {stats.bytes} bytes in"
@@ -171,8 +173,12 @@ def _parser() -> argparse.ArgumentParser:
             help="[xx-yy=]URL; overrides the stores recorded in the flist",
         )
 
-    cmd = sub.add_parser("pack", help="pack a directory into an rfs v2 .fl")
-    cmd.add_argument("dir", type=Path)
+    cmd = sub.add_parser(
+        "pack",
+        help="pack a directory, a root filesystem tar (.tar, .tar.gz, .tar.zst) or a container"
+        " image (OCI layout directory or archive, docker save archive) into an rfs v2 .fl",
+    )
+    cmd.add_argument("source", type=Path)
     cmd.add_argument("-o", "--output", type=Path, required=True)
     cmd.add_argument("--store", "-s", action="append", required=True, help="[xx-yy=]URL")
     cmd.add_argument("--quiet", "-q", action="store_true", help="no progress line")
