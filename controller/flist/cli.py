@@ -1,4 +1,5 @@
-"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, migrate-store, fetch."""
+"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, migrate-store, push,
+fetch."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from controller.flist.cache import BlockCache
 from controller.flist.errors import FlistError, StoreError
 from controller.flist.fetch import fetch_flist
 from controller.flist.meta import Entry, Flist, open_flist
+from controller.flist.push import flist_name as _flist_name
+from controller.flist.push import push
 from controller.flist.stores import DirStore, Router, migrate_dir_store
 from controller.flist.unpack import unpack
 from controller.logs import configure_logging
@@ -151,6 +154,17 @@ def _cmd_migrate_store(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_push(args: argparse.Namespace) -> None:
+    token = os.environ.get("ZMACHINE_HUB_TOKEN", "")
+    if args.token_file:
+        token = args.token_file.read_text().strip()
+    if not token:
+        raise FlistError("push needs --token-file or ZMACHINE_HUB_TOKEN", flist=args.hub)
+    name = args.name or _flist_name(args.file)
+    result = push(args.file, args.hub, name, token, progress=not args.quiet)
+    print(result["flist"])
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     print(fetch_flist(args.url, args.cache))
 
@@ -210,6 +224,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("store", help="dir:///path")
     cmd.set_defaults(func=_cmd_migrate_store)
+    cmd = sub.add_parser("push", help="upload a tar or image archive to a zmachine-hub")
+    cmd.add_argument("file", type=Path)
+    cmd.add_argument("--hub", required=True, help="the hub's URL, e.g. https://hub.example")
+    cmd.add_argument("--name", help="flist name (default: the file name without extensions)")
+    cmd.add_argument("--token-file", type=Path, help="bearer token (else $ZMACHINE_HUB_TOKEN)")
+    cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_cmd_push)
     cmd = sub.add_parser("fetch", help="download and verify an flist into the cache")
     cmd.add_argument("url")
     cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "flists")

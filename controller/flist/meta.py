@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import stat
 import threading
@@ -33,6 +35,7 @@ FILE_TYPES = frozenset(
     | {stat.S_IFSOCK}
 )
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TIME_LIMIT = 1 << 33  # seconds, ~year 2242; keeps nanoseconds within int64
 _RANGES = (
     ("size", 0, MAX_FILE_SIZE),
@@ -81,6 +84,13 @@ class Entry:
     @property
     def is_link(self) -> bool:
         return self.kind == stat.S_IFLNK
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    entrypoint: str  # one shell-quoted command line, as a Zmachine's entrypoint
+    env: dict[str, str]
+    workdir: str
 
 
 @dataclass(frozen=True)
@@ -361,6 +371,22 @@ class Flist:
         if self.version != 2:
             return {}
         return {str(k): str(v) for k, v in self.query("SELECT key, value FROM tag")}
+
+    def run_settings(self) -> RunSettings:
+        """An image's entrypoint, env and working directory, from the tags ``pack`` writes for
+        container images (empty when absent; a malformed env tag counts as none)."""
+        tags = self.tags()
+        try:
+            env = json.loads(tags.get("env", "{}"))
+        except ValueError:
+            env = {}
+        if not isinstance(env, dict):
+            env = {}
+        return RunSettings(
+            tags.get("entrypoint", ""),
+            {str(k): str(v) for k, v in env.items() if _ENV_NAME.fullmatch(str(k))},
+            tags.get("workdir", ""),
+        )
 
     def store_specs(self) -> list[str]:
         """Store specs (``xx-yy=url``) this flist names for its blocks."""

@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import random
+import socket
 import stat
 import subprocess
 import sys
@@ -107,6 +108,14 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
     assert sorted(got) == sorted(want)
     for path in want:
         assert got[path] == want[path], path
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for servers the tests start)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def run_cli(

@@ -24,7 +24,7 @@ from controller.flist.errors import StoreError
 from controller.flist.meta import open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import Router, S3Store
-from tests.flist.conftest import assert_same_tree, make_tree, run_cli
+from tests.flist.conftest import assert_same_tree, free_port, make_tree, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 KEY, SECRET = "flist-key", "flist-secret/+="  # characters that need quoting in a URL
@@ -49,17 +49,10 @@ class S3Server:
         return f"{scheme}://{auth}@127.0.0.1:{self.port}/{bucket}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _serve(tmp: Path, tls: tuple[Path, Path] | None = None) -> S3Server:
     root = tmp / "s3root"
     (root / "blocks").mkdir(parents=True)  # the posix backend: a directory is a bucket
-    port = _free_port()
+    port = free_port()
     argv = [_versitygw(), "--access", KEY, "--secret", SECRET, "--port", f"127.0.0.1:{port}"]
     if tls is not None:
         argv += ["--cert", str(tls[0]), "--key", str(tls[1])]

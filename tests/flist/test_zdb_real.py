@@ -21,7 +21,7 @@ from controller.flist.meta import open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import Router, ZdbStore
 from controller.flist.unpack import unpack
-from tests.flist.conftest import assert_same_tree, make_tree
+from tests.flist.conftest import assert_same_tree, free_port, make_tree
 
 ZDB = shutil.which("zdb")
 pytestmark = pytest.mark.skipif(
@@ -68,9 +68,7 @@ def _start(argv: list[str], port: int) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 def real_zdb(tmp_path: Path) -> Iterator[RealZdb]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     sock = tmp_path / "zdb.sock"
     assert ZDB is not None
     argv = [ZDB, "--mode", "user", "--listen", "127.0.0.1", "--port", str(port)]
