@@ -42,6 +42,10 @@ class AuthError(Exception):
     """The request's token is missing or not accepted."""
 
 
+class AuthUnavailable(Exception):
+    """Tokens cannot be checked right now (e.g. the TokenReview call failed)."""
+
+
 class Authenticator:
     async def user(self, token: str) -> str:
         raise NotImplementedError
@@ -87,7 +91,10 @@ class TokenReviewer(Authenticator):
         spec = self.client.V1TokenReviewSpec(
             token=token, audiences=[self.audience] if self.audience else None
         )
-        review = self.api.create_token_review(self.client.V1TokenReview(spec=spec))
+        try:
+            review = self.api.create_token_review(self.client.V1TokenReview(spec=spec))
+        except self.client.ApiException as exc:
+            raise AuthUnavailable(f"TokenReview failed: HTTP {exc.status} {exc.reason}") from None
         status = review.status
         if not status or not status.authenticated or not status.user:
             raise AuthError(f"token not authenticated: {status.error if status else 'no status'}")
@@ -148,6 +155,9 @@ class Hub:
             raise web.HTTPUnauthorized(
                 text="token not accepted\n", headers={"WWW-Authenticate": "Bearer"}
             ) from None
+        except AuthUnavailable as exc:
+            log.error("cannot check tokens", reason=str(exc))
+            raise web.HTTPServiceUnavailable(text="the hub cannot check tokens now\n") from None
 
     async def upload(self, request: web.Request) -> web.Response:
         user = await self._user(request)

@@ -24,6 +24,7 @@ from controller.flist.fetch import fetch_flist
 from controller.flist.meta import open_flist
 from controller.flist.stores import Router
 from controller.flist.unpack import unpack
+from hack.controlplane import ControlPlane
 from tests.flist.conftest import MTIME, assert_same_tree, free_port, make_tree, run_cli
 
 TOKEN = "t0ken-for-alice"
@@ -37,16 +38,13 @@ class RunningHub:
     process: subprocess.Popen[bytes]
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[RunningHub]:
+def _start_hub(tmp_path: Path, *auth: str) -> RunningHub:
     port = free_port()
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"# token user\n{TOKEN} alice\nother-token bob\n")
     token_file = tmp_path / "alice.token"
     token_file.write_text(TOKEN + "\n")
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "controller.flist.hub", "--root", str(tmp_path / "hub")]
-    argv += ["--listen", f"127.0.0.1:{port}", "--public-url", url, "--token-file", str(tokens)]
+    argv += ["--listen", f"127.0.0.1:{port}", "--public-url", url, *auth]
     argv += ["--max-upload-mib", "64"]
     log = (tmp_path / "hub.log").open("wb")
     process = subprocess.Popen(argv, stdout=log, stderr=log)
@@ -54,15 +52,26 @@ def hub(tmp_path: Path) -> Iterator[RunningHub]:
     while True:
         try:
             urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
-            break
+            return RunningHub(url, tmp_path / "hub", token_file, process)
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 raise AssertionError((tmp_path / "hub.log").read_text()) from None
             time.sleep(0.2)
-    yield RunningHub(url, tmp_path / "hub", token_file, process)
-    process.terminate()
-    process.wait(timeout=30)
+
+
+def _stop(hub: RunningHub) -> None:
+    hub.process.terminate()
+    hub.process.wait(timeout=30)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[RunningHub]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# token user\n{TOKEN} alice\nother-token bob\n")
+    running = _start_hub(tmp_path, "--token-file", str(tokens))
+    yield running
+    _stop(running)
 
 
 def _rootfs_tar_gz(source: Path, path: Path) -> Path:
@@ -142,3 +151,43 @@ def test_refusals(hub: RunningHub, tmp_path: Path) -> None:
     assert not list((hub.root / "flists").rglob("*.fl"))
     assert not list((hub.root / "uploads").iterdir())
     assert hub.process.poll() is None
+
+
+def test_service_account_tokens_through_token_review(
+    cluster: ControlPlane, ns: str, tmp_path: Path
+) -> None:
+    """In a cluster: a ServiceAccount token for the hub's audience uploads as
+    <namespace>.<name>; the hub's own identity needs only system:auth-delegator."""
+    binding = f"zm-hub-test-{os.getpid()}"
+    cluster.kubectl("create", "serviceaccount", "uploader", "-n", ns)
+    cluster.kubectl(
+        "create", "clusterrolebinding", binding, "--clusterrole=system:auth-delegator",
+        f"--user={binding}",
+    )  # fmt: skip
+    hub_config = cluster.user_kubeconfig(binding, [])
+    hub = _start_hub(
+        tmp_path, "--token-review", "--audience", "zmachine-hub", "--kubeconfig", str(hub_config)
+    )
+    try:
+        archive = _rootfs_tar_gz(make_tree(tmp_path / "src", files=5), tmp_path / "sa.tar.gz")
+
+        def push_with(*token_args: str) -> subprocess.CompletedProcess[str]:
+            token = cluster.kubectl("create", "token", "uploader", "-n", ns, *token_args)
+            hub.token_file.write_text(token.stdout.strip())
+            push = ["push", str(archive), "--hub", hub.url, "--token-file", str(hub.token_file)]
+            return run_cli(*push, "-q", check=False)
+
+        accepted = push_with("--audience", "zmachine-hub")
+        assert accepted.stdout.strip() == f"{hub.url}/{ns}.uploader/sa.fl", accepted.stderr
+        other_audience = push_with()  # the API server's default audience, not the hub's
+        assert other_audience.returncode == 1 and "HTTP 401" in other_audience.stderr
+        cluster.kubectl("delete", "clusterrolebinding", binding)
+        # Without TokenReview rights the hub cannot vouch for anyone.
+        deadline = time.monotonic() + 30
+        while (refused := push_with("--audience", "zmachine-hub")).returncode == 0:
+            assert time.monotonic() < deadline, "upload still accepted without TokenReview rights"
+            time.sleep(1)
+        assert "HTTP 503" in refused.stderr and "cannot check tokens" in refused.stderr
+    finally:
+        _stop(hub)
+        cluster.kubectl("delete", "clusterrolebinding", binding, check=False)
