@@ -183,18 +183,19 @@ class Hub:
                     await asyncio.to_thread(out.write, chunk)
             if size is not None and received != size:
                 raise web.HTTPBadRequest(text=f"upload truncated: {received} of {size} bytes\n")
-            target = self.flists / user / f"{name}.fl"
-            target.parent.mkdir(exist_ok=True)
+            packed = upload.with_name(upload.name + ".fl")
             started = time.monotonic()
             async with self.pack_lock:
                 stats, image = await asyncio.to_thread(
-                    pack_source, upload, target, [f"dir://{self.blocks}"]
+                    pack_source, upload, packed, [f"dir://{self.blocks}"]
                 )
-                await asyncio.to_thread(self._route_to_hub, target)
+            # Routed to this hub before it is visible, so no reader sees the local route.
+            await asyncio.to_thread(self._publish, packed, self.flists / user / f"{name}.fl")
         except FlistError as exc:
             raise web.HTTPBadRequest(text=f"cannot pack the upload: {exc.reason}\n") from None
         finally:
             await asyncio.to_thread(upload.unlink, True)
+            await asyncio.to_thread(upload.with_name(upload.name + ".fl").unlink, True)
         log.info(
             "flist uploaded",
             user=user,
@@ -216,9 +217,10 @@ class Hub:
             status=201,
         )
 
-    def _route_to_hub(self, flist: Path) -> None:
-        """Readers fetch blocks from this hub over HTTP, not from its local directory."""
-        conn = sqlite3.connect(flist)
+    def _publish(self, packed: Path, target: Path) -> None:
+        """Route the flist to this hub (readers fetch blocks over HTTP, not from the hub's
+        directory), then rename it into place."""
+        conn = sqlite3.connect(packed)
         try:
             conn.execute("DELETE FROM route")
             conn.execute(
@@ -228,6 +230,8 @@ class Hub:
             conn.commit()
         finally:
             conn.close()
+        target.parent.mkdir(exist_ok=True)
+        os.replace(packed, target)
 
     async def listing(self, request: web.Request) -> web.Response:
         only = request.match_info.get("user")
