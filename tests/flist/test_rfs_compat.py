@@ -7,11 +7,13 @@ import os
 import shutil
 import stat
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
+from controller.flist.archive import pack_source
 from controller.flist.chunks import CHUNK_SIZE
 from controller.flist.mount import is_mounted, unmount
 from controller.flist.pack import pack
@@ -58,10 +60,16 @@ def _rfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([RFS, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_rfs_unpacks_what_we_pack(tmp_path: Path) -> None:
+@pytest.mark.parametrize("input_kind", ["directory", "tar.gz"])
+def test_rfs_unpacks_what_we_pack(tmp_path: Path, input_kind: str) -> None:
     source = _tree(tmp_path / "src")
     store = tmp_path / "store"
-    pack(source, tmp_path / "t.fl", [f"dir://{store}"])
+    packed_from = source
+    if input_kind == "tar.gz":
+        packed_from = tmp_path / "rootfs.tar.gz"
+        with tarfile.open(packed_from, "w:gz") as tar:
+            tar.add(source, arcname=".")
+    pack_source(packed_from, tmp_path / "t.fl", [f"dir://{store}"])
     done = _rfs(
         "unpack", "-m", str(tmp_path / "t.fl"), "-c", str(tmp_path / "c"), str(tmp_path / "out")
     )
