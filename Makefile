@@ -41,6 +41,9 @@ console-assets: ## copy xterm.js (pinned by package-lock.json) into the console 
 wireguard-go: ## build wireguard-go, the private networks' overlay, from its Go module (cached)
 	@bash hack/build-wireguard-go.sh >/dev/null
 
+versitygw: ## build versitygw, the S3 server the s3:// store tests use (cached)
+	@bash hack/build-versitygw.sh >/dev/null
+
 generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
 	@$(BIN)/python -m controller.api.crdgen --out crds
 	@bash hack/sync-chart-crds.sh
@@ -52,7 +55,7 @@ lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
 	$(BIN)/mypy
 	$(BIN)/python -m controller.api.crdgen --out crds --check
 
-test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go lint ## the whole test suite (what CI runs)
+test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw lint ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
@@ -70,4 +73,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw generate lint test bench run down clean

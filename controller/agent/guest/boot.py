@@ -26,6 +26,7 @@ from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.runtime.state import MachineRecord, NicStatus
 from controller.agent.spec import Interface, VolumeKind, hostname_label
+from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
 
@@ -139,10 +140,18 @@ class HostBoot:
 
     # ----------------------------------------------------------------- seed
 
-    async def write_seed(self, rec: MachineRecord, p: VMPaths) -> None:
+    async def write_seed(
+        self, rec: MachineRecord, p: VMPaths, settings: RunSettings | None = None
+    ) -> None:
         """Image mode (as zos) carries no mounts, env or entrypoint: the image's own OS
-        mounts its disks and runs its own init; hostname, network and keys still apply."""
+        mounts its disks and runs its own init; hostname, network and keys still apply.
+        Container mode takes the entrypoint an image's flist names when the spec has none, and
+        the image's env under the spec's (as a container runtime does)."""
         image_mode = rec.boot_mode == vmconfig.BootMode.IMAGE
+        entrypoint, env = rec.spec.entrypoint, dict(rec.spec.env)
+        if settings is not None and rec.boot_mode == vmconfig.BootMode.CONTAINER:
+            entrypoint = entrypoint or settings.entrypoint
+            env = {**settings.env, **env}
         disks = [v for v in rec.spec.volumes if v.kind is VolumeKind.DISK]
         mounts = []
         for m in () if image_mode else rec.spec.mounts:
@@ -164,8 +173,8 @@ class HostBoot:
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
             mounts=mounts,
-            env={} if image_mode else rec.spec.env,
-            entrypoint="" if image_mode else rec.spec.entrypoint,
+            env={} if image_mode else env,
+            entrypoint="" if image_mode else entrypoint,
         )
         await asyncio.to_thread(seed.write_seed, config, p.seed)
 
