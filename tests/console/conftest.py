@@ -119,7 +119,6 @@ def _manifest(ns: str, flist: Path) -> str:
                 # An interactive shell on the serial console (our init runs the entrypoint
                 # in the foreground with the console as its terminal).
                 "entrypoint": "/bin/sh",
-                "network": {"interfaces": [{"network": "zmnet"}]},
             },
         }
     )
