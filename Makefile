@@ -44,6 +44,9 @@ wireguard-go: ## build wireguard-go, the private networks' overlay, from its Go 
 versitygw: ## build versitygw, the S3 server the s3:// store tests use (cached)
 	@bash hack/build-versitygw.sh >/dev/null
 
+debian-vm-root: ## debootstrap the seed's guide guests: a Debian 12 VM root, a container image (cached)
+	@bash hack/build-debian-vm-root.sh >/dev/null
+
 generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
 	@$(BIN)/python -m controller.api.crdgen --out crds
 	@bash hack/sync-chart-crds.sh
@@ -73,4 +76,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw debian-vm-root generate lint test bench run down clean
