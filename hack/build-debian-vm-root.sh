@@ -14,7 +14,7 @@
 # buildah (hack/install-system-deps.sh) and the Debian archive.
 set -euo pipefail
 
-VERSION=1 # the recipe below; a new value builds a new directory beside the old one
+VERSION=2 # the recipe below; a new value builds a new directory beside the old one
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 IMAGE_REF=localhost/zmachine-seed-guide-app:$SUITE-$VERSION
@@ -59,7 +59,8 @@ in_chroot() {
     mount -t proc proc "$root/proc"
     mount -t sysfs sys "$root/sys"
     mount --rbind /dev "$root/dev"
-    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"  # the host'"'"'s, for apt; never kept
+    trap ": >\"\$root/etc/resolv.conf\"" EXIT
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
       chroot "$root" /bin/bash -euo pipefail -c "$script"
   ' in_chroot "$1" "$2" >&2
@@ -75,7 +76,6 @@ apt_install() { # root, packages...
   in_chroot "$root" "apt-get update -q && apt-get install -y -q --no-install-recommends $*"
   rm -f "$root/usr/sbin/policy-rc.d" "$root"/etc/ssh/ssh_host_*
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-  : >"$root/etc/resolv.conf"
 }
 
 log "VM root: kernel, initramfs with virtiofs, cloud-init, openssh-server"
@@ -84,7 +84,10 @@ cp -a "$work/base" "$work/root"
 # (relative, inside the root) current across kernel upgrades when told to put them in /boot.
 printf 'do_symlinks = yes\nlink_in_boot = yes\n' >"$work/root/etc/kernel-img.conf"
 apt_install "$work/root" systemd-sysv linux-image-amd64 initramfs-tools cloud-init \
-  openssh-server ifupdown iproute2 netbase
+  openssh-server ifupdown iproute2 netbase locales
+# cloud-init's locale module sets en_US.UTF-8 and fails (status: error) if it is not generated.
+sed -i 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' "$work/root/etc/locale.gen"
+in_chroot "$work/root" "locale-gen"
 # The guide's step: virtiofs in the initramfs (the root is a virtio-fs share named vroot).
 echo virtiofs >>"$work/root/etc/initramfs-tools/modules"
 # Kernel interface names (eth0, ...): the seed names its interfaces ethN (matched by MAC),
