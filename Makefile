@@ -64,8 +64,8 @@ test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw 
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	  exit $$rc
 
-# Apart from `make test`: its first run debootstraps the guests (~16 min) and a Debian boot
-# under TCG takes ~10 min, more than the 90 minutes of a fresh CI run leave.
+# Apart from `make test`: its first run debootstraps the guests (9-16 min) and a Debian boot
+# under TCG to an SSH login takes 10-20 min, more than the 90 minutes of a fresh CI run leave.
 test-seedguide: $(STAMP) virtiofsd debian-vm-root ## the seed's guide: Debian guests from a hub, logged into over SSH
 	@$(BIN)/pytest -m seedguide $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test-seedguide: pytest collected no tests" >&2; exit 1; fi; \

@@ -58,7 +58,7 @@ def virtiofsd_path() -> Path:
 
 def debian_vm_root_dir() -> Path:
     """The seed's guide guests (root/, app-image.tar), built (cached) by
-    hack/build-debian-vm-root.sh: the first build debootstraps for ~16 minutes."""
+    hack/build-debian-vm-root.sh: the first build debootstraps for 9-16 minutes."""
     return _built_by("build-debian-vm-root.sh", timeout=3600)
 
 

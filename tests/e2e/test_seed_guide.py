@@ -30,7 +30,7 @@ from tests.netns import bridged_netns
 
 pytestmark = [
     pytest.mark.seedguide, pytest.mark.e2e, pytest.mark.qemu, pytest.mark.fuse,
-    # The first run builds the guests (~16 min); a TCG boot of Debian takes ~10 min.
+    # The first run builds the guests (9-16 min); a TCG boot of Debian takes 10-20 min.
     pytest.mark.timeout(3600),
 ]  # fmt: skip
 
