@@ -13,6 +13,7 @@ from typing import Literal
 
 from controller.agent.errors import InvalidSpec
 from controller.agent.rpc.tls import ServerTLS
+from controller.agent.runtime.layout import check_state_dir
 
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 AccelChoice = Literal["auto", "kvm", "tcg"]
@@ -194,9 +195,11 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
                 "or pass --insecure-dev for plaintext on loopback"
             )
         tls = ServerTLS(Path(a.tls_ca), Path(a.tls_cert), Path(a.tls_key))
+    state_dir = Path(a.state_dir).resolve()
+    check_state_dir(state_dir)
     return AgentConfig(
         listen=a.listen,
-        state_dir=Path(a.state_dir).resolve(),
+        state_dir=state_dir,
         node_name=a.node_name,
         bridge=a.bridge,
         netns=a.netns or None,

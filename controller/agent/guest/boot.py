@@ -181,20 +181,21 @@ class HostBoot:
     # ----------------------------------------------------------------- processes
 
     def vm_config(self, rec: MachineRecord, p: VMPaths) -> vmconfig.VMConfig:
-        shares, disks = [], []
+        shares: list[vmconfig.FsShare] = []
+        disks: list[vmconfig.Disk] = []
         for v in rec.spec.volumes:
             path = p.volume(v.name, v.kind is VolumeKind.DISK)
             if v.kind is VolumeKind.DISK:
                 disks.append(vmconfig.Disk(path))
             else:
-                shares.append(vmconfig.FsShare(v.name, p.run / f"vfs-{v.name}.sock", path))
+                shares.append(vmconfig.FsShare(v.name, p.share_socket(len(shares)), path))
         if rec.boot_mode == vmconfig.BootMode.IMAGE:
             # No kernel and no virtio-fs root: the firmware boots the boot disk, first.
             disks.insert(0, disks.pop(_disk_index(rec, image.boot_disk(rec.spec))))
             kernel, initrd, cmdline = None, None, ""
         else:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
-            shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
+            shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.root_share_socket, p.rootfs))
             kernel, initrd = assets.kernel, assets.initrd
             cmdline = vmconfig.kernel_cmdline(
                 assets.mode, rec.spec.entrypoint, nonce=rec.boot_nonce
