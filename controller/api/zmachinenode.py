@@ -55,6 +55,8 @@ class ZmachineNodeStatus(KubeModel):
     (no wireguard-go, or no underlay address)."""
     underlay_address: str | None = None
     """Where other nodes reach this node's overlay."""
+    public_interface: str | None = None
+    """The interface public NICs are bridged to; absent: no spec.network.publicIP here."""
     labels: dict[str, str] = {}
     """Labels of the Kubernetes node, matched against spec.nodeSelector."""
     conditions: Conditions = []

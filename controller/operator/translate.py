@@ -35,8 +35,6 @@ def refuse_unsupported(spec: ZmachineSpec) -> None:
             asked.append("spec.network.planetary (Yggdrasil)")
         if network.mycelium is not None:
             asked.append("spec.network.mycelium")
-        if network.public_ip:
-            asked.append("spec.network.publicIP")
     if asked:
         raise UnsupportedSpec(f"not supported by the node agents yet: {', '.join(asked)}")
 
@@ -89,8 +87,10 @@ def agent_spec(
     name: str,
     env: dict[str, str],
     interfaces: Sequence[pb.NetworkInterface] = (),
+    public: pb.PublicInterface | None = None,
 ) -> pb.ZmachineSpec:
-    """`interfaces`: the private interface with its network as placed on the node."""
+    """`interfaces`: the private interface with its network as placed on the node;
+    `public`: the addresses the Zmachine holds from a ZmachinePublicIPPool."""
     volumes = [
         pb.Volume(
             name=v.name,
@@ -114,4 +114,5 @@ def agent_spec(
         paused=spec.paused,
         hostname=hostname_label(name),
         ssh_keys=ssh_keys,
+        public=public,
     )

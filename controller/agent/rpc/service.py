@@ -159,6 +159,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            public_interface=self.prov.host.public.available(),
             **self.prov.host.overlay_identity(),
         )
 
