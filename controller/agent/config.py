@@ -52,6 +52,7 @@ class AgentConfig:
     wireguard_go: Path | None = None  # the private networks' overlay; None: found on PATH
     underlay_address: str = ""  # this node's address other nodes' overlays reach
     public_interface: str | None = None  # the uplink bridged to public NICs; None: no publicIP
+    yggdrasil: Path | None = None  # the planetary router; None: found on PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP other nodes reach this node's overlay at (default: --advertise-address's host)",
     )
     p.add_argument(
+        "--yggdrasil",
+        default=_env("yggdrasil"),
+        help="yggdrasil binary, the node's planetary router (default: on PATH)",
+    )
+    p.add_argument(
         "--public-interface",
         default=_env("public-interface"),
         help="interface of the node namespace bridged to guests' public NICs (publicIP); "
@@ -220,6 +226,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         wireguard_go=Path(a.wireguard_go).resolve() if a.wireguard_go else None,
         underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),
         public_interface=a.public_interface or None,
+        yggdrasil=Path(a.yggdrasil).resolve() if a.yggdrasil else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

@@ -28,7 +28,9 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NETWORK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FLIST_SCHEMES = ("http", "https", "file")
-PUBLIC_NETWORK = "pub"  # the public NIC's network in a machine's record (reserved in the API)
+# The networks of the public and planetary NICs in a machine's record (reserved in the API).
+PUBLIC_NETWORK = "pub"
+PLANETARY_NETWORK = "ygg"
 
 
 class RestartPolicy(StrEnum):
@@ -107,6 +109,7 @@ class MachineSpec:
     hostname: str = ""
     ssh_keys: tuple[str, ...] = ()
     public: PublicInterface | None = None
+    planetary: bool = False
 
     def boot_hash(self) -> str:
         """Digest of everything that needs a new VM to change (all but ``paused``)."""
@@ -281,6 +284,18 @@ def _validate_public(field: str, pub: PublicInterface) -> None:
             raise InvalidSpec(
                 f"{field}: IPv{family} {cidr} needs a gateway of its own prefix, not {gw!r}"
             )
+
+
+def validate_planetary_peer(field: str, uri: str) -> None:
+    """A router to dial: tls://<IP>:<port> (what agents report), nothing else."""
+    url = urlparse(uri)
+    try:
+        ipaddress.ip_address(url.hostname or "")
+        port = url.port
+    except ValueError as exc:
+        raise InvalidSpec(f"{field} {uri!r}: not tls://<IP>:<port>: {exc}") from exc
+    if url.scheme != "tls" or port is None or url.path or url.query:
+        raise InvalidSpec(f"{field} {uri!r}: not tls://<IP>:<port>")
 
 
 def validate_private(field: str, nic: Interface, ip: ipaddress.IPv4Address | None) -> None:

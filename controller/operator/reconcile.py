@@ -13,11 +13,11 @@ from typing import Any
 import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.spec import PUBLIC_NETWORK
+from controller.agent.spec import PLANETARY_NETWORK, PUBLIC_NETWORK
 from controller.api import conditions as cond
 from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
-from controller.operator import metrics, networks, publicips
+from controller.operator import metrics, networks, planetary, publicips
 from controller.operator.agents import AgentPool
 from controller.operator.errors import (
     AgentRejected,
@@ -196,9 +196,12 @@ async def converge(
                 if not await _unbind(rt, target, node_name, out, "NodeLost", why):
                     return
                 node_name = None
-        wants_public = bool(spec.network and spec.network.public_ip)
+        wants = Wants(
+            public=bool(spec.network and spec.network.public_ip),
+            planetary=bool(spec.network and spec.network.planetary),
+        )
         if not node_name:
-            node_name = await _place(rt, target, raw_spec, spec, att, wants_public, out)
+            node_name = await _place(rt, target, raw_spec, spec, att, wants, out)
             if node_name is None:
                 return
         elif spec.node_name and spec.node_name != node_name:
@@ -222,6 +225,9 @@ async def converge(
         agent = rt.agents.client(node.address)
         machine: pb.Machine | None = None
         try:
+            if wants.planetary:
+                # Every pass: nodes that joined since are dialled too.
+                await agent.apply_planetary(planetary.peers_for(node_name, rt.inventory.nodes))
             machine = await agent.get(target.uid)
             if machine is None or machine.generation < target.generation:
                 refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
@@ -249,7 +255,7 @@ async def converge(
                     ip = str(att.ip) if att.ip else None  # else the node's IPAM picks one
                     interfaces.append(networks.agent_interface(network, node_name, ip))
                 public = None
-                if wants_public:
+                if wants.public:
                     async with rt.placement_lock:  # placed earlier, or publicIP added since
                         held = await publicips.allocate(
                             rt.kube, target.uid, f"{target.namespace}/{target.name}"
@@ -261,7 +267,7 @@ async def converge(
                     agent_spec(spec, target.name, env, interfaces, public),
                 )
                 machine = response.machine
-                if not wants_public:
+                if not wants.public:
                     # publicIP dropped (or never asked): the node runs without it now.
                     await publicips.release(rt.kube, target.uid)
                 if response.changed:
@@ -369,7 +375,7 @@ async def _place(
     raw_spec: Mapping[str, Any],
     spec: ZmachineSpec,
     att: networks.Attachment | None,
-    wants_public: bool,
+    wants: Wants,
     out: StatusWriter,
 ) -> str | None:
     """Choose a node and make the choice durable (status.nodeName, written with the
@@ -394,12 +400,12 @@ async def _place(
             spec.node_selector,
             pinned=spec.node_name,
             avoid=rt.avoided(target.uid),
-            misfit=_misfits(att, wants_public),
+            misfit=_misfits(att, wants),
         )
         try:
             if decision.node is not None and att is not None:
                 await networks.ensure_subnet(rt.kube, att, decision.node)
-            if decision.node is not None and wants_public:
+            if decision.node is not None and wants.public:
                 await publicips.allocate(rt.kube, target.uid, f"{target.namespace}/{target.name}")
         except (NetworkFull, NetworkMisfit, PublicIPExhausted) as exc:
             decision = Decision(None, "Unschedulable", str(exc))
@@ -430,13 +436,24 @@ async def _place(
     return node
 
 
+@dataclass(frozen=True)
+class Wants:
+    """The node-dependent interfaces a Zmachine asks for besides its private one."""
+
+    public: bool
+    planetary: bool
+
+
 def _misfits(
-    att: networks.Attachment | None, wants_public: bool
+    att: networks.Attachment | None, wants: Wants
 ) -> Callable[[NodeView], str | None] | None:
     """Why a node cannot serve the Zmachine's network attachments, if it cannot."""
-    checks = [
-        c for c in (att.misfit if att else None, publicips.misfit if wants_public else None) if c
+    asked = [
+        att.misfit if att else None,
+        publicips.misfit if wants.public else None,
+        planetary.misfit if wants.planetary else None,
     ]
+    checks = [c for c in asked if c is not None]
     if not checks:
         return None
     return lambda node: next((why for check in checks if (why := check(node))), None)
@@ -552,11 +569,15 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     )
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
-    private = [n for n in machine.interfaces if n.network != PUBLIC_NETWORK]
+    private = [
+        n for n in machine.interfaces if n.network not in (PUBLIC_NETWORK, PLANETARY_NETWORK)
+    ]
     if private:
         out.set("ip", private[0].ip or None)
         out.set("ipv6", private[0].ipv6 or None)
     public = next((n for n in machine.interfaces if n.network == PUBLIC_NETWORK), None)
+    ygg = next((n for n in machine.interfaces if n.network == PLANETARY_NETWORK), None)
+    out.set("planetaryIP", (ygg.ipv6 or None) if ygg else None)
     out.set("publicIP", (public.ip or None) if public else None)
     out.set("publicIPv6", (public.ipv6 or None) if public else None)
     if machine.restarts > int(out.current.get("restartCount") or 0):

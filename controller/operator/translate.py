@@ -29,12 +29,8 @@ def refuse_unsupported(spec: ZmachineSpec) -> None:
         asked.append("spec.gpu (GPU passthrough)")
     if spec.corex:
         asked.append("spec.corex")
-    network = spec.network
-    if network is not None:
-        if network.planetary:
-            asked.append("spec.network.planetary (Yggdrasil)")
-        if network.mycelium is not None:
-            asked.append("spec.network.mycelium")
+    if spec.network is not None and spec.network.mycelium is not None:
+        asked.append("spec.network.mycelium")
     if asked:
         raise UnsupportedSpec(f"not supported by the node agents yet: {', '.join(asked)}")
 
@@ -115,4 +111,5 @@ def agent_spec(
         hostname=hostname_label(name),
         ssh_keys=ssh_keys,
         public=public,
+        planetary=bool(spec.network and spec.network.planetary),
     )

@@ -23,17 +23,25 @@ from controller.agent.network import addressing, wireguard
 from controller.agent.network import local as network
 from controller.agent.network.private import PrivateNetworks
 from controller.agent.network.public import PublicBridge
+from controller.agent.network.yggdrasil import ROUTED, Planetary, find_yggdrasil, guest_address
 from controller.agent.runtime.console import ConsoleStream
 from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.runtime.state import MachineRecord, NicStatus
-from controller.agent.spec import PUBLIC_NETWORK, Interface, VolumeKind, hostname_label
+from controller.agent.spec import (
+    PLANETARY_NETWORK,
+    PUBLIC_NETWORK,
+    Interface,
+    VolumeKind,
+    hostname_label,
+)
 from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
 
 NAMESERVERS = ("8.8.8.8", "1.1.1.1")
 PUBLIC_TAP = "p"
+PLANETARY_TAP = "y"
 WATCH_DRAIN_SECONDS = 2.0  # for a watch to read the last output of a stopped VMM
 
 
@@ -65,6 +73,10 @@ class HostBoot:
             self.wireguard_key,
         )  # fmt: skip
         self.public = PublicBridge(config.netns, config.public_interface)
+        self.planetary = Planetary(
+            config.netns, config.state_dir, find_yggdrasil(config.yggdrasil),
+            config.underlay_address,
+        )  # fmt: skip
         self.driver = hypervisor.select_hypervisor(
             config.hypervisor,
             config.accel,
@@ -131,6 +143,12 @@ class HostBoot:
                 str(ipaddress.ip_interface(c).ip) if c else "" for c in (pub.ipv4, pub.ipv6)
             )
             nics.append(NicStatus(PUBLIC_NETWORK, ipv4, network.zos_mac(tap), tap, ipv6))
+        if rec.spec.planetary:
+            tap = network.tap_name(rec.ref.uid, 0, PLANETARY_TAP)
+            subnet = await asyncio.to_thread(self.planetary.attach, tap, f"zmachine {rec.ref}")
+            mac = network.zos_mac(f"ygg:{tap}")
+            address = str(guest_address(subnet, mac))
+            nics.append(NicStatus(PLANETARY_NETWORK, "", mac, tap, address))
         return nics
 
     async def ensure_taps(self, rec: MachineRecord) -> None:
@@ -140,15 +158,19 @@ class HostBoot:
         for n in rec.nics:
             if n.network == PUBLIC_NETWORK:
                 await asyncio.to_thread(self.public.attach, n.tap, f"zmachine {rec.ref}")
+            elif n.network == PLANETARY_NETWORK:
+                await asyncio.to_thread(self.planetary.attach, n.tap, f"zmachine {rec.ref}")
 
     async def delete_nics(self, rec: MachineRecord) -> None:
         # Recorded taps, plus the names a half-finished create_nics may have made.
         public = network.tap_name(rec.ref.uid, 0, PUBLIC_TAP)
-        taps = {n.tap for n in rec.nics} - {public}
+        planetary = network.tap_name(rec.ref.uid, 0, PLANETARY_TAP)
+        taps = {n.tap for n in rec.nics} - {public, planetary}
         taps |= {network.tap_name(rec.ref.uid, i) for i in range(len(rec.spec.interfaces))}
         for tap in sorted(taps):
             await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
         await asyncio.to_thread(self.public.detach, public)
+        await asyncio.to_thread(self.planetary.detach, planetary)
         self.ipam.release(rec.ref.uid)
         for nic in rec.spec.interfaces:
             if nic.subnet:
@@ -415,10 +437,11 @@ def seed_interfaces(rec: MachineRecord, local: network.IPAllocator) -> list[seed
         _seed_interface(nic, n, local)
         for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False)
     ]
+    ygg = next((n for n in rec.nics if n.network == PLANETARY_NETWORK), None)
     pub = rec.spec.public
     nic = next((n for n in rec.nics if n.network == PUBLIC_NETWORK), None)
     if pub is None or nic is None:
-        return out
+        return out + _planetary_seed(ygg)
     out = [
         dataclasses.replace(
             i,
@@ -435,7 +458,18 @@ def seed_interfaces(rec: MachineRecord, local: network.IPAllocator) -> list[seed
             gateway6=pub.gateway6 or None,
         )
     )
-    return out
+    return out + _planetary_seed(ygg)
+
+
+def _planetary_seed(nic: NicStatus | None) -> list[seed.Interface]:
+    """Its address in the node's /64, and 200::/7 via the bridge's ::1, as zos routes it."""
+    if nic is None:
+        return []
+    v6 = ipaddress.IPv6Interface(f"{nic.ipv6}/64")
+    gateway = str(v6.network.network_address + 1)
+    return [
+        seed.Interface(mac=nic.mac, addresses=[str(v6)], routes=[seed.Route(str(ROUTED), gateway)])
+    ]
 
 
 def _seed_interface(nic: Interface, n: NicStatus, local: network.IPAllocator) -> seed.Interface:

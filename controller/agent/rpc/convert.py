@@ -82,6 +82,7 @@ def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
         hostname=spec.hostname,
         ssh_keys=tuple(spec.ssh_keys),
         public=public_from_pb(spec.public) if spec.HasField("public") else None,
+        planetary=spec.planetary,
     )
 
 

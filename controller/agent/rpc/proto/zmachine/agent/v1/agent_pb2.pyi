@@ -323,6 +323,7 @@ class ZmachineSpec(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     SSH_KEYS_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
+    PLANETARY_FIELD_NUMBER: _builtins.int
     flist: _builtins.str
     cpu: _builtins.int
     memory_bytes: _builtins.int
@@ -333,6 +334,8 @@ class ZmachineSpec(_message.Message):
     paused: _builtins.bool
     hostname: _builtins.str
     """empty = ref.name"""
+    planetary: _builtins.bool
+    """a NIC on the node's Yggdrasil router (an address of its 300::/64)"""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """resolved values (secrets already read by the controller)"""
@@ -366,10 +369,11 @@ class ZmachineSpec(_message.Message):
         hostname: _builtins.str = ...,
         ssh_keys: _abc.Iterable[_builtins.str] | None = ...,
         public: Global___PublicInterface | None = ...,
+        planetary: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["public", b"public"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "paused", b"paused", "public", b"public", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "paused", b"paused", "planetary", b"planetary", "public", b"public", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +766,7 @@ class NodeInfoResponse(_message.Message):
     WIREGUARD_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     UNDERLAY_ADDRESS_FIELD_NUMBER: _builtins.int
     PUBLIC_INTERFACE_FIELD_NUMBER: _builtins.int
+    PLANETARY_PEER_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     hypervisor: _builtins.str
     hypervisor_version: _builtins.str
@@ -775,6 +780,8 @@ class NodeInfoResponse(_message.Message):
     """where other nodes reach this node's overlay ports"""
     public_interface: _builtins.str
     """the node's uplink bridged to public NICs; empty: none"""
+    planetary_peer: _builtins.str
+    """URI other nodes' Yggdrasil routers peer with; empty: none"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -795,10 +802,11 @@ class NodeInfoResponse(_message.Message):
         wireguard_public_key: _builtins.str = ...,
         underlay_address: _builtins.str = ...,
         public_interface: _builtins.str = ...,
+        planetary_peer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "public_interface", b"public_interface", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "planetary_peer", b"planetary_peer", "public_interface", b"public_interface", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1087,3 +1095,45 @@ class PublicInterface(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublicInterface: _TypeAlias = PublicInterface  # noqa: Y015
+
+@_typing.final
+class ApplyPlanetaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URIs, e.g. tls://192.0.2.12:9943"""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPlanetaryRequest: _TypeAlias = ApplyPlanetaryRequest  # noqa: Y015
+
+@_typing.final
+class ApplyPlanetaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    """the node's router runs (it has a planetary NIC)"""
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPlanetaryResponse: _TypeAlias = ApplyPlanetaryResponse  # noqa: Y015

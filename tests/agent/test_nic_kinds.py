@@ -1,10 +1,11 @@
-"""The public NIC's pieces without a VM: zos's MAC derivation, which NIC gets the default
-routes, the agent's checks of the addresses it is sent, and the refusal on a node without
-a public interface."""
+"""The public and planetary NICs' pieces without a VM: zos's MAC derivation, which NIC
+gets the default routes, the planetary address, the agent's checks of what it is sent,
+and the refusals on a node without a public interface or a Yggdrasil router."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,16 @@ from controller.agent.errors import FailedPrecondition, InvalidSpec
 from controller.agent.guest.boot import seed_interfaces
 from controller.agent.network import local
 from controller.agent.network.public import PublicBridge
+from controller.agent.network.yggdrasil import Planetary, guest_address
 from controller.agent.runtime.state import MachineRecord, NicStatus
-from controller.agent.spec import Interface, MachineSpec, PublicInterface, Ref, validate_spec
+from controller.agent.spec import (
+    Interface,
+    MachineSpec,
+    PublicInterface,
+    Ref,
+    validate_planetary_peer,
+    validate_spec,
+)
 
 PUB = PublicInterface("203.0.113.10/24", "203.0.113.1", "2001:db8:1::10/64", "2001:db8:1::1")
 PRIVATE = Interface(
@@ -100,3 +109,51 @@ def test_a_node_without_public_interface_refuses_the_nic() -> None:
         assert bridge.available() == ""
         with pytest.raises(FailedPrecondition, match="has no public interface"):
             bridge.attach("zmtap", "zmachine default/m")
+
+
+def test_planetary_guest_address_is_the_nodes_64_and_the_mac() -> None:
+    subnet = ipaddress.IPv6Network("300:42a0:fe23:fe95::/64")
+    mac = local.zos_mac("ygg:zm0aecc89128y0")
+    address = guest_address(subnet, mac)
+    assert address in subnet and address != subnet.network_address + 1
+    assert int(address) & (2**48 - 1) == int(mac.replace(":", ""), 16)
+
+
+@pytest.mark.parametrize(
+    "uri, ok",
+    [
+        ("tls://192.0.2.12:9943", True),
+        ("tls://[2001:db8::1]:9943", True),
+        ("tcp://192.0.2.12:9943", False),
+        ("tls://node-b:9943", False),
+        ("tls://192.0.2.12", False),
+        ("tls://192.0.2.12:9943/x", False),
+        ("tls://192.0.2.12:99999", False),
+    ],
+)
+def test_planetary_peers_must_be_tls_to_an_ip_and_port(uri: str, ok: bool) -> None:
+    if ok:
+        validate_planetary_peer("peers[0]", uri)
+    else:
+        with pytest.raises(InvalidSpec, match=r"peers\[0\]"):
+            validate_planetary_peer("peers[0]", uri)
+
+
+def test_a_node_without_yggdrasil_refuses_the_nic(tmp_path: Path) -> None:
+    for binary, underlay in ((None, "192.0.2.11"), (Path("/usr/sbin/yggdrasil"), "")):
+        router = Planetary(None, tmp_path, binary, underlay)
+        assert router.peer_uri() == ""
+        with pytest.raises(FailedPrecondition, match="has no Yggdrasil router"):
+            router.attach("zmtap", "zmachine default/m")
+
+
+def test_the_planetary_nic_comes_last_with_its_route() -> None:
+    allocator = local.IPAllocator("10.231.0.0/24", Path("/nonexistent"))
+    public = NicStatus("pub", "203.0.113.10", "02:00:00:00:00:02", "p0", "2001:db8:1::10")
+    ygg = NicStatus("ygg", "", "02:00:00:00:00:03", "y0", "300:1:2:3:0:200:0:3")
+    spec = MachineSpec("file:///x.fl", 1, 256 << 20, public=PUB, planetary=True)
+    pub, planetary = seed_interfaces(_record(spec, [public, ygg]), allocator)
+    assert pub.gateway6 == "2001:db8:1::1"  # the default stays with the public NIC
+    assert (planetary.mac, list(planetary.addresses)) == (ygg.mac, ["300:1:2:3:0:200:0:3/64"])
+    assert (planetary.gateway4, planetary.gateway6) == (None, None)
+    assert [(r.to, r.via) for r in planetary.routes] == [("200::/7", "300:1:2:3::1")]
