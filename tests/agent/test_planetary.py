@@ -11,6 +11,7 @@ routers and leaves no bridge, tap, TUN device or route on either node.
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -131,9 +132,18 @@ def test_two_nodes_ping_over_yggdrasil(
         (a1,) = nics(agents["node-a"], "uid-ya1") or []
         other = ipaddress.IPv6Network(f"{a1.ipv6}/64", strict=False)
         assert other != subnet  # each node routes its own /64
-        # A router running with a NIC says so; the peers are kept.
-        resp = agents["node-a"].call("apply_planetary", planetary.peers_for("node-a", views))
+        # A router running with a NIC says so. New peers restart it: routing through it
+        # still works afterwards (node-a's namespace reaches b1 over Yggdrasil).
+        ping = ("busybox", "ping6", "-c1", "-W2", str(address))
+        node_a = spaces["node-a"][0]
+        peers = [*planetary.peers_for("node-a", views), "tls://192.0.2.99:9943"]
+        resp = agents["node-a"].call("apply_planetary", peers)
         assert isinstance(resp, pb.ApplyPlanetaryResponse) and resp.running
+        config = agents["node-a"].state_dir / "yggdrasil/router.json"
+        assert "tls://192.0.2.99:9943" in json.loads(config.read_text())["Peers"]
+        wait_for(
+            "node-a to reach b1 after the restart", lambda: host(node_a, *ping).returncode == 0
+        )
     except AssertionError:
         for name, uid in (("node-a", "uid-ya1"), ("node-b", "uid-yb1")):
             print(f"--- {uid}:\n{console(agents[name], uid)[-1500:]}")

@@ -178,6 +178,12 @@ class Planetary:
                 asyncio.run(terminate(ref))
                 raise NetworkError(f"yggdrasil router did not bring up {DEVICE}; see {self.dir}")
             time.sleep(0.1)
+        sysctl = [*netns_argv(self.netns), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]
+        result = subprocess.run(sysctl, capture_output=True, text=True, timeout=30)
+        _check(result, "node: IPv6 forwarding")
+        # 200::/7 comes with the router's address as a prefix route, but a run here once
+        # lacked it: set it explicitly, on every start (the device goes with the process).
+        _check(_ip(self.netns, "-6", "route", "replace", str(ROUTED), "dev", DEVICE), DEVICE)
         log.info("yggdrasil router started", pid=ref.pid, peers=list(state.peers))
         state = dataclasses.replace(state, pid=ref.pid, start_time=ref.start_time)
         self._save(state)
@@ -231,12 +237,6 @@ class Planetary:
             gateway = f"{subnet.network_address + 1}/{subnet.prefixlen}"
             _check(_ip(ns, "-6", "addr", "replace", gateway, "dev", BRIDGE, "nodad"), BRIDGE)
             _check(_ip(ns, "link", "set", BRIDGE, "up"), BRIDGE)
-            sysctl = [*netns_argv(ns), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]
-            result = subprocess.run(sysctl, capture_output=True, text=True, timeout=30)
-            _check(result, "node: IPv6 forwarding")
-            # The router's address carries 200::/7, but turning forwarding on may drop the
-            # kernel's prefix route of it (it did here): the route is set explicitly.
-            _check(_ip(ns, "-6", "route", "replace", str(ROUTED), "dev", DEVICE), DEVICE)
             create_tap(tap, BRIDGE, ns)
             return subnet
 
