@@ -18,6 +18,7 @@ packages=(
   nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
   chromium                               # the console page's browser test (Playwright drives it)
   nftables tcpdump                       # NAT of private networks; the overlay capture test
+  yggdrasil                              # planetary NICs: the node's Yggdrasil router
 )
 missing=()
 for p in "${packages[@]}"; do

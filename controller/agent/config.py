@@ -52,6 +52,8 @@ class AgentConfig:
     virtiofsd: Path | None = None  # the Rust virtiofsd; None: found on PATH
     wireguard_go: Path | None = None  # the private networks' overlay; None: found on PATH
     underlay_address: str = ""  # this node's address other nodes' overlays reach
+    public_interface: str | None = None  # the uplink bridged to public NICs; None: no publicIP
+    yggdrasil: Path | None = None  # the planetary router; None: found on PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -154,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("underlay-address"),
         help="IP other nodes reach this node's overlay at (default: --advertise-address's host)",
     )
+    p.add_argument(
+        "--yggdrasil",
+        default=_env("yggdrasil"),
+        help="yggdrasil binary, the node's planetary router (default: on PATH)",
+    )
+    p.add_argument(
+        "--public-interface",
+        default=_env("public-interface"),
+        help="interface of the node namespace bridged to guests' public NICs (publicIP); "
+        "dedicate it to guests: the node's own addresses on it stop serving the node",
+    )
     p.add_argument("--lease-namespace", default=_env_str("lease-namespace", "zmachine-system"))
     p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
     p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
@@ -215,6 +228,8 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         virtiofsd=Path(a.virtiofsd).resolve() if a.virtiofsd else None,
         wireguard_go=Path(a.wireguard_go).resolve() if a.wireguard_go else None,
         underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),
+        public_interface=a.public_interface or None,
+        yggdrasil=Path(a.yggdrasil).resolve() if a.yggdrasil else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

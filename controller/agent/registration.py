@@ -108,6 +108,8 @@ class Registrar:
             "agentVersion": info.agent_version,
             "wireguardPublicKey": info.wireguard_public_key or None,
             "underlayAddress": info.underlay_address or None,
+            "publicInterface": info.public_interface or None,
+            "planetaryPeer": info.planetary_peer or None,
             "labels": self._labels(),
             "conditions": set_condition(
                 existing, "Ready", True, "AgentReady", "agent answers and renews its Lease", None

@@ -113,3 +113,6 @@ class Agent:
         return await self._call(
             "ApplyNetwork", lambda: self.raw.apply_network(network_id, peers, network)
         )
+
+    async def apply_planetary(self, peers: Sequence[str]) -> pb.ApplyPlanetaryResponse:
+        return await self._call("ApplyPlanetary", lambda: self.raw.apply_planetary(peers))

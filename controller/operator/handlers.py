@@ -18,7 +18,7 @@ from controller.api import conditions as cond
 from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
 from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
-from controller.operator import metrics, networks
+from controller.operator import metrics, networks, publicips
 from controller.operator.errors import ControllerError
 from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime, Target, converge, release
@@ -110,6 +110,8 @@ async def on_delete(
     out.set("phase", Phase.TERMINATING.value)
     try:
         await release(_runtime(memo), target, status, meta, out)
+        # Only once the node let go of it: an address in use must not get a second holder.
+        await publicips.release(_runtime(memo).kube, target.uid)
     except ControllerError as exc:
         out.set("message", str(exc))
         raise kopf.TemporaryError(str(exc), delay=RESYNC_SECONDS) from exc

@@ -43,6 +43,8 @@ class NodeView:
     renewing: bool = True
     wireguard_key: str = ""  # the node's overlay key; empty: no private networks there
     underlay: str = ""  # where other nodes reach its overlay
+    public_interface: str = ""  # bridged to public NICs; empty: no publicIP there
+    planetary_peer: str = ""  # its Yggdrasil router's URI; empty: no planetary there
 
     @property
     def cpu(self) -> int:
@@ -123,6 +125,8 @@ class Inventory:
             lease_namespace=str(spec.get("leaseNamespace") or ""),
             wireguard_key=str(status.get("wireguardPublicKey") or ""),
             underlay=str(status.get("underlayAddress") or ""),
+            public_interface=str(status.get("publicInterface") or ""),
+            planetary_peer=str(status.get("planetaryPeer") or ""),
             conditions=[dict(c) for c in status.get("conditions") or []],
             finalizers=list(meta.get("finalizers") or []),
             renewing=renewing,

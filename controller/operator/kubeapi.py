@@ -19,6 +19,7 @@ from kubernetes import client
 from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
+from controller.api.zmachinepublicippool import PLURAL as POOL_PLURAL
 from controller.kube import ApiException, get_object, micro_time
 from controller.operator.errors import ControllerError
 
@@ -130,6 +131,20 @@ class Kube:
             GROUP, VERSION, namespace, NETWORK_PLURAL, name, body,
         )  # fmt: skip
         return get_object(found)
+
+    async def list_pools(self) -> list[dict[str, Any]]:
+        return await self._list(POOL_PLURAL, None)
+
+    async def patch_pool_status(
+        self, name: str, resource_version: str, status: dict[str, Any]
+    ) -> None:
+        """Write the pool's status only if it is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        await self._call(
+            f"patch zmachinepublicippool {name} status",
+            self.custom.patch_cluster_custom_object_status,
+            GROUP, VERSION, POOL_PLURAL, name, body,
+        )  # fmt: skip
 
     async def patch_node(self, name: str, body: dict[str, Any], status: bool) -> None:
         fn = (

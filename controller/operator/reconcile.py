@@ -6,17 +6,18 @@ import asyncio
 import datetime
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.spec import PLANETARY_NETWORK, PUBLIC_NETWORK
 from controller.api import conditions as cond
 from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
-from controller.operator import metrics, networks
+from controller.operator import metrics, networks, planetary, publicips
 from controller.operator.agents import AgentPool
 from controller.operator.errors import (
     AgentRejected,
@@ -25,10 +26,11 @@ from controller.operator.errors import (
     NetworkMisfit,
     NetworkUnavailable,
     NodeOutOfCapacity,
+    PublicIPExhausted,
     SecretUnavailable,
     UnsupportedSpec,
 )
-from controller.operator.inventory import Inventory, Placement, request_of
+from controller.operator.inventory import Inventory, NodeView, Placement, request_of
 from controller.operator.kubeapi import Conflict, Gone, Kube, age_seconds
 from controller.operator.placement import Decision, choose_node, resize_misfit
 from controller.operator.status import StatusWriter
@@ -194,8 +196,12 @@ async def converge(
                 if not await _unbind(rt, target, node_name, out, "NodeLost", why):
                     return
                 node_name = None
+        wants = Wants(
+            public=bool(spec.network and spec.network.public_ip),
+            planetary=bool(spec.network and spec.network.planetary),
+        )
         if not node_name:
-            node_name = await _place(rt, target, raw_spec, spec, att, out)
+            node_name = await _place(rt, target, raw_spec, spec, att, wants, out)
             if node_name is None:
                 return
         elif spec.node_name and spec.node_name != node_name:
@@ -219,6 +225,9 @@ async def converge(
         agent = rt.agents.client(node.address)
         machine: pb.Machine | None = None
         try:
+            if wants.planetary:
+                # Every pass: nodes that joined since are dialled too.
+                await agent.apply_planetary(planetary.peers_for(node_name, rt.inventory.nodes))
             machine = await agent.get(target.uid)
             if machine is None or machine.generation < target.generation:
                 refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
@@ -245,15 +254,27 @@ async def converge(
                     network = await networks.ensure_subnet(rt.kube, att, node_name)
                     ip = str(att.ip) if att.ip else None  # else the node's IPAM picks one
                     interfaces.append(networks.agent_interface(network, node_name, ip))
+                public = None
+                if wants.public:
+                    async with rt.placement_lock:  # placed earlier, or publicIP added since
+                        held = await publicips.allocate(
+                            rt.kube, target.uid, f"{target.namespace}/{target.name}"
+                        )
+                    public = held.to_pb()
                 response = await agent.deploy(
-                    target.ref(), target.generation, agent_spec(spec, target.name, env, interfaces)
+                    target.ref(),
+                    target.generation,
+                    agent_spec(spec, target.name, env, interfaces, public),
                 )
                 machine = response.machine
+                if not wants.public:
+                    # publicIP dropped (or never asked): the node runs without it now.
+                    await publicips.release(rt.kube, target.uid)
                 if response.changed:
                     out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
             assert machine is not None  # env_to_deploy deploys whenever the agent had none
-        except SecretUnavailable as exc:
+        except (SecretUnavailable, PublicIPExhausted) as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
             out.phase_to(Phase.PENDING, exc.reason, str(exc))
             return
@@ -354,11 +375,13 @@ async def _place(
     raw_spec: Mapping[str, Any],
     spec: ZmachineSpec,
     att: networks.Attachment | None,
+    wants: Wants,
     out: StatusWriter,
 ) -> str | None:
     """Choose a node and make the choice durable (status.nodeName, written with the
     object's resourceVersion) before anything is deployed. A node serving the Zmachine's
-    network gets its /24 of it first (a subnet outlives a lost bind: the node keeps it)."""
+    network gets its /24 of it first (a subnet outlives a lost bind: the node keeps it),
+    and a Zmachine with publicIP its addresses (released when it is deleted)."""
     request = request_of(raw_spec)
     async with rt.placement_lock:
         if not rt.placements_seeded:
@@ -377,13 +400,15 @@ async def _place(
             spec.node_selector,
             pinned=spec.node_name,
             avoid=rt.avoided(target.uid),
-            misfit=att.misfit if att is not None else None,
+            misfit=_misfits(att, wants),
         )
-        if decision.node is not None and att is not None:
-            try:
+        try:
+            if decision.node is not None and att is not None:
                 await networks.ensure_subnet(rt.kube, att, decision.node)
-            except (NetworkFull, NetworkMisfit) as exc:
-                decision = Decision(None, "Unschedulable", str(exc))
+            if decision.node is not None and wants.public:
+                await publicips.allocate(rt.kube, target.uid, f"{target.namespace}/{target.name}")
+        except (NetworkFull, NetworkMisfit, PublicIPExhausted) as exc:
+            decision = Decision(None, "Unschedulable", str(exc))
         if decision.node is None:
             out.set("observedGeneration", target.generation)
             out.condition(cond.SCHEDULED, False, decision.reason, decision.message)
@@ -409,6 +434,29 @@ async def _place(
     out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
     out.phase_to(Phase.SCHEDULED, decision.reason, decision.message)
     return node
+
+
+@dataclass(frozen=True)
+class Wants:
+    """The node-dependent interfaces a Zmachine asks for besides its private one."""
+
+    public: bool
+    planetary: bool
+
+
+def _misfits(
+    att: networks.Attachment | None, wants: Wants
+) -> Callable[[NodeView], str | None] | None:
+    """Why a node cannot serve the Zmachine's network attachments, if it cannot."""
+    asked = [
+        att.misfit if att else None,
+        publicips.misfit if wants.public else None,
+        planetary.misfit if wants.planetary else None,
+    ]
+    checks = [c for c in asked if c is not None]
+    if not checks:
+        return None
+    return lambda node: next((why for check in checks if (why := check(node))), None)
 
 
 def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
@@ -521,10 +569,17 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     )
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
-    if machine.interfaces:
-        nic = machine.interfaces[0]
-        out.set("ip", nic.ip or None)
-        out.set("ipv6", nic.ipv6 or None)
+    private = [
+        n for n in machine.interfaces if n.network not in (PUBLIC_NETWORK, PLANETARY_NETWORK)
+    ]
+    if private:
+        out.set("ip", private[0].ip or None)
+        out.set("ipv6", private[0].ipv6 or None)
+    public = next((n for n in machine.interfaces if n.network == PUBLIC_NETWORK), None)
+    ygg = next((n for n in machine.interfaces if n.network == PLANETARY_NETWORK), None)
+    out.set("planetaryIP", (ygg.ipv6 or None) if ygg else None)
+    out.set("publicIP", (public.ip or None) if public else None)
+    out.set("publicIPv6", (public.ipv6 or None) if public else None)
     if machine.restarts > int(out.current.get("restartCount") or 0):
         out.event("Restarted", f"the node restarted the VM ({machine.restarts} so far)", True)
     out.set("restartCount", machine.restarts)

@@ -18,6 +18,8 @@ CONTROLLER_CLUSTER = _rules(
     (ZOS, "zmachinenodes/status", "get patch update"),
     (ZOS, "zmachinenetworks", "get list watch patch update"),
     (ZOS, "zmachinenetworks/status", "get patch update"),
+    (ZOS, "zmachinepublicippools", "list"),
+    (ZOS, "zmachinepublicippools/status", "patch"),
     ("", "events", "create patch"),
     ("events.k8s.io", "events", "create patch"),
     ("", "secrets", "get"),

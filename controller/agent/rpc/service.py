@@ -32,7 +32,7 @@ from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.runtime.events import EventBus
 from controller.agent.runtime.machines import Machines, host_memory
-from controller.agent.spec import validate_private
+from controller.agent.spec import validate_planetary_peer, validate_private
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -159,6 +159,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            public_interface=self.prov.host.public.available(),
+            planetary_peer=self.prov.host.planetary.peer_uri(),
             **self.prov.host.overlay_identity(),
         )
 
@@ -177,6 +179,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
             self.prov.host.private.apply, request.network_id, peers, nic
         )
         return pb.ApplyNetworkResponse(present=present)
+
+    @mapped
+    async def ApplyPlanetary(
+        self, request: pb.ApplyPlanetaryRequest, context: Any
+    ) -> pb.ApplyPlanetaryResponse:
+        for i, peer in enumerate(request.peers):
+            validate_planetary_peer(f"peers[{i}]", peer)
+        running = await asyncio.to_thread(self.prov.host.planetary.apply_peers, list(request.peers))
+        return pb.ApplyPlanetaryResponse(running=running)
 
     @mapped
     async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:
