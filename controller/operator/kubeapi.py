@@ -88,6 +88,25 @@ class Kube:
         )  # fmt: skip
         return get_object(found)
 
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A merge patch of the status; the object as written."""
+        found = await self._call(
+            f"patch status of zmachine {namespace}/{name}",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+        )  # fmt: skip
+        return get_object(found)
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        found = await self._call(
+            "list zmachinenodes", self.custom.list_cluster_custom_object, GROUP, VERSION,
+            NODE_PLURAL,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = get_object(found).get("items", [])
+        return items
+
     async def list_zmachines(self) -> list[dict[str, Any]]:
         found = await self._call(
             "list zmachines", self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL

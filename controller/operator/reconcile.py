@@ -6,7 +6,7 @@ import asyncio
 import datetime
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from controller.operator.errors import (
 )
 from controller.operator.inventory import Inventory, Placement, request_of
 from controller.operator.kubeapi import Conflict, Gone, Kube, age_seconds
+from controller.operator.machines import MachineCache
 from controller.operator.placement import choose_node, resize_misfit
 from controller.operator.status import StatusWriter
 from controller.operator.translate import (
@@ -38,7 +39,7 @@ from controller.operator.translate import (
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
-METRICS_INTERVAL = datetime.timedelta(seconds=30)
+METRICS_INTERVAL = 600.0  # default seconds between status.metrics snapshots (0: never)
 _BOOT = {
     pb.BOOT_MODE_CONTAINER: BootMode.CONTAINER,
     pb.BOOT_MODE_VM: BootMode.VM,
@@ -57,6 +58,7 @@ _PHASE = {
 AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
 PROVISION_FAILED = "ProvisionFailed"  # the agent's reason: provisioning failed, host cleaned
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 10.0, 300.0
+AGAIN_SECONDS = 10.0  # a missing Secret or an unreachable agent is looked at again after
 
 
 @dataclass
@@ -71,6 +73,23 @@ class Runtime:
     node_lost_timeout: float = 300.0
     placements_seeded: bool = False
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What the agents run, pushed by their event streams (controller.operator.machines).
+    machines: MachineCache = field(default_factory=MachineCache)
+    metrics_interval: float = METRICS_INTERVAL
+    # Zmachines no node could take: reconciled again when capacity changes.
+    pending: set[str] = field(default_factory=set)
+    # Asks for a reconciliation of a uid (the worker's queue); `cause` feeds a metric.
+    kick: Callable[[str, str], None] = lambda uid, cause: None
+
+    def later(self, uid: str, delay: float, cause: str) -> None:
+        """Reconcile `uid` again after `delay` seconds (a timer, not a resync of all)."""
+        asyncio.get_running_loop().call_later(delay, self.kick, uid, cause)
+
+    def kick_node(self, node: str, cause: str) -> None:
+        """Every Zmachine placed on `node` (its health changed)."""
+        for uid in [u for u, p in self.inventory.placements.items() if p.node == node]:
+            self.kick(uid, cause)
+
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # uid -> node -> monotonic expiry: nodes that refused the Zmachine for lack of capacity.
     avoid: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -90,12 +109,15 @@ class Runtime:
         now = time.monotonic()
         if uid not in self.retries:  # just seen failed: the first retry after the base delay
             self.retries[uid] = (0, now + RETRY_BASE_SECONDS)
+            self.later(uid, RETRY_BASE_SECONDS, "retry")
             return False
         attempts, due = self.retries[uid]
         if now < due:
+            self.later(uid, due - now, "retry")
             return False
         delay = min(RETRY_BASE_SECONDS * 2 ** (attempts + 1), RETRY_MAX_SECONDS)
         self.retries[uid] = (attempts + 1, now + delay)
+        self.later(uid, delay, "retry")
         return True
 
     def avoided(self, uid: str) -> set[str]:
@@ -110,6 +132,8 @@ class Runtime:
     def forget(self, uid: str) -> None:
         """Drop every per-object entry once the Zmachine is gone from the API."""
         self.inventory.forget_zmachine(uid)
+        self.machines.forget(uid)
+        self.pending.discard(uid)
         self.avoid.pop(uid, None)
         self.retries.pop(uid, None)
         lock = self.locks.get(uid)
@@ -195,16 +219,24 @@ async def converge(
         node = rt.inventory.nodes.get(node_name)
         if node is None or not node.ready:
             _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
+            if not spec.node_name:  # placed elsewhere once the node is lost for good
+                left = rt.node_lost_timeout - rt.inventory.lost_for(node_name)
+                rt.later(target.uid, max(left, 0.0) + 1.0, "node-lost")
             return
         out.condition(cond.NODE_READY, True, "NodeReady", f"node {node_name} is Ready")
         agent = rt.agents.client(node.address)
         machine: pb.Machine | None = None
         try:
-            machine = await agent.get(target.uid)
+            seq = rt.machines.seq
+            if node_name in rt.machines.synced:
+                machine = rt.machines.get(node_name, target.uid)
+            else:  # the node's event stream is down or not synced yet: ask
+                machine = await agent.get(target.uid)
             if machine is None or machine.generation < target.generation:
                 refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
                 if refusal is not None:
                     if machine is not None:
+                        rt.pending.add(target.uid)  # the resize waits for room
                         _report(out, target, machine)
                         out.condition(
                             cond.PROVISIONED, False, "ResizeUnschedulable", refusal,
@@ -225,6 +257,7 @@ async def converge(
                     target.ref(), target.generation, agent_spec(spec, target.name, env)
                 )
                 machine = response.machine
+                rt.machines.put(node_name, machine, unless_after=seq)
                 if response.changed:
                     out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
@@ -232,6 +265,7 @@ async def converge(
         except SecretUnavailable as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
             out.phase_to(Phase.PENDING, exc.reason, str(exc))
+            rt.later(target.uid, AGAIN_SECONDS, "secret")  # Secrets are not watched
             return
         except NodeOutOfCapacity as exc:
             if machine is None and not spec.node_name:
@@ -239,7 +273,8 @@ async def converge(
                 rt.avoid.setdefault(target.uid, {})[node_name] = time.monotonic() + AVOID_SECONDS
                 await _unbind(rt, target, node_name, out, exc.reason, str(exc))
                 return
-            # Pinned, or a resize: the node keeps what it runs; the next pass tries again.
+            # Pinned, or a resize: the node keeps what it runs; tried again when room appears.
+            rt.pending.add(target.uid)
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc), target.generation)
             if machine is None:
                 out.phase_to(Phase.PENDING, exc.reason, str(exc))
@@ -256,10 +291,14 @@ async def converge(
             message = f"node {node_name}: {exc}"
             out.condition(cond.READY, None, "AgentUnreachable", message, _running(machine))
             out.phase_to(Phase.UNKNOWN, "AgentUnreachable", message)
+            rt.later(target.uid, AGAIN_SECONDS, "unreachable")
             return
         _report(out, target, machine)
-        if machine.state in (pb.MACHINE_STATE_RUNNING, pb.MACHINE_STATE_PAUSED):
-            await _sample_metrics(agent, target, out, logger)
+        if rt.metrics_interval > 0 and machine.state in (
+            pb.MACHINE_STATE_RUNNING,
+            pb.MACHINE_STATE_PAUSED,
+        ):
+            await _sample_metrics(agent, target, out, logger, rt.metrics_interval)
 
 
 def _running(machine: pb.Machine | None) -> int | None:
@@ -334,10 +373,12 @@ async def _place(
             avoid=rt.avoided(target.uid),
         )
         if decision.node is None:
+            rt.pending.add(target.uid)
             out.set("observedGeneration", target.generation)
             out.condition(cond.SCHEDULED, False, decision.reason, decision.message)
             out.phase_to(Phase.PENDING, decision.reason, decision.message)
             return None
+        rt.pending.discard(target.uid)
         # Reserved before the write, so that placements running meanwhile count it.
         rt.inventory.placements[target.uid] = Placement(
             decision.node, request, target.namespace, target.name
@@ -407,6 +448,7 @@ async def _unbind(
         "placement cleared", namespace=target.namespace, name=target.name, uid=target.uid,
         node=node, reason=reason, why=why,
     )  # fmt: skip
+    rt.kick(target.uid, "unbound")  # placed again by the next pass, not the next resync
     return True
 
 
@@ -478,13 +520,19 @@ def _observe_time_to_running(target: Target) -> None:
 
 
 async def _sample_metrics(
-    agent: Any, target: Target, out: StatusWriter, logger: structlog.stdlib.BoundLogger
+    agent: Any,
+    target: Target,
+    out: StatusWriter,
+    logger: structlog.stdlib.BoundLogger,
+    interval: float,
 ) -> None:
+    """A coarse snapshot in status (the live figures are the agent's /metrics): at most
+    one status write per `interval` per Zmachine for it."""
     previous = (out.current.get("metrics") or {}).get("sampledAt")
     now = datetime.datetime.now(datetime.UTC)
     if previous:
         taken = datetime.datetime.fromisoformat(str(previous))
-        if now - taken < METRICS_INTERVAL:
+        if (now - taken).total_seconds() < interval:
             return
     try:
         stats = await agent.stats(target.uid)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -11,15 +11,24 @@ from controller.api import conditions
 from controller.api.zmachine import Phase
 
 _WARNING_PHASES = (Phase.FAILED, Phase.UNKNOWN)
+# (type, reason, message) -> posts an Event about the object.
+Poster = Callable[[str, str, str], None]
 
 
 class StatusWriter:
     """Accumulates status changes into kopf's patch, skipping values that are already set."""
 
     def __init__(
-        self, body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, generation: int | None
+        self,
+        body: kopf.Body,
+        status: Mapping[str, Any],
+        patch: kopf.Patch,
+        generation: int | None,
+        post: Poster | None = None,
     ) -> None:
+        """`post`: where Events go; kopf's per-object poster unless given."""
         self.body = body
+        self._post = post or self._kopf_event
         self.current = status
         self.patch = patch
         self.generation = generation
@@ -56,9 +65,10 @@ class StatusWriter:
         self.set("message", message)
         if previous != phase.value:
             kind = "Warning" if phase in _WARNING_PHASES else "Normal"
-            kopf.event(self.body, type=kind, reason=reason, message=f"{phase.value}: {message}")
+            self._post(kind, reason, f"{phase.value}: {message}")
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
-        kopf.event(
-            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
-        )
+        self._post("Warning" if warning else "Normal", reason, message)
+
+    def _kopf_event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message)

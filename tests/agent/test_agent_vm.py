@@ -232,9 +232,10 @@ def test_pause_and_resume_by_rpc_and_by_generation(
     assert isinstance(resp, pb.DeployResponse)
     assert resp.machine.state == pb.MACHINE_STATE_RUNNING
     assert resp.machine.pid == pid, "pausing must not replace the VM"
-    wait_for("events", lambda: len(events.types()) >= 5, timeout=10)
+    wait_for("events", lambda: len(events.types()) >= 6, timeout=10)
     assert events.types() == [
         "EVENT_TYPE_DEPLOYED",
+        "EVENT_TYPE_BOOTED",  # the first test waited for the entrypoint's output
         "EVENT_TYPE_PAUSED",
         "EVENT_TYPE_RESUMED",
         "EVENT_TYPE_UPDATED",  # generation 2: paused

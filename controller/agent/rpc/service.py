@@ -26,7 +26,7 @@ from controller.agent.rpc.convert import (
 )
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
-from controller.agent.runtime.events import EventBus
+from controller.agent.runtime.events import EventBus, EventType, Overflow
 from controller.agent.runtime.machines import Machines, host_memory
 
 log = structlog.get_logger(__name__)
@@ -114,8 +114,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Any
     ) -> AsyncIterator[pb.Event]:
-        async for event in self.bus.subscribe(request.uid):
-            yield event_to_pb(event)
+        subscription = self.bus.subscribe(request.uid)
+        try:
+            yield pb.Event(type=pb.EVENT_TYPE_WATCHING)
+            async for event in subscription.events():
+                message = event_to_pb(event)
+                if event.type is not EventType.DELETED and event.ref.uid in self.machines.records:
+                    message.machine.CopyFrom(self._machine(event.ref.uid))
+                yield message
+        except Overflow as exc:
+            log.warning("event watcher fell behind; it must resync", error=str(exc))
+            await context.abort(grpc.StatusCode.ABORTED, f"watcher fell behind: {exc}; resync")
+        finally:
+            subscription.close()
 
     @mapped
     async def NodeInfo(self, request: pb.NodeInfoRequest, context: Any) -> pb.NodeInfoResponse:

@@ -1,0 +1,243 @@
+"""Who runs `converge`, when, and who writes the status it computes.
+
+A Zmachine is reconciled when something tells us it may have changed, never on a short
+timer: its spec changed (watch), its machine changed on the node (the agent's event stream),
+room appeared for it while it was Pending (a node joined or grew, a placement went away), or
+a timer it asked for itself (a retry). A slow safety net reconciles each Zmachine once per
+`resync_period`, at a time drawn at random for it, so that a restart or a large apply never
+makes the whole fleet due at once.
+
+The worker is the only writer of a Zmachine's status outside deletion, and it writes only
+what changed, with the object it gets back as its new view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+import pydantic
+import structlog
+
+from controller.api import conditions as cond
+from controller.api.zmachine import Phase
+from controller.operator import metrics
+from controller.operator.errors import ControllerError
+from controller.operator.kubeapi import Gone
+from controller.operator.reconcile import Runtime, Target, converge, placement_of
+from controller.operator.status import StatusWriter
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
+
+SYNC_WAIT_SECONDS = 10.0  # at start, how long to wait for the agents' streams to sync
+_META = ("namespace", "name", "uid", "generation", "creationTimestamp", "resourceVersion",
+         "deletionTimestamp")  # fmt: skip
+
+
+def _newer(found: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
+    """Is `found` at least as new as `held`? resourceVersions are etcd revisions in
+    practice; anything else is taken as newer."""
+    a, b = str(found.get("resourceVersion") or ""), str(held.get("resourceVersion") or "")
+    return not (a.isdigit() and b.isdigit()) or int(a) >= int(b)
+
+
+@dataclass
+class Worker:
+    rt: Runtime
+    namespaces: Sequence[str] = ()  # globs; empty: all
+    resync_period: float = 300.0
+    concurrency: int = 16
+    # uid -> the latest object seen (metadata subset, spec, status).
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)  # uid -> monotonic time of resync
+    queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    queued: set[str] = field(default_factory=set)
+    active: set[str] = field(default_factory=set)
+    again: set[str] = field(default_factory=set)  # kicked while being reconciled
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.rt.kick = self.kick
+        self.rt.inventory.on_capacity = self.kick_pending
+
+    # ------------------------------------------------------------------ inputs
+
+    def _ours(self, namespace: str) -> bool:
+        return not self.namespaces or any(fnmatch.fnmatch(namespace, g) for g in self.namespaces)
+
+    def observe(self, body: Mapping[str, Any]) -> None:
+        """A Zmachine as the watch (or our own write) delivered it."""
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid"))
+        if not self._ours(str(meta.get("namespace"))):
+            return
+        held = self.bodies.get(uid)
+        if held is not None and not _newer(meta, held["metadata"]):
+            return  # a watch event older than what our own write returned
+        self.bodies[uid] = {
+            "metadata": {k: meta[k] for k in _META if k in meta},
+            "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {}),
+        }
+        if held is None:
+            self.due[uid] = time.monotonic() + self.resync_period * random.uniform(0.5, 1.5)
+            self.kick(uid, "change")
+        elif held["metadata"].get("generation") != meta.get("generation"):
+            self.kick(uid, "change")
+
+    def forget(self, uid: str) -> None:
+        self.bodies.pop(uid, None)
+        self.due.pop(uid, None)
+        self.again.discard(uid)
+
+    def kick(self, uid: str, cause: str) -> None:
+        if uid not in self.bodies:
+            return
+        metrics.KICKS.labels(cause=cause).inc()
+        if uid in self.active:
+            self.again.add(uid)
+        elif uid not in self.queued:
+            self.queued.add(uid)
+            self.queue.put_nowait(uid)
+
+    def kick_pending(self) -> None:
+        for uid in list(self.rt.pending):
+            self.kick(uid, "capacity")
+
+    # ------------------------------------------------------------------ running
+
+    async def start(self) -> None:
+        """Fill the caches from the API server (nodes, then placements and objects) before
+        anything is judged; then wait a little for the agents' streams."""
+        inventory = self.rt.inventory
+        for node in await self.rt.kube.list_nodes():
+            meta = node.get("metadata") or {}
+            inventory.observe_node(
+                str(meta.get("name")), meta, node.get("spec") or {}, node.get("status") or {}
+            )
+        for item in await self.rt.kube.list_zmachines():
+            placement = placement_of(item)
+            if placement is not None:
+                inventory.placements.setdefault(str(item["metadata"]["uid"]), placement)
+            self.observe(item)
+        self.rt.placements_seeded = True
+        deadline = time.monotonic() + SYNC_WAIT_SECONDS
+        # Polls an in-memory set for a few seconds at most, once per start.
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            n.ready and n.name not in self.rt.machines.synced for n in inventory.nodes.values()
+        ):
+            await asyncio.sleep(0.1)
+        self.synced.set()
+        log.info("caches synced", nodes=len(inventory.nodes), zmachines=len(self.bodies))
+
+    async def run(self) -> None:
+        await self.start()
+        workers = [
+            asyncio.create_task(self._work(), name=f"reconcile worker {i}")
+            for i in range(self.concurrency)
+        ]
+        try:
+            await self._resync()
+        finally:
+            for task in workers:
+                task.cancel()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for uid in [u for u, t in self.due.items() if t <= now]:
+                self.due[uid] = now + self.resync_period * random.uniform(0.75, 1.25)
+                self.kick(uid, "resync")
+
+    async def _work(self) -> None:
+        while True:
+            uid = await self.queue.get()
+            self.queued.discard(uid)
+            self.active.add(uid)
+            try:
+                await self.reconcile(uid)
+            except Exception:
+                log.exception("reconcile failed", uid=uid)
+            finally:
+                self.active.discard(uid)
+            if uid in self.again:
+                self.again.discard(uid)
+                self.kick(uid, "again")
+
+    async def reconcile(self, uid: str) -> None:
+        body = self.bodies.get(uid)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # deletion is kopf's on.delete handler's
+        started = time.monotonic()
+        target = Target.of(body["metadata"])
+        posted: list[tuple[str, str, str]] = []
+        out = StatusWriter(
+            kopf.Body(cast(kopf.RawBody, {**body, **_KIND})),
+            body["status"],
+            kopf.Patch(),
+            target.generation,
+            post=lambda *event: posted.append(event),
+        )
+        result = "error"
+        try:
+            await converge(self.rt, target, body["spec"], out)
+            result = "ok"
+        except pydantic.ValidationError as exc:
+            message = f"spec is invalid: {_first_error(exc)}"
+            out.condition(cond.READY, False, "InvalidSpec", message)
+            out.phase_to(Phase.FAILED, "InvalidSpec", message)
+            result = "invalid"
+        except ControllerError as exc:
+            out.set("message", str(exc))
+            self.rt.later(uid, 10.0, "error")
+        finally:
+            metrics.RECONCILES.labels(result=result).inc()
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        status = dict(out.patch.get("status") or {})
+        await self._write(target, status, posted)
+        # A pass that changed nothing is the quiet common case (a resync, a repeat event).
+        level = log.info if status or result != "ok" else log.debug
+        level(
+            "reconciled", namespace=target.namespace, name=target.name, uid=uid,
+            phase=out.phase, result=result, changed=sorted(status),
+        )  # fmt: skip
+
+    async def _write(
+        self, target: Target, status: dict[str, Any], posted: list[tuple[str, str, str]]
+    ) -> None:
+        if status:
+            try:
+                found = await self.rt.kube.patch_status(target.namespace, target.name, status)
+            except Gone:
+                return
+            except ControllerError as exc:
+                log.warning(
+                    "status not written", namespace=target.namespace, name=target.name,
+                    uid=target.uid, error=str(exc),
+                )  # fmt: skip
+                self.rt.later(target.uid, 10.0, "error")
+                return
+            metrics.STATUS_WRITES.inc()
+            if (found.get("metadata") or {}).get("uid") == target.uid:
+                self.observe(found)
+        involved = {**_KIND, "metadata": {
+            "namespace": target.namespace, "name": target.name, "uid": target.uid,
+        }}  # fmt: skip
+        for type_, reason, message in posted:
+            await self.rt.kube.event(involved, type_, reason, message)
+
+
+_KIND = {"apiVersion": "zos.threefold.io/v1alpha1", "kind": "Zmachine"}
+
+
+def _first_error(exc: pydantic.ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"spec.{where}: {err['msg']}"
