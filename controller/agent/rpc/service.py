@@ -27,7 +27,7 @@ from controller.agent.rpc.convert import (
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.runtime.events import EventBus, EventType, Overflow
-from controller.agent.runtime.machines import Machines, host_memory
+from controller.agent.runtime.machines import Machines
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -135,7 +135,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def node_info(self) -> pb.NodeInfoResponse:
         """Also what the node registration publishes on its ZmachineNode."""
         cpus = os.cpu_count() or 1
-        memory = host_memory()
+        memory = self.machines.memory
         used_cpu = sum(r.spec.cpu for r in self.machines.records.values())
         hv = self.prov.hypervisor_info()
         return pb.NodeInfoResponse(
