@@ -256,10 +256,12 @@ async def converge(
                 response = await agent.deploy(
                     target.ref(), target.generation, agent_spec(spec, target.name, env)
                 )
+                first = machine is None
                 machine = response.machine
                 rt.machines.put(node_name, machine, unless_after=seq)
                 if response.changed:
-                    out.event("Deployed", f"generation {target.generation} sent to {node_name}")
+                    if not first:  # a first one: the phase Event (Provisioning) says it
+                        out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
             assert machine is not None  # env_to_deploy deploys whenever the agent had none
         except SecretUnavailable as exc:

@@ -33,6 +33,8 @@ class StatusWriter:
         self.patch = patch
         self.generation = generation
         self.conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
+        self._initial_phase = status.get("phase")
+        self._phase_event: tuple[str, str, str] | None = None
 
     @property
     def phase(self) -> str | None:
@@ -60,12 +62,18 @@ class StatusWriter:
             self.patch.status["conditions"] = self.conditions
 
     def phase_to(self, phase: Phase, reason: str, message: str) -> None:
-        previous = self.phase
+        """The Event for a transition waits for `flush`: one pass that goes through
+        several phases (Scheduled, then Provisioning) posts one Event, for where it ends."""
         self.set("phase", phase.value)
         self.set("message", message)
-        if previous != phase.value:
-            kind = "Warning" if phase in _WARNING_PHASES else "Normal"
-            self._post(kind, reason, f"{phase.value}: {message}")
+        kind = "Warning" if phase in _WARNING_PHASES else "Normal"
+        self._phase_event = (kind, reason, f"{phase.value}: {message}")
+
+    def flush(self) -> None:
+        """Post the phase transition's Event, if the phase changed."""
+        if self._phase_event is not None and self.phase != self._initial_phase:
+            self._post(*self._phase_event)
+        self._phase_event = None
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self._post("Warning" if warning else "Normal", reason, message)

@@ -200,6 +200,7 @@ class Worker:
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        out.flush()
         status = dict(out.patch.get("status") or {})
         await self._write(target, status, posted)
         # A pass that changed nothing is the quiet common case (a resync, a repeat event).

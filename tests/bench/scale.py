@@ -110,9 +110,9 @@ class PhaseWatch:
         custom = client.CustomObjectsApi(self.api)
         version = ""
         while not self.stop.is_set():
-            w = watch.Watch()
+            w = watch.Watch()  # type: ignore[no-untyped-call]
             try:
-                for ev in w.stream(
+                for ev in w.stream(  # type: ignore[no-untyped-call]
                     custom.list_namespaced_custom_object, GROUP, VERSION, NS, PLURAL,
                     resource_version=version, timeout_seconds=60,
                 ):  # fmt: skip
