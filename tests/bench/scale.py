@@ -398,7 +398,17 @@ apart below.
 """
 
 
+UNSHARED = "ZM_SCALE_PRIVATE_MOUNTS"
+
+
 def main(argv: list[str] | None = None) -> None:
+    if os.environ.get(UNSHARED) != "1":
+        # Our own mount namespace, private: the hundreds of FUSE, overlay and loop mounts
+        # never propagate into another namespace, where a copy would keep a deleted VM's
+        # loop device attached (seen with a second control plane in its own namespace).
+        args = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m"]
+        os.execvpe("unshare", [*args, "tests.bench", "scale", *(argv or sys.argv[2:])],
+                   {**os.environ, UNSHARED: "1"})  # fmt: skip
     parser = argparse.ArgumentParser(prog="python -m tests.bench scale", description=__doc__)
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=4)
