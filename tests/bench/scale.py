@@ -244,7 +244,9 @@ def start_controller(
     return proc, port
 
 
-def measure(work: Path, objects: int, nodes: int, rate: float, idle: float) -> dict[str, Any]:
+def measure(
+    work: Path, objects: int, nodes: int, rate: float, idle: float, steady_count: int
+) -> dict[str, Any]:
     with environment(work, nodes) as (cluster, agents, pki, flist):
         controller, metrics_port = start_controller(cluster, pki, work / "controller.log")
         api = api_client(str(cluster.kubeconfig))
@@ -295,7 +297,7 @@ def measure(work: Path, objects: int, nodes: int, rate: float, idle: float) -> d
             delete_all = max(phases.gone[n] for n in names) - started
 
             # 4. A steady rate.
-            steady = [f"st-{i:05d}" for i in range(min(objects, max(int(rate * 30), 20)))]
+            steady = [f"st-{i:05d}" for i in range(steady_count or min(objects, int(rate * 30)))]
             sent: dict[str, float] = {}
             t0 = time.monotonic()
             for i, name in enumerate(steady):
@@ -406,19 +408,22 @@ def main(argv: list[str] | None = None) -> None:
         # Our own mount namespace, private: the hundreds of FUSE, overlay and loop mounts
         # never propagate into another namespace, where a copy would keep a deleted VM's
         # loop device attached (seen with a second control plane in its own namespace).
-        args = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m"]
-        os.execvpe("unshare", [*args, "tests.bench", "scale", *(argv or sys.argv[2:])],
+        unshare = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m"]
+        os.execvpe("unshare", [*unshare, "tests.bench", "scale", *(argv or sys.argv[2:])],
                    {**os.environ, UNSHARED: "1"})  # fmt: skip
     parser = argparse.ArgumentParser(prog="python -m tests.bench scale", description=__doc__)
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--idle", type=float, default=60.0, help="seconds at rest to count")
+    parser.add_argument(
+        "--steady", type=int, default=0, help="creations at --rate (default: 30 s worth)"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zm-scale-") as tmp:
-        figures = measure(Path(tmp), args.objects, args.nodes, args.rate, args.idle)
+        figures = measure(Path(tmp), args.objects, args.nodes, args.rate, args.idle, args.steady)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(table([figures]))
