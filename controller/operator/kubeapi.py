@@ -77,10 +77,19 @@ class Kube:
         return get_object(found)
 
     async def set_node(
-        self, namespace: str, name: str, resource_version: str, node: str | None
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str,
+        node: str | None,
+        status: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write status.nodeName only if the object is still at `resource_version`."""
-        body = {"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": node}}
+        """Write status.nodeName (and `status`, in the same write) only if the object is
+        still at `resource_version`."""
+        body = {
+            "metadata": {"resourceVersion": resource_version},
+            "status": {**(status or {}), "nodeName": node},
+        }
         found = await self._call(
             f"{'bind' if node else 'unbind'} zmachine {namespace}/{name}",
             self.custom.patch_namespaced_custom_object_status,

@@ -29,7 +29,7 @@ class StatusWriter:
         """`post`: where Events go; kopf's per-object poster unless given."""
         self.body = body
         self._post = post or self._kopf_event
-        self.current = status
+        self.current: dict[str, Any] = dict(status)
         self.patch = patch
         self.generation = generation
         self.conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
@@ -68,6 +68,14 @@ class StatusWriter:
         self.set("message", message)
         kind = "Warning" if phase in _WARNING_PHASES else "Normal"
         self._phase_event = (kind, reason, f"{phase.value}: {message}")
+
+    def written(self, fields: Mapping[str, Any]) -> None:
+        """`fields` of the pending patch were written by other means (with the placement):
+        they count as current and leave the patch."""
+        for key, value in fields.items():
+            self.current[key] = value
+            if self.patch.status.get(key) == value:
+                del self.patch.status[key]
 
     def flush(self) -> None:
         """Post the phase transition's Event, if the phase changed."""

@@ -179,6 +179,9 @@ class Machines:
             return
         rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
         rec.message = ""
+        # A guest that handed over already (a fast boot) is reported with this event,
+        # not with a Booted one a monitor period later.
+        self.prov.observe(rec)
         self.emit(rec, event)
 
     async def _checkpoint(self, rec: MachineRecord, point: str, progress: str) -> None:
