@@ -1,6 +1,10 @@
-"""kopf handlers: kopf watches Zmachines and ZmachineNodes and runs deletions; the worker
-(controller.operator.worker) converges Zmachines when something changed, and the node
-monitor judges nodes. Admission already checked the spec."""
+"""kopf handlers: kopf only watches Zmachines and ZmachineNodes. The worker
+(controller.operator.worker) converges and deletes Zmachines when something changed, and
+the node monitor judges nodes. Admission already checked the spec.
+
+No kopf change handler is registered: kopf would add its own bookkeeping writes to every
+object (a last-handled-configuration annotation per change); the worker keeps the finalizer
+itself."""
 
 from __future__ import annotations
 
@@ -12,25 +16,21 @@ from typing import Any
 import kopf
 import structlog
 
-from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
+from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.operator import metrics
-from controller.operator.errors import ControllerError
 from controller.operator.nodes import NodeMonitor
-from controller.operator.reconcile import Runtime, Target, release
-from controller.operator.status import StatusWriter
+from controller.operator.reconcile import Runtime
 from controller.operator.worker import Worker
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
-
-FINALIZER = f"{GROUP}/finalizer"
-DELETE_RETRY_SECONDS = 5.0
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own identity, so that other kopf operators on the cluster never collide with us.
-    settings.persistence.finalizer = FINALIZER
+    # Not the worker's finalizer: kopf removes its own from objects no handler of its needs.
+    settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -44,27 +44,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def _runtime(memo: kopf.Memo) -> Runtime:
     runtime: Runtime = memo["runtime"]
     return runtime
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def on_delete(
-    memo: kopf.Memo,
-    status: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    target = Target.of(meta)
-    out = StatusWriter(body, status, patch, target.generation)
-    out.set("phase", Phase.TERMINATING.value)
-    try:
-        await release(_runtime(memo), target, status, meta, out)
-    except ControllerError as exc:
-        out.set("message", str(exc))
-        raise kopf.TemporaryError(str(exc), delay=DELETE_RETRY_SECONDS) from exc
-    log.info("released", namespace=target.namespace, name=target.name, uid=target.uid)
-    out.event("Deleted", "everything on the node is gone")
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -97,6 +97,18 @@ class Kube:
         )  # fmt: skip
         return get_object(found)
 
+    async def set_finalizers(
+        self, namespace: str, name: str, resource_version: str, finalizers: list[str]
+    ) -> dict[str, Any]:
+        """Replace metadata.finalizers only if the object is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers}}
+        found = await self._call(
+            f"set finalizers of zmachine {namespace}/{name}",
+            self.custom.patch_namespaced_custom_object,
+            GROUP, VERSION, namespace, PLURAL, name, body,
+        )  # fmt: skip
+        return get_object(found)
+
     async def patch_status(
         self, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:

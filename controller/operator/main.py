@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     monitor = NodeMonitor(runtime, namespaces=args.namespace, orphan_grace=args.orphan_grace)
     worker = Worker(runtime, namespaces=args.namespace, resync_period=args.resync_period)
-    assert handlers.FINALIZER  # the import registers the handlers with kopf
+    assert handlers.track_zmachine  # the import registers the handlers with kopf
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,

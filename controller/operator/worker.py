@@ -26,18 +26,21 @@ import pydantic
 import structlog
 
 from controller.api import conditions as cond
-from controller.api.zmachine import Phase
+from controller.api.zmachine import GROUP, Phase
 from controller.operator import metrics
 from controller.operator.errors import ControllerError
-from controller.operator.kubeapi import Gone
-from controller.operator.reconcile import Runtime, Target, converge, placement_of
+from controller.operator.kubeapi import Conflict, Gone
+from controller.operator.reconcile import Runtime, Target, converge, placement_of, release
 from controller.operator.status import StatusWriter
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
+FINALIZER = f"{GROUP}/finalizer"
 SYNC_WAIT_SECONDS = 10.0  # at start, how long to wait for the agents' streams to sync
+RETRY_SECONDS = 10.0  # after an API error
+DELETE_RETRY_SECONDS = 5.0  # a deletion the node has not confirmed yet
 _META = ("namespace", "name", "uid", "generation", "creationTimestamp", "resourceVersion",
-         "deletionTimestamp")  # fmt: skip
+         "deletionTimestamp", "finalizers", "annotations")  # fmt: skip
 
 
 def _newer(found: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
@@ -80,15 +83,22 @@ class Worker:
         held = self.bodies.get(uid)
         if held is not None and not _newer(meta, held["metadata"]):
             return  # a watch event older than what our own write returned
+        kept = {k: meta[k] for k in _META if k in meta}
+        # Only ours: kubectl's last-applied copy of the object would double what we hold.
+        kept["annotations"] = {
+            k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(GROUP)
+        }
         self.bodies[uid] = {
-            "metadata": {k: meta[k] for k in _META if k in meta},
+            "metadata": kept,
             "spec": dict(body.get("spec") or {}),
             "status": dict(body.get("status") or {}),
         }
         if held is None:
             self.due[uid] = time.monotonic() + self.resync_period * random.uniform(0.5, 1.5)
             self.kick(uid, "change")
-        elif held["metadata"].get("generation") != meta.get("generation"):
+        elif any(
+            held["metadata"].get(k) != meta.get(k) for k in ("generation", "deletionTimestamp")
+        ):
             self.kick(uid, "change")
 
     def forget(self, uid: str) -> None:
@@ -173,19 +183,28 @@ class Worker:
 
     async def reconcile(self, uid: str) -> None:
         body = self.bodies.get(uid)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return  # deletion is kopf's on.delete handler's
+        if body is None:
+            return
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            if FINALIZER in (meta.get("finalizers") or []):
+                await self._delete(body)
+            return
         started = time.monotonic()
-        target = Target.of(body["metadata"])
+        target = Target.of(meta)
         posted: list[tuple[str, str, str]] = []
-        out = StatusWriter(
-            kopf.Body(cast(kopf.RawBody, {**body, **_KIND})),
-            body["status"],
-            kopf.Patch(),
-            target.generation,
-            post=lambda *event: posted.append(event),
-        )
+        out = self._writer(body, target, posted)
         result = "error"
+        if FINALIZER not in (meta.get("finalizers") or []):
+            # Before anything is placed or deployed: nothing may outlive the object.
+            try:
+                await self._set_finalizers(target, [*(meta.get("finalizers") or []), FINALIZER])
+            except (Conflict, Gone):
+                return  # a newer object: its watch event brings it back here
+            except ControllerError as exc:
+                log.warning("finalizer not added", uid=uid, error=str(exc))
+                self.rt.later(uid, RETRY_SECONDS, "error")
+                return
         try:
             await converge(self.rt, target, body["spec"], out)
             result = "ok"
@@ -196,7 +215,7 @@ class Worker:
             result = "invalid"
         except ControllerError as exc:
             out.set("message", str(exc))
-            self.rt.later(uid, 10.0, "error")
+            self.rt.later(uid, RETRY_SECONDS, "error")
         finally:
             metrics.RECONCILES.labels(result=result).inc()
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -209,6 +228,53 @@ class Worker:
             "reconciled", namespace=target.namespace, name=target.name, uid=uid,
             phase=out.phase, result=result, changed=sorted(status),
         )  # fmt: skip
+
+    def _writer(
+        self, body: dict[str, Any], target: Target, posted: list[tuple[str, str, str]]
+    ) -> StatusWriter:
+        return StatusWriter(
+            kopf.Body(cast(kopf.RawBody, {**body, **_KIND})),
+            body["status"],
+            kopf.Patch(),
+            target.generation,
+            post=lambda *event: posted.append(event),
+        )
+
+    async def _set_finalizers(self, target: Target, finalizers: list[str]) -> None:
+        """Optimistically, at the object's resourceVersion: a conflict is a newer object,
+        whose watch event comes with its own reconciliation."""
+        found = await self.rt.kube.set_finalizers(
+            target.namespace, target.name, target.resource_version, finalizers
+        )
+        self.observe(found)
+        target.resource_version = str(found["metadata"]["resourceVersion"])
+
+    async def _delete(self, body: dict[str, Any]) -> None:
+        """Remove the machine from its node, then the finalizer (see reconcile.release)."""
+        meta = body["metadata"]
+        target = Target.of(meta)
+        posted: list[tuple[str, str, str]] = []
+        out = self._writer(body, target, posted)
+        try:
+            await release(self.rt, target, body["status"], meta, out)
+        except ControllerError as exc:
+            out.set("phase", Phase.TERMINATING.value)
+            out.set("message", str(exc))
+            log.info(
+                "deletion waits", namespace=target.namespace, name=target.name,
+                uid=target.uid, error=str(exc),
+            )  # fmt: skip
+            self.rt.later(target.uid, DELETE_RETRY_SECONDS, "delete")
+            await self._write(target, dict(out.patch.get("status") or {}), posted)
+            return
+        log.info("released", namespace=target.namespace, name=target.name, uid=target.uid)
+        kept = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        try:
+            await self._set_finalizers(target, kept)
+        except (Conflict, Gone):
+            return  # a newer object (its watch event brings it back here), or gone already
+        out.event("Deleted", "everything on the node is gone")
+        await self._post(target, posted)
 
     async def _write(
         self, target: Target, status: dict[str, Any], posted: list[tuple[str, str, str]]
@@ -223,11 +289,14 @@ class Worker:
                     "status not written", namespace=target.namespace, name=target.name,
                     uid=target.uid, error=str(exc),
                 )  # fmt: skip
-                self.rt.later(target.uid, 10.0, "error")
+                self.rt.later(target.uid, RETRY_SECONDS, "error")
                 return
             metrics.STATUS_WRITES.inc()
             if (found.get("metadata") or {}).get("uid") == target.uid:
                 self.observe(found)
+        await self._post(target, posted)
+
+    async def _post(self, target: Target, posted: list[tuple[str, str, str]]) -> None:
         involved = {**_KIND, "metadata": {
             "namespace": target.namespace, "name": target.name, "uid": target.uid,
         }}  # fmt: skip
