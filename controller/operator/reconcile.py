@@ -80,6 +80,8 @@ class Runtime:
     pending: set[str] = field(default_factory=set)
     # Asks for a reconciliation of a uid (the worker's queue); `cause` feeds a metric.
     kick: Callable[[str, str], None] = lambda uid, cause: None
+    # Takes an object as one of our own writes returned it (the worker's view of it).
+    seen: Callable[[Mapping[str, Any]], None] = lambda found: None
 
     def later(self, uid: str, delay: float, cause: str) -> None:
         """Reconcile `uid` again after `delay` seconds (a timer, not a resync of all)."""
@@ -260,9 +262,12 @@ async def converge(
                 machine = response.machine
                 rt.machines.put(node_name, machine, unless_after=seq)
                 if response.changed:
-                    if not first:  # a first one: the phase Event (Provisioning) says it
-                        out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
+                    if first and machine.state == pb.MACHINE_STATE_PROVISIONING:
+                        # The status written with the placement says it; the agent's
+                        # stream brings the outcome (or the next pass asks).
+                        return
+                    out.event("Deployed", f"generation {target.generation} sent to {node_name}")
             assert machine is not None  # env_to_deploy deploys whenever the agent had none
         except SecretUnavailable as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
@@ -385,8 +390,13 @@ async def _place(
         rt.inventory.placements[target.uid] = Placement(
             decision.node, request, target.namespace, target.name
         )
+    # What the Zmachine says from now on goes out with the placement, in one write: the
+    # first Deploy follows at once, and the agent's stream reports what comes of it.
+    out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
+    out.phase_to(Phase.PROVISIONING, decision.reason, f"{decision.message}; deploying")
+    with_placement = dict(out.patch.status)
     try:
-        node = await _bind(rt, target, decision.node)
+        node = await _bind(rt, target, decision.node, with_placement)
     except BaseException:
         rt.inventory.forget_zmachine(target.uid)
         raise
@@ -398,18 +408,17 @@ async def _place(
             node, request, target.namespace, target.name
         )
         return node
-    out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
-    out.phase_to(Phase.SCHEDULED, decision.reason, decision.message)
+    out.written(with_placement)
     return node
 
 
-async def _bind(rt: Runtime, target: Target, node: str) -> str | None:
-    """Write the placement; the node that stands afterwards, or None if the object is gone.
-    A placement someone else made meanwhile wins over ours."""
+async def _bind(rt: Runtime, target: Target, node: str, status: dict[str, Any]) -> str | None:
+    """Write the placement (with `status`); the node that stands afterwards, or None if the
+    object is gone. A placement someone else made meanwhile wins over ours."""
     version = target.resource_version
     for _ in range(3):
         try:
-            await rt.kube.set_node(target.namespace, target.name, version, node)
+            rt.seen(await rt.kube.set_node(target.namespace, target.name, version, node, status))
             return node
         except Conflict:
             found = await rt.kube.zmachine(target.namespace, target.name)

@@ -55,7 +55,9 @@ class Worker:
     rt: Runtime
     namespaces: Sequence[str] = ()  # globs; empty: all
     resync_period: float = 300.0
-    concurrency: int = 16
+    # Reconciles in flight: they mostly wait (on agents, on the API server), e.g. a Delete
+    # waits seconds for a guest to power off; API calls are bounded by the thread pool.
+    concurrency: int = 64
     # uid -> the latest object seen (metadata subset, spec, status).
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     due: dict[str, float] = field(default_factory=dict)  # uid -> monotonic time of resync
@@ -67,6 +69,7 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.rt.kick = self.kick
+        self.rt.seen = self.observe
         self.rt.inventory.on_capacity = self.kick_pending
 
     # ------------------------------------------------------------------ inputs
