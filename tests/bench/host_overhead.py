@@ -24,7 +24,11 @@ from tests.bench.report import write_section
 from tests.netns import bridged_netns
 
 ENTRY = "/bin/sh -c 'echo bench-entry; while :; do sleep 3600; done'"
-KINDS = {"qemu-system": "QEMU", "virtiofsd": "virtiofsd", "zmachine-flist": "flist mount"}
+KINDS = {
+    "qemu-system": "QEMU",
+    "virtiofsd": "virtiofsd",
+    "controller.flist.cli mount": "flist mount",
+}
 
 
 def _status(pid: int) -> dict[str, int]:
