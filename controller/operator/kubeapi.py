@@ -76,6 +76,21 @@ class Kube:
             return None
         return get_object(found)
 
+    async def _patch(
+        self, what: str, namespace: str, name: str, body: dict[str, Any], status: bool
+    ) -> dict[str, Any]:
+        """A merge patch of a Zmachine (its status subresource with `status`); the object
+        as written."""
+        fn = (
+            self.custom.patch_namespaced_custom_object_status
+            if status
+            else self.custom.patch_namespaced_custom_object
+        )
+        found = await self._call(
+            f"{what} zmachine {namespace}/{name}", fn, GROUP, VERSION, namespace, PLURAL, name, body
+        )
+        return get_object(found)
+
     async def set_node(
         self,
         namespace: str,
@@ -90,35 +105,19 @@ class Kube:
             "metadata": {"resourceVersion": resource_version},
             "status": {**(status or {}), "nodeName": node},
         }
-        found = await self._call(
-            f"{'bind' if node else 'unbind'} zmachine {namespace}/{name}",
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, body,
-        )  # fmt: skip
-        return get_object(found)
+        return await self._patch("bind" if node else "unbind", namespace, name, body, True)
 
     async def set_finalizers(
         self, namespace: str, name: str, resource_version: str, finalizers: list[str]
     ) -> dict[str, Any]:
         """Replace metadata.finalizers only if the object is still at `resource_version`."""
         body = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers}}
-        found = await self._call(
-            f"set finalizers of zmachine {namespace}/{name}",
-            self.custom.patch_namespaced_custom_object,
-            GROUP, VERSION, namespace, PLURAL, name, body,
-        )  # fmt: skip
-        return get_object(found)
+        return await self._patch("set finalizers of", namespace, name, body, False)
 
     async def patch_status(
         self, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
-        """A merge patch of the status; the object as written."""
-        found = await self._call(
-            f"patch status of zmachine {namespace}/{name}",
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-        )  # fmt: skip
-        return get_object(found)
+        return await self._patch("patch status of", namespace, name, {"status": status}, True)
 
     async def list_nodes(self) -> list[dict[str, Any]]:
         found = await self._call(
