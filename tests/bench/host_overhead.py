@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from controller.flist.pack import pack
 from hack.controlplane import guest_kernel_dir
 from tests.agent.conftest import agent_process, guest_busybox_root
 from tests.bench.report import write_section
+from tests.bench.scale import in_private_mounts
 from tests.netns import bridged_netns
 
 ENTRY = "/bin/sh -c 'echo bench-entry; while :; do sleep 3600; done'"
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--vms", type=int, nargs="+", default=[1, 10, 30])
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
+    in_private_mounts(["tests.bench.host_overhead"], sys.argv[1:])
     rows = []
     for n in args.vms:
         with tempfile.TemporaryDirectory(prefix="zm-hov-") as tmp:

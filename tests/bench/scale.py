@@ -400,17 +400,23 @@ apart below.
 """
 
 
-UNSHARED = "ZM_SCALE_PRIVATE_MOUNTS"
+UNSHARED = "ZM_BENCH_PRIVATE_MOUNTS"
+
+
+def in_private_mounts(module: list[str], argv: list[str]) -> None:
+    """Run `python -m *module *argv` again in a mount namespace of its own, private: the
+    FUSE, overlay and loop mounts of many VMs never propagate into another namespace, where
+    a copy would keep a deleted VM's loop device attached (seen with a second control plane
+    in its own namespace on this machine). Returns only inside that namespace."""
+    if os.environ.get(UNSHARED) == "1":
+        return
+    unshare = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m"]
+    os.execvpe("unshare", [*unshare, *module, *argv], {**os.environ, UNSHARED: "1"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    if os.environ.get(UNSHARED) != "1":
-        # Our own mount namespace, private: the hundreds of FUSE, overlay and loop mounts
-        # never propagate into another namespace, where a copy would keep a deleted VM's
-        # loop device attached (seen with a second control plane in its own namespace).
-        unshare = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m"]
-        os.execvpe("unshare", [*unshare, "tests.bench", "scale", *(argv or sys.argv[2:])],
-                   {**os.environ, UNSHARED: "1"})  # fmt: skip
+    argv = sys.argv[2:] if argv is None else argv
+    in_private_mounts(["tests.bench", "scale"], argv)
     parser = argparse.ArgumentParser(prog="python -m tests.bench scale", description=__doc__)
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=4)
