@@ -232,8 +232,11 @@ async def converge(
             seq = rt.machines.seq
             if node_name in rt.machines.synced:
                 machine = rt.machines.get(node_name, target.uid)
-            else:  # the node's event stream is down or not synced yet: ask
+            else:
+                # The node's event stream is down or not synced yet: ask, and ask again
+                # until it is back (its resync then reports every change).
                 machine = await agent.get(target.uid)
+                rt.later(target.uid, AGAIN_SECONDS, "unsynced")
             if machine is None or machine.generation < target.generation:
                 refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
                 if refusal is not None:
