@@ -16,14 +16,20 @@ from typing import Any
 import kopf
 import structlog
 
+from controller.agent.network import addressing
 from controller.api.zmachine import GROUP, PLURAL, VERSION
+from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
-from controller.operator import metrics
+from controller.operator import metrics, networks
 from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime
+from controller.operator.status import StatusWriter
 from controller.operator.worker import Worker
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
+
+# How often each ZmachineNetwork's overlay peers and options are pushed to its nodes.
+NETWORK_SYNC_SECONDS = 5.0
 
 
 @kopf.on.startup()
@@ -98,6 +104,70 @@ async def track_node(
             monitor.watches.ensure(name, node.address)
         if was is not None and was.ready != node.ready:
             runtime.kick_node(name, "node")
+
+
+IN_USE = "InUse"
+
+
+@kopf.on.create(GROUP, VERSION, NETWORK_PLURAL)
+@kopf.on.resume(GROUP, VERSION, NETWORK_PLURAL)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    NETWORK_PLURAL,
+    interval=NETWORK_SYNC_SECONDS,
+    initial_delay=NETWORK_SYNC_SECONDS,
+)
+async def network_status(
+    memo: kopf.Memo,
+    meta: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """The IPv6 prefix in use and the Zmachines on the network (subnets are written by
+    placement, see controller/operator/networks.py)."""
+    if meta.get("deletionTimestamp"):
+        return
+    prefix = spec.get("ipv6Prefix") or str(addressing.derived_ipv6_prefix(str(meta["uid"])))
+    names = await networks.users(_runtime(memo).kube, str(meta["namespace"]), str(meta["name"]))
+    out = StatusWriter(body, status, patch, int(meta.get("generation") or 1))
+    out.set("ipv6Prefix", prefix)
+    out.set("machines", len(names))
+    out.condition(
+        IN_USE, bool(names), "Used" if names else "Unused",
+        f"used by {', '.join(names)}" if names else "no Zmachine uses it",
+    )  # fmt: skip
+    if status.get("subnets"):
+        rt = _runtime(memo)
+        network = networks.Network.of({"metadata": meta, "spec": spec, "status": status})
+        await networks.push_peers(network, rt.inventory.nodes, rt.agents)
+
+
+@kopf.on.delete(GROUP, VERSION, NETWORK_PLURAL)
+async def network_delete(
+    memo: kopf.Memo,
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Deletion waits (the finalizer stays) while a Zmachine of the namespace uses it; the
+    nodes drop their part of it with the last Zmachine they ran on it."""
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    names = await networks.users(_runtime(memo).kube, namespace, name)
+    if names:
+        message = f"used by Zmachines {', '.join(names)}; deleted once they are gone"
+        out = StatusWriter(body, status, patch, int(meta.get("generation") or 1))
+        out.condition(IN_USE, True, "Used", message)
+        out.set("machines", len(names))
+        raise kopf.TemporaryError(
+            f"ZmachineNetwork {namespace}/{name} is {message}", delay=NETWORK_SYNC_SECONDS
+        )
+    log.info("network released", namespace=namespace, network=name, uid=meta.get("uid"))
 
 
 @kopf.on.startup()
