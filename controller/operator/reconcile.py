@@ -477,6 +477,7 @@ def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
     rt.pending.add(target.uid)  # placed as soon as they renew (a capacity change)...
     rt.later(target.uid, left, "startup")  # ...or once they had their chance
     message = f"waiting up to {left:.0f}s for nodes {', '.join(unsure)} to renew their Leases"
+    out.set("observedGeneration", target.generation)
     out.condition(cond.SCHEDULED, False, "WaitingForNodes", message)
     out.phase_to(Phase.PENDING, "WaitingForNodes", message)
     return True
