@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -55,6 +56,16 @@ def wait_mounted(mountpoint: Path, timeout: float) -> None:
         if time.monotonic() >= deadline:
             raise FlistMountError(f"not mounted after {timeout:.1f}s", path=str(mountpoint))
         time.sleep(0.05)
+
+
+async def wait_mounted_async(mountpoint: Path, alive: Callable[[], bool]) -> None:
+    """:func:`wait_mounted` for an event loop (the caller bounds it), failing early once
+    the server is gone. It holds no thread: a burst of mounts waiting in threads filled
+    the default executor, and the agent's Lease heartbeat, queued behind them, expired."""
+    while not is_mounted(mountpoint):
+        if not alive():
+            raise FlistMountError("the mount server exited before mounting", path=str(mountpoint))
+        await asyncio.sleep(0.25)  # each look reads the whole mount table
 
 
 def unmount(mountpoint: Path) -> None:

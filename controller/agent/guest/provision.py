@@ -38,6 +38,7 @@ from controller.agent.runtime.procs import spawn_detached, terminate
 from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
 from controller.flist import bootmode, fetch, meta, mount, overlay
+from controller.flist.errors import FlistMountError
 from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
@@ -45,7 +46,9 @@ log = structlog.get_logger(__name__)
 # Printed by the container-mode initramfs right before it hands over to the entrypoint.
 BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
-MOUNT_TIMEOUT = 30.0
+# A server that died is seen at once; one alive but not mounted yet is still starting
+# (a burst of them starts at once, each importing its Python, on a loaded machine).
+MOUNT_TIMEOUT = 120.0
 
 # Called between provisioning steps with the fault point just passed (faults.POINTS) and
 # what comes next (progress shown by Get); Machines sets it.
@@ -232,7 +235,13 @@ class Provisioner:
         ref = spawn_detached(argv, p.mount_log, str(p.lower))
         rec.helpers = [h for h in rec.helpers if h.alive()] + [ref]
         try:
-            await asyncio.to_thread(mount.wait_mounted, p.lower, MOUNT_TIMEOUT)
+            try:
+                async with asyncio.timeout(MOUNT_TIMEOUT):
+                    await mount.wait_mounted_async(p.lower, ref.alive)
+            except TimeoutError:
+                raise FlistMountError(
+                    f"not mounted after {MOUNT_TIMEOUT:.0f}s", path=str(p.lower)
+                ) from None
         except Exception as exc:
             raise ProvisionFailed(
                 f"zmachine {rec.ref}", "flist mount", exc, log_tail(p.mount_log)
