@@ -74,10 +74,6 @@ class MachineCache:
         self.nodes.pop(node, None)
         self.synced.discard(node)
 
-    def forget(self, uid: str) -> None:
-        for here in self.nodes.values():
-            here.pop(uid, None)
-
 
 @dataclass
 class NodeWatches:

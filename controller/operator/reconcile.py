@@ -137,9 +137,11 @@ class Runtime:
         return set(nodes)
 
     def forget(self, uid: str) -> None:
-        """Drop every per-object entry once the Zmachine is gone from the API."""
+        """Drop every per-object entry once the Zmachine is gone from the API. Not the
+        node's machine cache: it mirrors the agents, which prune it with their Deleted
+        events; a VM still there (released without the node's confirmation) is an orphan,
+        and orphan collection reads the cache to find it."""
         self.inventory.forget_zmachine(uid)
-        self.machines.forget(uid)
         self.pending.discard(uid)
         self.avoid.pop(uid, None)
         self.retries.pop(uid, None)
