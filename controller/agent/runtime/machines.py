@@ -97,7 +97,11 @@ class Machines:
         """At start-up: take over the VMs a previous agent left running, restart the rest
         per policy (through the supervisor), and go on with interrupted provisioning in
         the background."""
-        for rec in self.store.load_all():
+        records = self.store.load_all()
+        for rec in records:
+            self.prov.claim_flist(rec)  # all users counted before any mount is judged
+        await self.prov.flists.sweep()
+        for rec in records:
             self.records[rec.ref.uid] = rec
             if rec.state is State.PROVISIONING:
                 self._start(rec, rec.generation, rec.spec, EventType.DEPLOYED, resume=True)
