@@ -364,11 +364,15 @@ def test_a_share_failing_to_start_leaves_no_virtiofsd(
     """virtiofsd for the root starts, the one for a share with a 36-character name does
     not (its socket path is past the 108-byte limit): the failed provisioning must stop
     the root's daemon too."""
-    uid = "share-fails"
     spec = standin_spec(agent_busybox_flist)
     spec.volumes[1].name = spec.mounts[1].name = "s" * 36
+    # The uid pads the path past the limit whatever the test's base directory (a UID may
+    # have 64 characters); the root's socket, 32 characters shorter, stays under it.
+    run = len(f"{agent.state_dir.resolve()}/vms//run/vfs-{'s' * 36}.sock")
+    uid = "share-fails".ljust(max(11, 108 - run), "x")
     sock = agent.state_dir.resolve() / "vms" / uid / "run" / f"vfs-{'s' * 36}.sock"
-    assert len(str(sock)) > 107, "the state dir is too short to make the socket path fail"
+    assert len(uid) <= 64 and len(str(sock)) > 107, "the state dir is too short"
+    assert len(str(sock)) - 32 <= 107, "the state dir is too long for the root's socket"
     with OneVmmPerUid([agent.state_dir]).watching():
         deploy(agent, uid, spec)
         m = wait_state(agent, uid, pb.MACHINE_STATE_FAILED, timeout=30)
