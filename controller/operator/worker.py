@@ -29,7 +29,7 @@ from controller.api import conditions as cond
 from controller.api.zmachine import GROUP, Phase
 from controller.operator import metrics
 from controller.operator.errors import ControllerError
-from controller.operator.kubeapi import Conflict, Gone
+from controller.operator.kubeapi import ApiUnavailable, Conflict, Gone
 from controller.operator.reconcile import Runtime, Target, converge, placement_of, release
 from controller.operator.status import StatusWriter
 
@@ -129,12 +129,24 @@ class Worker:
         """Fill the caches from the API server (nodes, then placements and objects) before
         anything is judged; then wait a little for the agents' streams."""
         inventory = self.rt.inventory
-        for node in await self.rt.kube.list_nodes():
+        delay = 1.0
+        while True:
+            # Until they succeed: a controller started while the API server is away (or
+            # still answering 429 while its storage initializes) must serve once it is back.
+            try:
+                nodes = await self.rt.kube.list_nodes()
+                items = await self.rt.kube.list_zmachines()
+                break
+            except ApiUnavailable as exc:
+                log.warning("initial lists failed; retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        for node in nodes:
             meta = node.get("metadata") or {}
             inventory.observe_node(
                 str(meta.get("name")), meta, node.get("spec") or {}, node.get("status") or {}
             )
-        for item in await self.rt.kube.list_zmachines():
+        for item in items:
             placement = placement_of(item)
             if placement is not None:
                 inventory.placements.setdefault(str(item["metadata"]["uid"]), placement)
