@@ -275,6 +275,13 @@ def _flist_servers(agent: AgentProcess) -> list[int]:
     ]
 
 
+def _all_running(agent: AgentProcess, uids: list[str]) -> None:
+    def running() -> bool:
+        return all(in_state(agent, uid, pb.MACHINE_STATE_RUNNING) for uid in uids)
+
+    wait_for("Running", running, 60)
+
+
 @pytest.mark.fuse
 def test_machines_from_one_flist_share_one_mount_through_an_agent_crash(
     agent: AgentProcess, agent_busybox_flist: Path, agent_netns: str
@@ -283,15 +290,13 @@ def test_machines_from_one_flist_share_one_mount_through_an_agent_crash(
     spec = pb.ZmachineSpec(flist=f"file://{agent_busybox_flist}", cpu=1, memory_bytes=256 << 20)
     for uid in uids:
         agent.call("deploy", pb.ZmachineRef(namespace="default", name=uid, uid=uid), 1, spec)
-    for uid in uids:
-        wait_for("Running", lambda u=uid: in_state(agent, u, pb.MACHINE_STATE_RUNNING), 60)
+    _all_running(agent, uids)
     servers = _flist_servers(agent)
     assert len(servers) == 1, servers
 
     agent.kill()  # its records name the mount: the next agent reuses it
     agent.start()
-    for uid in uids:
-        wait_for("Running", lambda u=uid: in_state(agent, u, pb.MACHINE_STATE_RUNNING), 60)
+    _all_running(agent, uids)
     assert _flist_servers(agent) == servers
 
     for uid in uids[:-1]:
