@@ -50,6 +50,9 @@ def _newer(found: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
     return not (a.isdigit() and b.isdigit()) or int(a) >= int(b)
 
 
+SECRET_RESYNC_SECONDS = 30.0
+
+
 @dataclass
 class Worker:
     rt: Runtime
@@ -97,7 +100,7 @@ class Worker:
             "status": dict(body.get("status") or {}),
         }
         if held is None:
-            self.due[uid] = time.monotonic() + self.resync_period * random.uniform(0.5, 1.5)
+            self.due[uid] = time.monotonic() + self._period(uid) * random.uniform(0.5, 1.5)
             self.kick(uid, "change")
         elif any(
             held["metadata"].get(k) != meta.get(k) for k in ("generation", "deletionTimestamp")
@@ -178,8 +181,18 @@ class Worker:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for uid in [u for u, t in self.due.items() if t <= now]:
-                self.due[uid] = now + self.resync_period * random.uniform(0.75, 1.25)
+                self.due[uid] = now + self._period(uid) * random.uniform(0.75, 1.25)
                 self.kick(uid, "resync")
+
+    def _period(self, uid: str) -> float:
+        """Secrets are not watched (that would take list/watch on every Secret): a Zmachine
+        whose env reads one is looked at every SECRET_RESYNC_SECONDS, so a changed value
+        rolls out within about that long. Each look reads the Secret, and writes nothing
+        unless the value changed."""
+        env = ((self.bodies.get(uid) or {}).get("spec") or {}).get("env") or []
+        if any(isinstance(v, Mapping) and v.get("valueFrom") for v in env):
+            return min(self.resync_period, SECRET_RESYNC_SECONDS)
+        return self.resync_period
 
     async def _work(self) -> None:
         while True:
