@@ -5,6 +5,7 @@ agent doubles (tests/operator/doubles.py), the real Worker, handlers and AgentPo
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from controller.operator.agents import AgentPool
 from controller.operator.inventory import NodeView
 from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime
-from controller.operator.worker import Worker
+from controller.operator.worker import SECRET_RESYNC_SECONDS, Worker
 from tests.operator.doubles import GI, FakeNodeAgent, World, agents
 
 
@@ -217,3 +218,21 @@ def test_incremental_totals_match_a_recount(tmp_path: Path) -> None:
         here = [p.request for p in inv.placements.values() if p.node == node]
         assert inv.used(node) == Request(sum(r.cpu for r in here), sum(r.memory for r in here))
         assert inv.count_on(node) == len(here)
+
+
+def test_a_zmachine_reading_a_secret_is_resynced_sooner(world: World, named: str) -> None:
+    """Secrets are not watched: one whose env reads a Secret is looked at again within about
+    SECRET_RESYNC_SECONDS (a changed value rolls out then); the others at the safety net."""
+    reads = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "t"}}}]
+    plain = world.create(f"{named}-plain")
+    secret = world.create(f"{named}-secret", env=reads)
+    worker = Worker(world.runtime(agents()))
+    try:
+        now = time.monotonic()
+        worker.observe(plain)
+        worker.observe(secret)
+        assert worker.due[secret["metadata"]["uid"]] - now <= SECRET_RESYNC_SECONDS * 1.5 + 1
+        assert worker.due[plain["metadata"]["uid"]] - now >= worker.resync_period * 0.5 - 1
+    finally:
+        world.cleanup(f"{named}-plain")
+        world.cleanup(f"{named}-secret")
