@@ -49,6 +49,7 @@ class AgentConfig:
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
     firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
     vmm_binary: Path | None = None  # run this instead of cloud-hypervisor from PATH
+    memory_capacity: int | None = None  # what the agent hands out; None: physical memory
     virtiofsd: Path | None = None  # the Rust virtiofsd; None: found on PATH
     wireguard_go: Path | None = None  # the private networks' overlay; None: found on PATH
     underlay_address: str = ""  # this node's address other nodes' overlays reach
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--hypervisor cloud-hypervisor; tests use a stand-in VMM here)",
     )
     p.add_argument(
+        "--memory-capacity",
+        type=int,
+        default=None,
+        help="bytes of guest memory the node hands out (default: its physical memory); "
+        "more than physical only with --vmm-binary, whose stand-in VMMs allocate none",
+    )
+    p.add_argument(
         "--virtiofsd",
         default=_env("virtiofsd"),
         help="the Rust virtiofsd (hack/build-virtiofsd.sh); default: 'virtiofsd' on PATH, "
@@ -176,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def parse_config(argv: Sequence[str]) -> AgentConfig:
     a = build_parser().parse_args(argv)
     try:
@@ -191,6 +203,13 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
             )
         if not os.access(vmm_binary, os.X_OK) or not vmm_binary.is_file():
             raise InvalidSpec(f"--vmm-binary {a.vmm_binary} is not an executable file")
+    if a.memory_capacity is not None and (
+        a.memory_capacity <= 0 or (a.memory_capacity > host_memory() and vmm_binary is None)
+    ):
+        raise InvalidSpec(
+            f"--memory-capacity {a.memory_capacity} must be positive and at most the host's "
+            f"{host_memory()} bytes (more only with a stand-in --vmm-binary)"
+        )
     tls: ServerTLS | None = None
     if a.insecure_dev:
         host = a.listen.rsplit(":", 1)[0].strip("[]")
@@ -225,6 +244,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
         firmware=Path(a.firmware).resolve() if a.firmware else None,
         vmm_binary=vmm_binary,
+        memory_capacity=a.memory_capacity,
         virtiofsd=Path(a.virtiofsd).resolve() if a.virtiofsd else None,
         wireguard_go=Path(a.wireguard_go).resolve() if a.wireguard_go else None,
         underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),

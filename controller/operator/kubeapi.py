@@ -83,17 +83,56 @@ class Kube:
             return None
         return get_object(found)
 
-    async def set_node(
-        self, namespace: str, name: str, resource_version: str, node: str | None
+    async def _patch(
+        self, what: str, namespace: str, name: str, body: dict[str, Any], status: bool
     ) -> dict[str, Any]:
-        """Write status.nodeName only if the object is still at `resource_version`."""
-        body = {"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": node}}
+        """A merge patch of a Zmachine (its status subresource with `status`); the object
+        as written."""
+        fn = (
+            self.custom.patch_namespaced_custom_object_status
+            if status
+            else self.custom.patch_namespaced_custom_object
+        )
         found = await self._call(
-            f"{'bind' if node else 'unbind'} zmachine {namespace}/{name}",
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, body,
-        )  # fmt: skip
+            f"{what} zmachine {namespace}/{name}", fn, GROUP, VERSION, namespace, PLURAL, name, body
+        )
         return get_object(found)
+
+    async def set_node(
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str,
+        node: str | None,
+        status: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write status.nodeName (and `status`, in the same write) only if the object is
+        still at `resource_version`."""
+        body = {
+            "metadata": {"resourceVersion": resource_version},
+            "status": {**(status or {}), "nodeName": node},
+        }
+        return await self._patch("bind" if node else "unbind", namespace, name, body, True)
+
+    async def set_finalizers(
+        self, namespace: str, name: str, resource_version: str, finalizers: list[str]
+    ) -> dict[str, Any]:
+        """Replace metadata.finalizers only if the object is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers}}
+        return await self._patch("set finalizers of", namespace, name, body, False)
+
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self._patch("patch status of", namespace, name, {"status": status}, True)
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        found = await self._call(
+            "list zmachinenodes", self.custom.list_cluster_custom_object, GROUP, VERSION,
+            NODE_PLURAL,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = get_object(found).get("items", [])
+        return items
 
     async def list_zmachines(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every Zmachine, or those of `namespace`."""

@@ -28,6 +28,19 @@ TIME_TO_RUNNING = Histogram(
     buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
 )
 
+WATCH_EVENTS = Counter(
+    "zmachine_agent_watch_events_total", "Messages received on node agents' event streams."
+)
+WATCH_RECONNECTS = Counter(
+    "zmachine_agent_watch_reconnects_total", "Node agent event streams opened again."
+)
+KICKS = Counter(
+    "zmachine_reconcile_triggers_total",
+    "Reconciliations asked for, by cause (change, agent, capacity, resync).",
+    ["cause"],
+)
+STATUS_WRITES = Counter("zmachine_status_writes_total", "Status patches of Zmachines.")
+
 
 class PhaseCollector(Collector):
     """Zmachines by phase, from the controller's view of every object it watches."""

@@ -182,6 +182,7 @@ async def run_converge(rt: Runtime, body: dict[str, Any]) -> StatusWriter:
     )
     out.generation = int(body["metadata"]["generation"])
     await converge(rt, Target.of(body["metadata"]), body["spec"], out)
+    out.flush()
     return out
 
 

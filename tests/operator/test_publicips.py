@@ -12,14 +12,13 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
-import kopf
 import pytest
 import yaml
 from kopf._core.engines import posting
 
-from controller.operator import handlers
+from controller.operator.worker import Worker
 from tests.operator.doubles import World, agents, run_converge
 
 PUBLIC = {"publicIP": True}
@@ -59,13 +58,12 @@ def _status(world: World, pool: str) -> dict[str, Any]:
     return dict(found.get("status") or {})
 
 
-async def _on_delete(rt: Any, body: dict[str, Any]) -> None:
+async def _delete(rt: Any, body: dict[str, Any]) -> None:
+    """The controller's own deletion path: its worker sees the deleted object."""
     posting.event_queue_loop_var.set(asyncio.get_running_loop())
-    on_delete: Any = handlers.on_delete  # kopf's decorator hides the plain signature
-    await on_delete(
-        memo=kopf.Memo(runtime=rt), status=body.get("status") or {}, meta=body["metadata"],
-        body=kopf.Body(cast(kopf.RawBody, body)), patch=kopf.Patch(),
-    )  # fmt: skip
+    worker = Worker(rt)
+    worker.observe(body)
+    await worker.reconcile(body["metadata"]["uid"])
 
 
 def _public_node(world: World) -> Any:
@@ -114,10 +112,10 @@ def test_an_address_per_zmachine_on_a_public_node_then_none(
         asyncio.run(run_converge(rt, world.body("pub-first")))
         assert len(_status(world, pool)["allocations"]) == 1
 
-        # Deleting the holder (the real delete handler) returns the address...
+        # Deleting the holder (the controller's worker) returns the address...
         world.delete("pub-first")
         body = world.body("pub-first")
-        asyncio.run(_on_delete(rt, body))
+        asyncio.run(_delete(rt, body))
         assert first["metadata"]["uid"] in fleet.by_address["node-a"].deletes
         assert _status(world, pool) == {"allocations": [], "free": 1}
         # ...and the waiting one gets it.

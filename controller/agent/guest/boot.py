@@ -317,6 +317,11 @@ class HostBoot:
                 await asyncio.wait_for(asyncio.shield(task), WATCH_DRAIN_SECONDS)
             except TimeoutError:
                 task.cancel()
+            except asyncio.CancelledError:
+                # A watch that ended cancelled is over; it must not cancel this caller (a
+                # Delete would answer CANCELLED). Only our own cancellation goes on.
+                if not task.cancelled():
+                    raise
         if forget and (stream := self.consoles.pop(rec.ref.uid, None)) is not None:
             stream.close()
 

@@ -143,6 +143,12 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_FAILED: _EventType.ValueType  # 8
     EVENT_TYPE_DELETED: _EventType.ValueType  # 9
     EVENT_TYPE_ADOPTED: _EventType.ValueType  # 10
+    EVENT_TYPE_BOOTED: _EventType.ValueType  # 11
+    """the guest handed over to its entrypoint (boot_duration set)"""
+    EVENT_TYPE_WATCHING: _EventType.ValueType  # 12
+    """First message of every WatchEvents stream, sent once the subscription is in place:
+    a List made after it misses nothing.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -156,6 +162,12 @@ EVENT_TYPE_RESUMED: EventType.ValueType  # 7
 EVENT_TYPE_FAILED: EventType.ValueType  # 8
 EVENT_TYPE_DELETED: EventType.ValueType  # 9
 EVENT_TYPE_ADOPTED: EventType.ValueType  # 10
+EVENT_TYPE_BOOTED: EventType.ValueType  # 11
+"""the guest handed over to its entrypoint (boot_duration set)"""
+EVENT_TYPE_WATCHING: EventType.ValueType  # 12
+"""First message of every WatchEvents stream, sent once the subscription is in place:
+a List made after it misses nothing.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -686,6 +698,7 @@ class Event(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     generation: _builtins.int
     state: Global___MachineState.ValueType
@@ -695,6 +708,12 @@ class Event(_message.Message):
     def ref(self) -> Global___ZmachineRef: ...
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def machine(self) -> Global___Machine:
+        """The machine as it is when the event is sent (unset for DELETED and WATCHING), so
+        that a watcher needs no Get for it.
+        """
+
     def __init__(
         self,
         *,
@@ -705,10 +724,11 @@ class Event(_message.Message):
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        machine: Global___Machine | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "ref", b"ref", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "message", b"message", "reason", b"reason", "ref", b"ref", "state", b"state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "machine", b"machine", "message", b"message", "reason", b"reason", "ref", b"ref", "state", b"state", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
