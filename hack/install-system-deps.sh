@@ -15,6 +15,7 @@ packages=(
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
   libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
+  prometheus                             # promtool: the chart's alert rules and their unit tests
 )
 missing=()
 for p in "${packages[@]}"; do

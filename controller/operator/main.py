@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         delete_timeout=args.delete_timeout,
         node_lost_timeout=args.node_lost_timeout,
     )
+    metrics.NODES.inventory = runtime.inventory
     monitor = NodeMonitor(runtime, namespaces=args.namespace, orphan_grace=args.orphan_grace)
     assert handlers.FINALIZER  # the import registers the handlers with kopf
     kopf.run(
