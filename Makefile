@@ -58,10 +58,16 @@ bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
 run: $(STAMP) kube-assets virtiofsd ## local control plane, CRDs, agent, controller, examples/
 	@$(BIN)/python -m hack.devenv up
 
+cluster: $(STAMP) kube-assets ## a real one-node cluster (kubelet, containerd, Prometheus) in netns zmcluster
+	@$(BIN)/python -m hack.cluster up
+
+cluster-down: ## remove everything `make cluster` made
+	@test -x $(BIN)/python && $(BIN)/python -m hack.cluster down || true
+
 down: ## stop everything `make run` started
 	@test -x $(BIN)/python && $(BIN)/python -m hack.devenv down || true
 
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm virtiofsd generate lint test bench run down cluster cluster-down clean

@@ -15,7 +15,10 @@ packages=(
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
   libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
-  prometheus                             # promtool: the chart's alert rules and their unit tests
+  prometheus                             # promtool (alert rules and their tests); the cluster's Prometheus
+  containerd runc containernetworking-plugins  # `make cluster`: the node's runtime and pod network
+  iptables conntrack curl                # `make cluster`: kube-proxy's rules; readiness probes
+  buildah debootstrap                    # hack/build-images.sh: the images, on a local Debian base
 )
 missing=()
 for p in "${packages[@]}"; do
