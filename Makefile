@@ -52,6 +52,9 @@ test: $(STAMP) kube-assets helm virtiofsd lint ## the whole test suite (what CI 
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	  exit $$rc
 
+test-cluster: $(STAMP) kube-assets helm virtiofsd ## the chart on a real one-node cluster (CI runs it after `make test`)
+	@$(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
 bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python -m tests.bench
 
@@ -70,4 +73,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd generate lint test bench run down cluster cluster-down clean
+.PHONY: help venv lock kube-assets helm virtiofsd generate lint test bench run down cluster cluster-down test-cluster clean

@@ -38,8 +38,9 @@ SERVICE_CIDR = "10.233.0.0/24"
 SERVICE_IP = "10.233.0.1"  # the first address of SERVICE_CIDR: the `kubernetes` Service
 API_PORT = 6443
 PROMETHEUS = "127.0.0.1:9090"  # inside the namespace
-STATE = Path("/var/lib/zmcluster")  # shared mount: the agent's Bidirectional mounts need it
+STATE = Path("/var/lib/zmcluster")
 RUN = Path("/run/zmcluster")
+MNTNS = Path("/run/zmcluster-ns/mnt")  # the node's mount namespace, pinned by a bind mount
 LOGS = STATE / "logs"
 PKI = STATE / "pki"
 AGENT_STATE = STATE / "agent"  # the chart's agent.stateDir on this node
@@ -79,9 +80,9 @@ def say(message: str) -> None:
 
 
 def in_netns(*argv: str) -> list[str]:
-    # nsenter, not `ip netns exec`: that one also makes a mount namespace with a fresh /sys,
-    # which hides the cgroup mounts from the kubelet and the node's mounts from the host.
-    return ["nsenter", f"--net=/run/netns/{NETNS}", *argv]
+    """argv run on the node: in its network and mount namespaces (nsenter, not `ip netns
+    exec`, whose fresh /sys would hide the cgroup mounts from the kubelet)."""
+    return ["nsenter", f"--net=/run/netns/{NETNS}", f"--mount={MNTNS}", *argv]
 
 
 def run(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -143,35 +144,46 @@ def make_netns() -> None:
         run(*in_netns("sysctl", "-qw", key))
 
 
-def make_shared_state() -> None:
-    """STATE as a shared mount of its own: the agent's hostPath with Bidirectional
-    propagation must be shared, and nothing outside STATE changes propagation."""
-    for path in (STATE, RUN):
+def make_mount_ns() -> None:
+    """The node's own mount namespace, with / shared as on a systemd host: the agent's
+    Bidirectional and HostToContainer mounts (its state dir, /run, /run/netns) need shared
+    or slave propagation there, and nothing the node mounts reaches the host's table."""
+    for path in (STATE, RUN, MNTNS.parent):
         path.mkdir(parents=True, exist_ok=True)
-    if str(STATE) not in _mountpoints():
-        run("mount", "--bind", str(STATE), str(STATE))
-    run("mount", "--make-rshared", str(STATE))
+    # A namespace file must sit on a private mount (else it would propagate into itself).
+    run("mount", "--bind", str(MNTNS.parent), str(MNTNS.parent))
+    run("mount", "--make-private", str(MNTNS.parent))
+    MNTNS.touch()
+    run("unshare", f"--mount={MNTNS}", "--propagation=private", "true")
+    run("nsenter", f"--mount={MNTNS}", "mount", "--make-rshared", "/")
 
 
-def _mountpoints() -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            points.append(point)
-    return points
+def mountpoints() -> list[str]:
+    """Mount points in the node's mount namespace (none once it is gone)."""
+    if not MNTNS.exists():
+        return []
+    out = run("nsenter", f"--mount={MNTNS}", "cat", "/proc/self/mountinfo", check=False)
+    return [line.split()[4].replace("\\040", " ") for line in out.splitlines()]
 
 
 def unmount_all() -> None:
-    """Every mount under STATE and RUN, deepest first: pod volumes, container root
-    filesystems, pod network namespaces, the agent's FUSE/overlay/loop mounts."""
+    """Every mount the node made, deepest first (pod volumes, container root filesystems,
+    pod network namespaces, the agent's FUSE/overlay/loop mounts), then the namespace."""
     for _ in range(3):
-        ours = [p for p in _mountpoints() if _under(p, STATE) or _under(p, RUN)]
+        ours = [p for p in mountpoints() if _under(p, STATE) or _under(p, RUN)]
         if not ours:
-            return
+            break
         for point in sorted(set(ours), key=lambda p: p.count("/"), reverse=True):
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True)
+            umount = ["nsenter", f"--mount={MNTNS}", "umount"]
+            if subprocess.run([*umount, point], capture_output=True).returncode != 0:
+                subprocess.run([*umount, "-l", point], capture_output=True)
+    for path in (MNTNS, MNTNS.parent):
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def _host_mountpoints() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
 
 
 def _under(path: str, root: Path) -> bool:
@@ -516,7 +528,7 @@ def up() -> int:
         return 0
     say("building or finding the binaries and images (cached after the first run)")
     bins = Binaries.build()
-    make_shared_state()
+    make_mount_ns()
     make_netns()
     make_pki()
     kubeconfig("admin")
@@ -568,9 +580,14 @@ def down() -> int:
     detach_loops()
     if netns_exists():
         run("ip", "netns", "del", NETNS, check=False)
-    for path in (STATE, RUN):
-        shutil.rmtree(path, ignore_errors=True)
-    left = [p for p in _mountpoints() if _under(p, STATE) or _under(p, RUN)]
+    left = [
+        p
+        for p in _host_mountpoints()
+        if _under(p, STATE) or _under(p, RUN) or _under(p, MNTNS.parent)
+    ]
+    if not left:
+        for path in (STATE, RUN, MNTNS.parent):
+            shutil.rmtree(path, ignore_errors=True)
     if left or netns_exists():
         say(f"could not remove: {left or NETNS}; run `make cluster-down` again")
         return 1

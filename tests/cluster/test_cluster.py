@@ -27,7 +27,7 @@ from hack.controlplane import kube_assets
 from tests.charts.helm import CHART, REPO, Helm, build_helm
 from tests.charts.test_dashboard import dashboard, queries
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 T = TypeVar("T")
 RELEASE, NS = "zmachine", "zmachine-system"
@@ -126,8 +126,9 @@ def _assert_nothing_left_on_the_host() -> None:
         not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     )
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(node.STATE) not in mounts and str(node.RUN) not in mounts
-    assert not node.STATE.exists()
+    for path in (node.STATE, node.RUN, node.MNTNS.parent):
+        assert str(path) not in mounts
+        assert not path.exists()
 
 
 def _set(*pairs: str) -> list[str]:
@@ -151,11 +152,8 @@ def _vmm_pids() -> list[int]:
 
 
 def _agent_mounts() -> list[str]:
-    return [
-        line.split()[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split()[4].startswith(f"{node.AGENT_STATE}/")
-    ]
+    """FUSE, overlay and loop mounts under the agent's state dir, in the node's mounts."""
+    return [p for p in node.mountpoints() if p.startswith(f"{node.AGENT_STATE}/")]
 
 
 def _taps() -> list[str]:
