@@ -353,6 +353,7 @@ def kubelet_config() -> Path:
         "failCgroupV1": False,
         "failSwapOn": False,
         "readOnlyPort": 0,
+        "podLogsDir": str(STATE / "pod-logs"),  # not the host's /var/log/pods
         "clusterDomain": "cluster.local",
         "resolvConf": "/etc/resolv.conf",
         # A machine shared with other work: evict on real shortage only.
@@ -572,6 +573,8 @@ def _import_images(bins: Binaries) -> None:
 
 def down() -> int:
     """Stops everything and removes every trace, even when components died half-way."""
+    if netns_exists():
+        _kill_netns_processes("kubelet")  # first, or it restarts what is stopped next
     if CONTAINERD_SOCK.exists():
         _stop_containers()
     if netns_exists():
@@ -610,19 +613,28 @@ def _stop_containers() -> None:
             time.sleep(0.5)
 
 
-def _kill_netns_processes() -> None:
+def _kill_netns_processes(only: str | None = None) -> None:
     """Every process in the cluster's namespace is the cluster's: components, shims, and
-    what host-network pods run (the agent and its VMMs)."""
+    what host-network pods run (the agent and its VMMs); `only`: those of that name."""
+
+    def pids() -> list[int]:
+        found = [int(p) for p in run("ip", "netns", "pids", NETNS, check=False).split()]
+        return [p for p in found if only is None or _comm(p) == only]
+
     for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-        pids = [int(p) for p in run("ip", "netns", "pids", NETNS, check=False).split()]
-        for pid in pids:
+        for pid in pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while (
-            time.monotonic() < deadline and run("ip", "netns", "pids", NETNS, check=False).split()
-        ):
+        while time.monotonic() < deadline and pids():
             time.sleep(0.2)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def main() -> int:
