@@ -68,6 +68,7 @@ ORDER = [
     "kubelet",
     "kube-proxy",
     "prometheus",
+    "discovery",
 ]
 
 
@@ -372,41 +373,55 @@ def kubelet_config() -> Path:
     return path
 
 
+TARGETS = STATE / "prometheus-targets.json"
+
+
 def prometheus_config() -> Path:
     path = STATE / "prometheus.yml"
-    sd = {"role": "endpoints", "kubeconfig_file": str(kubeconfig("prometheus"))}
     config = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
             {
-                # The chart's two metrics Services (controller, headless agent), by their
-                # labels and port name, as a cluster's Prometheus without the operator would.
+                # Debian builds Prometheus without kubernetes_sd_configs (no client-go in
+                # Debian): `discover` below writes the chart's metrics endpoints to a file.
                 "job_name": "zmachine-operator",
                 "honor_labels": True,  # the agents' namespace/name labels are the Zmachine's
-                "kubernetes_sd_configs": [sd],
-                "relabel_configs": [
-                    {
-                        "source_labels": [
-                            "__meta_kubernetes_service_label_app_kubernetes_io_name",
-                            "__meta_kubernetes_endpoint_port_name",
-                        ],
-                        "regex": "zmachine-operator;metrics",
-                        "action": "keep",
-                    },
-                    {
-                        "source_labels": [
-                            "__meta_kubernetes_service_label_app_kubernetes_io_component"
-                        ],
-                        "target_label": "component",
-                    },
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
+                "file_sd_configs": [{"files": [str(TARGETS)], "refresh_interval": "5s"}],
             }
         ],
     }
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def discover(kubectl_bin: str, interval: float = 5.0) -> None:
+    """Prometheus' service discovery for this node: the endpoints of every Service labelled
+    app.kubernetes.io/name=zmachine-operator, port `metrics`, read under Prometheus' own
+    identity, written as file_sd targets labelled with the component and the pod."""
+    argv = [kubectl_bin, f"--kubeconfig={STATE / 'prometheus.kubeconfig'}", "get", "-o", "json"]
+    while True:
+        groups = []
+        services = run(*argv, "services", "-A", "-l", "app.kubernetes.io/name=zmachine-operator",
+                       check=False)  # fmt: skip
+        for svc in json.loads(services or '{"items": []}')["items"]:
+            meta = svc["metadata"]
+            slices = run(*argv, "endpointslices", "-n", meta["namespace"], "-l",
+                         f"kubernetes.io/service-name={meta['name']}", check=False)  # fmt: skip
+            for eps in json.loads(slices or '{"items": []}')["items"]:
+                ports = [p["port"] for p in eps.get("ports") or [] if p.get("name") == "metrics"]
+                for ep, port in ((e, p) for e in eps.get("endpoints") or [] for p in ports):
+                    labels = {
+                        "component": meta["labels"].get("app.kubernetes.io/component", ""),
+                        "pod": (ep.get("targetRef") or {}).get("name", ""),
+                    }
+                    groups += [
+                        {"targets": [f"{a}:{port}"], "labels": labels} for a in ep["addresses"]
+                    ]
+        tmp = TARGETS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(TARGETS)
+        time.sleep(interval)
 
 
 PROMETHEUS_RBAC = """apiVersion: rbac.authorization.k8s.io/v1
@@ -488,6 +503,7 @@ def argv_of(name: str, bins: Binaries) -> list[str]:
             "--proxy-mode=iptables", "--conntrack-max-per-core=0",
             "--metrics-bind-address=127.0.0.1:10249",
         ],
+        "discovery": [sys.executable, "-m", "hack.cluster", "discover"],
         "prometheus": [
             "prometheus", f"--config.file={prometheus_config()}",
             f"--storage.tsdb.path={STATE / 'prometheus'}",
@@ -500,8 +516,9 @@ def spawn(name: str, argv: list[str]) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     with (LOGS / f"{name}.log").open("ab") as log:
         subprocess.Popen(
-            in_netns(*argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            in_netns(*argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=HACK.parent,
+        )  # fmt: skip
 
 
 def wait_for(what: str, check: object, timeout: float, log: str) -> None:
@@ -639,8 +656,10 @@ def _comm(pid: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", "discover"])
     args = parser.parse_args()
+    if args.action == "discover":
+        discover(str(kube_assets() / "kubectl"))
     try:
         return up() if args.action == "up" else down()
     except ClusterError as exc:
