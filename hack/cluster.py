@@ -83,7 +83,15 @@ def say(message: str) -> None:
 def in_netns(*argv: str) -> list[str]:
     """argv run on the node: in its network and mount namespaces (nsenter, not `ip netns
     exec`, whose fresh /sys would hide the cgroup mounts from the kubelet)."""
-    return ["nsenter", f"--net=/run/netns/{NETNS}", f"--mount={MNTNS}", *argv]
+    # --wd: entering a mount namespace resets the working directory to its root; `python -m
+    # hack.cluster discover` runs from the repository.
+    return [
+        "nsenter",
+        f"--net=/run/netns/{NETNS}",
+        f"--mount={MNTNS}",
+        f"--wd={HACK.parent}",
+        *argv,
+    ]
 
 
 def run(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -516,9 +524,8 @@ def spawn(name: str, argv: list[str]) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     with (LOGS / f"{name}.log").open("ab") as log:
         subprocess.Popen(
-            in_netns(*argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=HACK.parent,
-        )  # fmt: skip
+            in_netns(*argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_for(what: str, check: object, timeout: float, log: str) -> None:
