@@ -12,6 +12,7 @@ import json
 import math
 import re
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -293,6 +294,13 @@ def test_alert_rules_are_loaded_and_quiet_on_a_healthy_node(cluster_node: Node) 
 def test_no_component_was_refused_by_rbac(cluster_node: Node) -> None:
     """Any permission the chart forgot shows as a 403 in the controller's or the agent's log
     (the finalizer a kopf timer once put on ZmachineNodes, without `patch`, did)."""
+    # The controller has handled the node (its monitor publishes what is placed there) and
+    # had a few seconds to log what it was refused doing so.
+    wait_for(
+        "the controller to publish the node's usage",
+        lambda: "machines" in ((cluster_node.get("zmn", node.NODE, "") or {}).get("status") or {}),
+    )
+    time.sleep(10)
     for component in ("controller", "agent"):
         text = cluster_node.logs(component)
         refused = [line for line in text.splitlines() if re.search(r"forbidden|403", line, re.I)]
