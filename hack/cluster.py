@@ -386,6 +386,7 @@ TARGETS = STATE / "prometheus-targets.json"
 
 def prometheus_config() -> Path:
     path = STATE / "prometheus.yml"
+    kubeconfig("prometheus")  # the identity `discover` reads the endpoints with
     config = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": [str(RULES)],
