@@ -35,6 +35,15 @@ helm: ## build helm from its Go module (cached)
 virtiofsd: ## build the Rust virtiofsd from crates.io (cached)
 	@bash hack/build-virtiofsd.sh >/dev/null
 
+console-assets: ## copy xterm.js (pinned by package-lock.json) into the console package (cached)
+	@bash hack/build-console-assets.sh >/dev/null
+
+wireguard-go: ## build wireguard-go, the private networks' overlay, from its Go module (cached)
+	@bash hack/build-wireguard-go.sh >/dev/null
+
+versitygw: ## build versitygw, the S3 server the s3:// store tests use (cached)
+	@bash hack/build-versitygw.sh >/dev/null
+
 generate: $(STAMP) ## regenerate the CRDs and the gRPC code from their sources
 	@$(BIN)/python -m controller.api.crdgen --out crds
 	@bash hack/sync-chart-crds.sh
@@ -46,7 +55,7 @@ lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
 	$(BIN)/mypy
 	$(BIN)/python -m controller.api.crdgen --out crds --check
 
-test: $(STAMP) kube-assets helm virtiofsd lint ## the whole test suite (what CI runs)
+test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw lint ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
@@ -58,7 +67,7 @@ test-cluster: $(STAMP) kube-assets helm virtiofsd ## the chart on a real one-nod
 bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python -m tests.bench
 
-run: $(STAMP) kube-assets virtiofsd ## local control plane, CRDs, agent, controller, examples/
+run: $(STAMP) kube-assets virtiofsd console-assets wireguard-go ## local control plane, CRDs, agent, controller, examples/
 	@$(BIN)/python -m hack.devenv up
 
 cluster: $(STAMP) kube-assets ## a real one-node cluster (kubelet, containerd, Prometheus) in netns zmcluster
@@ -73,4 +82,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd generate lint test bench run down cluster cluster-down test-cluster clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw generate lint test bench run down cluster cluster-down test-cluster clean

@@ -17,6 +17,7 @@ log() { echo "[images] $*" >&2; }
 tag="$(awk '/^appVersion:/ {gsub(/"/, "", $2); print $2}' "$repo/charts/zmachine-operator/Chart.yaml")"
 base="localhost/zmachine-base:${DEBIAN_SUITE}"
 rust="localhost/zmachine-virtiofsd-prebuilt:${VIRTIOFSD_VERSION}"
+go="localhost/zmachine-wireguard-go-prebuilt:${WIREGUARD_GO_VERSION}"
 # chroot isolation: RUN steps need no OCI runtime or network setup of buildah's own, and
 # reach Debian and PyPI through the host's network like any build.
 export BUILDAH_ISOLATION=chroot
@@ -48,13 +49,20 @@ SOURCES
   buildah commit --quiet --rm "$ctr" "$base" >/dev/null
 fi
 
-if ! have_image "$rust"; then
-  virtiofsd="$(bash "$here/build-virtiofsd.sh")"
-  log "base + virtiofsd ${VIRTIOFSD_VERSION} from the host's cache as $rust"
+# A stage image for the Dockerfiles' toolchain stages: the base with the binary that the
+# stage's hack/build-*.sh (same script, same pin) built on the host already in the stage's
+# cache directory, so the stage only prints its path: no toolchain, no download.
+prebuilt() { # image, build script, the binary's path in the stage's cache
+  have_image "$1" && return
+  local binary ctr
+  binary="$(bash "$here/$2")"
+  log "base + $(basename "$3") from the host's cache as $1"
   ctr="$(buildah from "$base")"
-  buildah copy --quiet "$ctr" "$virtiofsd" "/tmp/virtiofsd/virtiofsd-${VIRTIOFSD_VERSION}/virtiofsd" >/dev/null
-  buildah commit --quiet --rm "$ctr" "$rust" >/dev/null
-fi
+  buildah copy --quiet "$ctr" "$binary" "$3" >/dev/null
+  buildah commit --quiet --rm "$ctr" "$1" >/dev/null
+}
+prebuilt "$rust" build-virtiofsd.sh "/tmp/virtiofsd/virtiofsd-${VIRTIOFSD_VERSION}/virtiofsd"
+prebuilt "$go" build-wireguard-go.sh "/tmp/wireguard/wireguard-go-${WIREGUARD_GO_VERSION}/wireguard-go"
 
 # The pod sandbox image of the node's containerd: Kubernetes' own pause.c from the pinned
 # module, static, alone in an image (what registry.k8s.io/pause is).
@@ -94,7 +102,7 @@ for component in controller agent; do
   image="zmachine-operator/zmachine-${component}:${tag}"
   log "building $image from Dockerfile.${component}"
   buildah bud --layers --pull-never --quiet "${trust[@]}" \
-    --build-arg "BASE_IMAGE=$base" --build-arg "RUST_IMAGE=$rust" \
+    --build-arg "BASE_IMAGE=$base" --build-arg "RUST_IMAGE=$rust" --build-arg "GO_IMAGE=$go" \
     -f "$repo/Dockerfile.${component}" -t "localhost/$image" "$repo" >&2
   # docker.io/..., the name containerd and the kubelet give the chart's image reference.
   export_archive "localhost/$image" "docker.io/$image" "$out/zmachine-${component}.tar"

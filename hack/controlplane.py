@@ -56,6 +56,11 @@ def virtiofsd_path() -> Path:
     return _built_by("build-virtiofsd.sh", timeout=1800)
 
 
+def wireguard_go_path() -> Path:
+    """wireguard-go pinned in hack/versions.env, built (cached) by hack/build-wireguard-go.sh."""
+    return _built_by("build-wireguard-go.sh", timeout=900)
+
+
 def _built_by(script: str, timeout: float) -> Path:
     """The path a hack/ build script prints last (its cached output)."""
     result = subprocess.run(
@@ -78,6 +83,9 @@ _NEW_EC_KEY = ("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
+
+# The name of kube-apiserver's front-proxy client certificate (--requestheader-allowed-names).
+FRONT_PROXY_CLIENT = "front-proxy-client"
 
 # Every write (with who made it and when) at Metadata level; reads are not logged.
 _AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
@@ -158,15 +166,34 @@ class ControlPlane:
                 # Addresses are bookkeeping only: nothing here routes to this range.
                 "--service-cluster-ip-range=10.96.0.0/24",
                 "--authorization-mode=RBAC",
+                # A request without credentials is 401, not a user named system:anonymous
+                # (the console tests check that a missing token is refused as such).
+                "--anonymous-auth=false",
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--v=1",
+                *self._aggregation_flags(),
                 *self._audit_flags(),
             ],
         )
         self._write_kubeconfig(self.kubeconfig, "admin", ["system:masters"])
         self._wait_ready(timeout)
         log.info("control plane ready", url=self.url, kubeconfig=str(self.kubeconfig))
+
+    def _aggregation_flags(self) -> list[str]:
+        """The aggregation layer: kube-apiserver proxies aggregated APIs (the console's)
+        with its front-proxy client certificate and names the user in these headers;
+        extension servers read all of it from kube-system/extension-apiserver-authentication."""
+        pki = self.pki
+        return [
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+        ]
 
     def _audit_flags(self) -> list[str]:
         if not self.audit:
@@ -229,6 +256,35 @@ class ControlPlane:
         self._write_kubeconfig(path, user, groups)
         return path
 
+    def token_kubeconfig(self, path: Path, token: str | None) -> Path:
+        """A kubeconfig that sends ``token`` as a bearer token (none: no credentials)."""
+        user: dict[str, Any] = {"token": token} if token else {}
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "local",
+                            "cluster": {
+                                "server": self.url,
+                                "certificate-authority": str(
+                                    self.workdir / "serving" / "apiserver.crt"
+                                ),
+                            },
+                        }
+                    ],
+                    "users": [{"name": "user", "user": user}],
+                    "contexts": [
+                        {"name": "local", "context": {"cluster": "local", "user": "user"}}
+                    ],
+                    "current-context": "local",
+                }
+            )
+        )
+        return path
+
     def kubectl(
         self,
         *args: str,
@@ -263,13 +319,23 @@ class ControlPlane:
 
     def _make_pki(self) -> None:
         pki = self.pki
-        if (pki / "ca.crt").exists():
-            return
         pki.mkdir(parents=True, exist_ok=True)
-        _openssl(*_NEW_EC_KEY, "ca.key", "-x509", "-out", "ca.crt", "-days", "365",
-                 "-subj", "/CN=zmachine-local-ca", cwd=pki)  # fmt: skip
-        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+        if not (pki / "ca.crt").exists():
+            _openssl(*_NEW_EC_KEY, "ca.key", "-x509", "-out", "ca.crt", "-days", "365",
+                     "-subj", "/CN=zmachine-local-ca", cwd=pki)  # fmt: skip
+            _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+            _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+        # Its own CA, as kubeadm does: a user certificate from the cluster CA must never
+        # pass for the front proxy (which may name any user).
+        if not (pki / "front-proxy-client.crt").exists():
+            _openssl(*_NEW_EC_KEY, "front-proxy-ca.key", "-x509", "-out", "front-proxy-ca.crt",
+                     "-days", "365", "-subj", "/CN=zmachine-local-front-proxy-ca",
+                     cwd=pki)  # fmt: skip
+            _openssl(*_NEW_EC_KEY, "front-proxy-client.key", "-out", "front-proxy-client.csr",
+                     "-subj", f"/CN={FRONT_PROXY_CLIENT}", cwd=pki)  # fmt: skip
+            _openssl("x509", "-req", "-in", "front-proxy-client.csr", "-CA", "front-proxy-ca.crt",
+                     "-CAkey", "front-proxy-ca.key", "-CAcreateserial",
+                     "-out", "front-proxy-client.crt", "-days", "365", cwd=pki)  # fmt: skip
 
     def _client_cert(self, user: str, groups: list[str]) -> tuple[Path, Path]:
         pki = self.pki

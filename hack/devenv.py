@@ -22,9 +22,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from controller.agent.runtime.procs import ProcessRef
-from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
+from hack.consoleapi import ConsoleServer
+from hack.controlplane import (
+    ControlPlane,
+    free_port,
+    guest_kernel_dir,
+    virtiofsd_path,
+    wireguard_go_path,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ZMACHINE_DEV_DIR") or REPO / ".cache").resolve()
@@ -44,6 +52,7 @@ MARKERS = {
     "kube-apiserver": "kube-apiserver",
     "agent": "controller.agent.main",
     "controller": "controller.operator.main",
+    "console": "controller.console.server",
 }
 
 
@@ -81,8 +90,9 @@ NETNS = os.environ.get("ZMACHINE_DEV_NETNS") or "zmrun"
 AGENT_STATE = CACHE / "agent"
 AGENT_FLAGS = CACHE / "agent-flags.json"
 AGENT_MAIN = [sys.executable, "-m", "controller.agent.main"]
-BRIDGE_CIDR = "10.234.0.1/24"
-AGENT_CIDR = "10.234.0.0/24"
+BRIDGE_CIDR = "10.235.0.1/24"
+AGENT_CIDR = "10.235.0.0/24"  # the agent's node-local bridge, unused by the examples
+NODE_NAME = "local"
 
 
 def example_flist(directory: Path = EXAMPLES) -> Path:
@@ -174,6 +184,14 @@ def up() -> int:
             sys.executable, "-m", "controller.operator.main", "--agent-tls-dir", str(pki),
             "--metrics-port", str(free_port()), "--health-port", str(free_port()),
         ], env)  # fmt: skip
+    if "console" not in alive:
+        say("starting the console server, an aggregated API (log: .cache/logs/console.log)")
+        console = ConsoleServer(ControlPlane(CACHE / "cluster"), CACHE, pki)
+        _spawn("console", console.argv(), env)
+        console.publish()
+    # `kubectl zmachine ...` finds the plugin next to kubectl.
+    (BIN / "kubectl-zmachine").unlink(missing_ok=True)
+    (BIN / "kubectl-zmachine").symlink_to(Path(sys.executable).parent / "kubectl-zmachine")
     say("applying examples/")
     subprocess.run([*kubectl, "apply", "-f", str(REPO / "examples")], check=True)
     return _wait_running(kubectl)
@@ -199,21 +217,48 @@ def _wait_running(kubectl: list[str]) -> int:
             for i in items
         }
         if items and all(ready.values()):
-            ips = {i["metadata"]["name"]: i["status"].get("ip") for i in items}
-            say("Running: " + ", ".join(f"{n} ({ips[n]})" for n in phases))
+            say("Running: " + ", ".join(phases))
+            for item in items:
+                say(f"  {item['metadata']['name']}: {_addresses(item['status'])}")
             print(f"""
 Next:
   export KUBECONFIG={KUBECONFIG} PATH={BIN}:$PATH
-  kubectl get zm              # phase, node, mode, IP
+  kubectl get zm -o wide      # phase, node, mode and every address
+  kubectl get zmnet           # networks: range, IPv6 prefix, machines
   kubectl describe zm hello   # conditions and events
-  cat .cache/agent/vms/*/console.log        # the serial console of the guests
-  ip netns exec {NETNS} busybox ping <IP>    # the guests' bridge lives in netns {NETNS}
+  kubectl zmachine console hello            # its serial console (leave with Ctrl-])
+  kubectl zmachine open hello --browser     # the same in a browser page
+  kubectl zmachine logs hello -f            # the serial log
+  {_router_hint(kubectl)}
   make down                   # delete the examples and stop everything
 """)
             return 0
         time.sleep(1)
     say("the examples are not Running yet; see kubectl describe zm and .cache/logs/")
     return 1
+
+
+ADDRESS_FIELDS = (
+    ("ip", "IPv4"), ("ipv6", "IPv6"), ("publicIP", "public"), ("planetaryIP", "planetary"),
+    ("myceliumIP", "mycelium"),
+)  # fmt: skip
+
+
+def _addresses(status: dict[str, Any]) -> str:
+    found = [f"{label} {status[key]}" for key, label in ADDRESS_FIELDS if status.get(key)]
+    return ", ".join(found) or "no address"
+
+
+def _router_hint(kubectl: list[str]) -> str:
+    """How to reach the example network's guests: from its router namespace on the node."""
+    from controller.agent.network.private import short_id
+
+    out = subprocess.run(
+        [*kubectl, "get", "zmnet", "zmnet", "-o", "jsonpath={.metadata.uid}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    router = f"zn-{short_id(NODE_NAME, out.stdout.strip())}"
+    return f"ip netns exec {router} busybox ping <IP>   # network zmnet's router on this node"
 
 
 def start_agent(guest: Path, flists: Path, pki: Path, env: dict[str, str]) -> str:
@@ -230,9 +275,9 @@ def start_agent(guest: Path, flists: Path, pki: Path, env: dict[str, str]) -> st
 def _agent_flags(address: str, guest: Path, flists: Path, pki: Path) -> list[str]:
     return [
         "--listen", address, "--state-dir", str(AGENT_STATE),
-        "--node-name", "local", "--bridge", "zmbr0", "--netns", NETNS,
+        "--node-name", NODE_NAME, "--bridge", "zmbr0", "--netns", NETNS,
         "--cidr", AGENT_CIDR, "--guest-kernel-dir", str(guest),
-        "--virtiofsd", str(virtiofsd_path()),
+        "--virtiofsd", str(virtiofsd_path()), "--wireguard-go", str(wireguard_go_path()),
         "--flist-dir", str(flists), "--metrics-port", str(free_port()),
         "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "server.crt"),
         "--tls-key", str(pki / "server.key"),

@@ -15,6 +15,9 @@ packages=(
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
   libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
+  nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
+  chromium                               # the console page's browser test (Playwright drives it)
+  nftables tcpdump                       # NAT of private networks; the overlay capture test
   prometheus                             # promtool (alert rules and their tests); the cluster's Prometheus
   containerd runc containernetworking-plugins  # `make cluster`: the node's runtime and pod network
   iptables conntrack curl                # `make cluster`: kube-proxy's rules; readiness probes
@@ -24,6 +27,8 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Debian ships npm apart from nodejs; other nodejs builds bundle it (and conflict with it).
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]} == 0)); then
   echo "[system-deps] all ${#packages[@]} Debian packages present" >&2
   exit 0

@@ -49,6 +49,8 @@ class AgentConfig:
     firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
     vmm_binary: Path | None = None  # run this instead of cloud-hypervisor from PATH
     virtiofsd: Path | None = None  # the Rust virtiofsd; None: found on PATH
+    wireguard_go: Path | None = None  # the private networks' overlay; None: found on PATH
+    underlay_address: str = ""  # this node's address other nodes' overlays reach
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -141,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("advertise-address"),
         help="host:port the controller dials (default: --listen)",
     )
+    p.add_argument(
+        "--wireguard-go",
+        default=_env("wireguard-go"),
+        help="wireguard-go binary for private networks across nodes (default: on PATH)",
+    )
+    p.add_argument(
+        "--underlay-address",
+        default=_env("underlay-address"),
+        help="IP other nodes reach this node's overlay at (default: --advertise-address's host)",
+    )
     p.add_argument("--lease-namespace", default=_env_str("lease-namespace", "zmachine-system"))
     p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
     p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
@@ -198,6 +210,8 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         firmware=Path(a.firmware).resolve() if a.firmware else None,
         vmm_binary=vmm_binary,
         virtiofsd=Path(a.virtiofsd).resolve() if a.virtiofsd else None,
+        wireguard_go=Path(a.wireguard_go).resolve() if a.wireguard_go else None,
+        underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,
@@ -208,3 +222,19 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
             crash_loop_limit=a.crash_loop_limit,
         ),
     )
+
+
+def _underlay(given: str | None, advertised: str) -> str:
+    """The given address, else the advertised host when it is a usable IP, else "" (the
+    node then serves no private network spanning nodes)."""
+    if given:
+        try:
+            ipaddress.ip_address(given)
+        except ValueError as exc:
+            raise InvalidSpec(f"--underlay-address {given!r} is not an IP address") from exc
+        return given
+    host = advertised.rsplit(":", 1)[0].strip("[]")
+    try:
+        return "" if ipaddress.ip_address(host).is_unspecified else host
+    except ValueError:
+        return ""

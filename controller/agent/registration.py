@@ -106,6 +106,8 @@ class Registrar:
             "hypervisorVersion": info.hypervisor_version,
             "hardwareAcceleration": info.hardware_acceleration,
             "agentVersion": info.agent_version,
+            "wireguardPublicKey": info.wireguard_public_key or None,
+            "underlayAddress": info.underlay_address or None,
             "labels": self._labels(),
             "conditions": set_condition(
                 existing, "Ready", True, "AgentReady", "agent answers and renews its Lease", None

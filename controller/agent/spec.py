@@ -66,8 +66,17 @@ class Mount:
 
 @dataclass(frozen=True)
 class Interface:
+    """A private interface. With a subnet it joins the network's bridge on this node
+    (network/private.py); without one, the agent's node-local bridge (network/local.py)."""
+
     network: str
     ip: str = ""
+    network_id: str = ""
+    ip_range: str = ""
+    subnet: str = ""
+    ipv6_subnet: str = ""
+    nat: bool = False
+    listen_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,10 +236,35 @@ def _validate_network(where: str, spec: MachineSpec) -> None:
             raise InvalidSpec(
                 f"{where}: spec.network.interfaces[{i}].network {nic.network!r} must be a DNS label"
             )
+        field = f"{where}: spec.network.interfaces[{i}]"
+        ip = None
         if nic.ip:
             try:
-                ipaddress.IPv4Address(nic.ip)
+                ip = ipaddress.IPv4Address(nic.ip)
             except ValueError as exc:
-                raise InvalidSpec(
-                    f"{where}: spec.network.interfaces[{i}].ip {nic.ip!r} is not IPv4"
-                ) from exc
+                raise InvalidSpec(f"{field}.ip {nic.ip!r} is not IPv4") from exc
+        if nic.subnet:
+            validate_private(field, nic, ip)
+
+
+def validate_private(field: str, nic: Interface, ip: ipaddress.IPv4Address | None) -> None:
+    """An interface on a ZmachineNetwork: its addresses fit together; `ip` is a guest's."""
+    try:
+        ip_range = ipaddress.IPv4Network(nic.ip_range)
+        subnet = ipaddress.IPv4Network(nic.subnet)
+        v6 = ipaddress.IPv6Network(nic.ipv6_subnet)
+    except ValueError as exc:
+        raise InvalidSpec(f"{field}: the network's addresses are malformed: {exc}") from exc
+    if subnet.prefixlen != 24 or not subnet.subnet_of(ip_range) or v6.prefixlen != 64:
+        raise InvalidSpec(
+            f"{field}: subnet {subnet} must be a /24 of {ip_range}, ipv6 subnet {v6} a /64"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", nic.network_id):
+        raise InvalidSpec(f"{field}: network id {nic.network_id!r} is malformed")
+    if not 1 <= nic.listen_port <= 65535:
+        raise InvalidSpec(f"{field}: listen port {nic.listen_port} is out of range")
+    if ip is not None and (ip not in subnet or ip == subnet.network_address + 1):
+        raise InvalidSpec(
+            f"{field}.ip {ip} is not a guest address of this node's subnet {subnet} "
+            "(its .1 is the gateway)"
+        )

@@ -186,16 +186,21 @@ class NetworkInterface(KubeModel):
             ),
         ),
     ]
-    """Name of the network the interface joins."""
+    """Name of a ZmachineNetwork in the Zmachine's namespace."""
     ip: Annotated[
         str | None,
         Field(
             json_schema_extra=validations(
-                rule("isIP(self) && ip(self).family() == 4", "ip must be a valid IPv4 address")
+                rule("isIP(self) && ip(self).family() == 4", "ip must be a valid IPv4 address"),
+                rule(
+                    "!(self.endsWith('.0') || self.endsWith('.1') || self.endsWith('.255'))",
+                    "ip must not end in .0, .1 (the node's gateway) or .255",
+                ),
             )
         ),
     ] = None
-    """IPv4 address of the interface; the node assigns one when empty."""
+    """IPv4 address of the interface, inside the subnet of the network on the machine's
+    node; assigned at deployment when empty."""
 
 
 class Mycelium(KubeModel):
@@ -368,9 +373,18 @@ class ZmachineStatus(KubeModel):
     boot_mode: BootMode | None = None
     """container, vm or image, detected from the flist."""
     ip: str | None = None
-    """Address of the private interface."""
-    console_url: str | None = None
-    """Web serial console."""
+    """IPv4 address of the private interface."""
+    ipv6: str | None = None
+    """IPv6 address of the private interface, derived from the IPv4 one."""
+    planetary_ip: Annotated[str | None, Field(alias="planetaryIP")] = None
+    """Yggdrasil address."""
+    mycelium_ip: Annotated[str | None, Field(alias="myceliumIP")] = None
+    """Mycelium address."""
+    public_ip: Annotated[str | None, Field(alias="publicIP")] = None
+    """Public IPv4 and/or IPv6 address."""
+    console_url: Annotated[str | None, Field(alias="consoleURL")] = None
+    """API path of the serial console (a websocket through the API server; `kubectl
+    zmachine console NAME` uses it)."""
     restart_count: int = 0
     """Times the node restarted the machine."""
     exit_code: int | None = None

@@ -50,6 +50,11 @@ class ZmachineNodeStatus(KubeModel):
     hardware_acceleration: bool = False
     """KVM is usable."""
     agent_version: str | None = None
+    wireguard_public_key: str | None = None
+    """The node's overlay key (base64); absent when the node cannot join private networks
+    (no wireguard-go, or no underlay address)."""
+    underlay_address: str | None = None
+    """Where other nodes reach this node's overlay."""
     labels: dict[str, str] = {}
     """Labels of the Kubernetes node, matched against spec.nodeSelector."""
     conditions: Conditions = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,51 +113,66 @@ class BlockCache:
         """Like :meth:`read` when every chunk needed is in memory (no I/O, no thread); else None.
 
         The kernel reads a chunk in several pieces, so most FUSE reads are answered here."""
-        end = min(size, offset + length)
-        if offset >= end:
-            return b""
-        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        parts = []
         with self._lock:
-            for index in range(first, last + 1):
-                data = self._memory.get(refs[index].id)
-                if data is None or len(data) != min(CHUNK_SIZE, size - index * CHUNK_SIZE):
-                    return None  # the slow path fetches it or reports the bad length
-                base = index * CHUNK_SIZE
-                parts.append(data[max(offset - base, 0) : end - base])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            return _assemble(refs, size, offset, length, self._memory.get)
 
     def read(
         self, refs: list[BlockRef], size: int, offset: int, length: int, path: str | None = None
     ) -> bytes:
-        """Bytes [offset, offset+length) of a file made of ``refs`` with total ``size``."""
+        """Bytes [offset, offset+length) of a file made of ``refs`` with total ``size``.
+
+        A file whose blocks do not cover its size (rfs never writes one, but it serves them)
+        reads short where its data ends: after its last block, or after a block shorter than a
+        full chunk. Blocks beyond the size are never read.
+        """
+        by_id = {ref.id: ref for ref in refs}
+        data = _assemble(
+            refs, size, offset, length, lambda block_id: self.get(by_id[block_id], path)
+        )
+        assert data is not None  # get() returns data or raises
         end = min(size, offset + length)
-        if offset >= end:
-            return b""
-        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        parts = []
-        for index in range(first, last + 1):
-            data = self.get(refs[index], path)
-            expected = min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-            if len(data) != expected:
-                raise BlockError(
-                    f"block {index} holds {len(data)} bytes, expected {expected}",
-                    flist=self.label,
-                    path=path,
-                )
-            base = index * CHUNK_SIZE
-            parts.append(data[max(offset - base, 0) : end - base])
-        if last + 1 < len(refs):
-            self.prefetch(refs[last + 1], path)
-        return b"".join(parts)
+        following = -(-end // CHUNK_SIZE)
+        whole = len(data) == end - offset  # else the data ended here: nothing follows
+        if whole and following < len(refs) and following * CHUNK_SIZE < size:
+            self.prefetch(refs[following], path)
+        return data
 
     def file_chunks(
         self, refs: list[BlockRef], size: int, path: str | None = None
     ) -> Iterator[bytes]:
-        """A whole file, chunk by chunk, each checked for its length (next one prefetched)."""
+        """A whole file, chunk by chunk (next one prefetched), up to where its data ends."""
         for index in range(len(refs)):
-            yield self.read(refs, size, index * CHUNK_SIZE, CHUNK_SIZE, path)
+            data = self.read(refs, size, index * CHUNK_SIZE, CHUNK_SIZE, path)
+            if data:
+                yield data
+            if len(data) < CHUNK_SIZE:
+                return
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self.router.close()
+
+
+def _assemble(
+    refs: list[BlockRef],
+    size: int,
+    offset: int,
+    length: int,
+    load: Callable[[bytes], bytes | None],
+) -> bytes | None:
+    """The bytes of [offset, offset+length) from the chunks ``load`` returns (None if it cannot)."""
+    end = min(size, offset + length)
+    if offset >= end:
+        return b""
+    parts = []
+    index = offset // CHUNK_SIZE
+    while index * CHUNK_SIZE < end and index < len(refs):
+        data = load(refs[index].id)
+        if data is None:
+            return None
+        base = index * CHUNK_SIZE
+        parts.append(data[max(offset - base, 0) : end - base])
+        if len(data) < CHUNK_SIZE:
+            break  # a short chunk is where the file's data ends
+        index += 1
+    return parts[0] if len(parts) == 1 else b"".join(parts)

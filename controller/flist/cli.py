@@ -1,4 +1,5 @@
-"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, fetch."""
+"""``zmachine-flist``: pack, inspect, ls, cat, unpack, mount, boot-mode, migrate-store, push,
+fetch."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controller.flist import bootmode, mount
+from controller.flist.archive import pack_source
 from controller.flist.cache import BlockCache
-from controller.flist.errors import FlistError
+from controller.flist.errors import FlistError, StoreError
 from controller.flist.fetch import fetch_flist
 from controller.flist.meta import Entry, Flist, open_flist
-from controller.flist.pack import pack
-from controller.flist.stores import Router
+from controller.flist.push import flist_name as _flist_name
+from controller.flist.push import push
+from controller.flist.stores import DirStore, Router, migrate_dir_store
 from controller.flist.unpack import unpack
 from controller.logs import configure_logging
 
@@ -31,7 +35,9 @@ def _cache(flist: Flist, args: argparse.Namespace) -> BlockCache:
 
 
 def _cmd_pack(args: argparse.Namespace) -> None:
-    stats = pack(args.dir, args.output, args.store, progress=not args.quiet)
+    stats, image = pack_source(args.source, args.output, args.store, progress=not args.quiet)
+    for key, value in sorted(image.tags().items()) if image else ():
+        print(f"tag: {key}={value}")
     print(
         f"{args.output}: {stats.files} files, {stats.dirs} dirs, {stats.symlinks} symlinks,"
         f" {stats.hardlinks} hard links, {stats.specials} special; {stats.bytes} bytes in"
@@ -137,6 +143,28 @@ def _cmd_boot_mode(args: argparse.Namespace) -> None:
             print(f"{name}: {value}")
 
 
+def _cmd_migrate_store(args: argparse.Namespace) -> None:
+    parts = urlsplit(args.store)
+    if parts.scheme != "dir":
+        raise StoreError("only dir:// stores have a layout to migrate", path=args.store)
+    stats = migrate_dir_store(DirStore(args.store).root)
+    print(
+        f"{args.store}: {stats.moved} blocks moved to the flat layout, {stats.duplicates}"
+        f" duplicates removed, {stats.skipped} other files left in place"
+    )
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    token = os.environ.get("ZMACHINE_HUB_TOKEN", "")
+    if args.token_file:
+        token = args.token_file.read_text().strip()
+    if not token:
+        raise FlistError("push needs --token-file or ZMACHINE_HUB_TOKEN", flist=args.hub)
+    name = args.name or _flist_name(args.file)
+    result = push(args.file, args.hub, name, token, progress=not args.quiet)
+    print(result["flist"])
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     print(fetch_flist(args.url, args.cache))
 
@@ -159,8 +187,12 @@ def _parser() -> argparse.ArgumentParser:
             help="[xx-yy=]URL; overrides the stores recorded in the flist",
         )
 
-    cmd = sub.add_parser("pack", help="pack a directory into an rfs v2 .fl")
-    cmd.add_argument("dir", type=Path)
+    cmd = sub.add_parser(
+        "pack",
+        help="pack a directory, a root filesystem tar (.tar, .tar.gz, .tar.zst) or a container"
+        " image (OCI layout directory or archive, docker save archive) into an rfs v2 .fl",
+    )
+    cmd.add_argument("source", type=Path)
     cmd.add_argument("-o", "--output", type=Path, required=True)
     cmd.add_argument("--store", "-s", action="append", required=True, help="[xx-yy=]URL")
     cmd.add_argument("--quiet", "-q", action="store_true", help="no progress line")
@@ -187,6 +219,18 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("boot-mode", help="container, vm or image (flist file or directory)")
     cmd.add_argument("source", type=Path)
     cmd.set_defaults(func=_cmd_boot_mode)
+    cmd = sub.add_parser(
+        "migrate-store", help="move a dir:// store's blocks to the flat layout rfs v2.0.6 reads"
+    )
+    cmd.add_argument("store", help="dir:///path")
+    cmd.set_defaults(func=_cmd_migrate_store)
+    cmd = sub.add_parser("push", help="upload a tar or image archive to a zmachine-hub")
+    cmd.add_argument("file", type=Path)
+    cmd.add_argument("--hub", required=True, help="the hub's URL, e.g. https://hub.example")
+    cmd.add_argument("--name", help="flist name (default: the file name without extensions)")
+    cmd.add_argument("--token-file", type=Path, help="bearer token (else $ZMACHINE_HUB_TOKEN)")
+    cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=_cmd_push)
     cmd = sub.add_parser("fetch", help="download and verify an flist into the cache")
     cmd.add_argument("url")
     cmd.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "flists")

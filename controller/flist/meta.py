@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 import stat
 import threading
@@ -12,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from controller.flist import pathres, v1
-from controller.flist.chunks import CHUNK_SIZE, V1_HASH_SIZE, V2_HASH_SIZE, BlockRef
+from controller.flist.chunks import V1_HASH_SIZE, V2_HASH_SIZE, BlockRef
 from controller.flist.errors import (
     FlistError,
     FlistFormatError,
@@ -33,6 +35,7 @@ FILE_TYPES = frozenset(
     | {stat.S_IFSOCK}
 )
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TIME_LIMIT = 1 << 33  # seconds, ~year 2242; keeps nanoseconds within int64
 _RANGES = (
     ("size", 0, MAX_FILE_SIZE),
@@ -84,6 +87,13 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    entrypoint: str  # one shell-quoted command line, as a Zmachine's entrypoint
+    env: dict[str, str]
+    workdir: str
+
+
+@dataclass(frozen=True)
 class Route:
     start: int
     end: int
@@ -114,6 +124,7 @@ class Flist:
         self.root = self._find_root()
         self.hardlinks: dict[int, int] = {}
         self.link_counts: dict[int, int] = {}
+        self.shadowed: set[int] = set()  # entries whose lossy name an earlier sibling took
 
     # -- low level ----------------------------------------------------------------------------
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -199,8 +210,12 @@ class Flist:
             raise FlistNameError(
                 f"invalid entry name {name!r}", flist=self.label, path=self.path_of(parent)
             )
+        # Names that were not UTF-8 are stored lossily (U+FFFD), as rfs does, so two of them can
+        # collide. rfs packs and mounts such trees and its lookup finds the first; so do we, and
+        # the later ones are hidden. Any other duplicate is a damaged or forged flist.
         dup = self.query(
-            "SELECT parent, name FROM inode GROUP BY parent, name HAVING COUNT(*) > 1 LIMIT 1"
+            "SELECT parent, name FROM inode WHERE instr(name, char(65533)) = 0"
+            " GROUP BY parent, name HAVING COUNT(*) > 1 LIMIT 1"
         )
         if dup:
             parent, name = dup[0]
@@ -209,6 +224,14 @@ class Flist:
                 flist=self.label,
                 path=self.path_of(parent),
             )
+        self.shadowed = {
+            int(row[0])
+            for row in self.query(
+                "SELECT ino FROM inode AS later WHERE instr(name, char(65533)) > 0 AND EXISTS"
+                " (SELECT 1 FROM inode AS first WHERE first.parent = later.parent"
+                " AND first.name = later.name AND first.ino < later.ino)"
+            )
+        }
         huge = self.query(
             "SELECT ino, size FROM inode WHERE typeof(size) != 'integer' OR size < 0 OR size > ?"
             " LIMIT 1",
@@ -259,12 +282,12 @@ class Flist:
         return "/" + "/".join(reversed(parts))
 
     def lookup(self, parent: int, name: str) -> Entry | None:
-        return self._one("inode.parent = ? AND inode.name = ?", (parent, name))
+        return self._one("inode.parent = ? AND inode.name = ? ORDER BY inode.ino", (parent, name))
 
     def children(self, ino: int) -> list[Entry]:
         rows = self.query(f"{_SELECT} WHERE inode.parent = ? ORDER BY inode.ino", (ino,))
         entries = [self._entry(row) for row in rows]
-        return [entry for entry in entries if entry.ino != entry.parent]
+        return [e for e in entries if e.ino != e.parent and e.ino not in self.shadowed]
 
     def walk(self) -> Iterator[tuple[str, Entry]]:
         """Every entry reachable from the root, depth first, as ("/path", entry)."""
@@ -314,8 +337,10 @@ class Flist:
 
     # -- data ---------------------------------------------------------------------------------
     def blocks(self, entry: Entry) -> list[BlockRef]:
-        """The ordered chunks of a regular file, checked against its size."""
-        path = self.path_of(entry.ino)
+        """The ordered chunks of a regular file.
+
+        Their count need not match the size: readers serve what the blocks hold, as rfs does.
+        """
         refs = []
         for block_id, key in self.query(
             "SELECT id, key FROM block WHERE ino = ? ORDER BY rowid", (entry.ino,)
@@ -328,16 +353,9 @@ class Flist:
                 raise FlistFormatError(
                     f"block row with id/key that are not {self.hash_size}-byte blobs",
                     flist=self.label,
-                    path=path,
+                    path=self.path_of(entry.ino),
                 )
             refs.append(BlockRef(block_id, key))
-        expected = -(-entry.size // CHUNK_SIZE)
-        if len(refs) != expected:
-            raise FlistFormatError(
-                f"file of {entry.size} bytes needs {expected} blocks, flist has {len(refs)}",
-                flist=self.label,
-                path=path,
-            )
         return refs
 
     def routes(self) -> list[Route]:
@@ -354,10 +372,28 @@ class Flist:
             return {}
         return {str(k): str(v) for k, v in self.query("SELECT key, value FROM tag")}
 
+    def run_settings(self) -> RunSettings:
+        """An image's entrypoint, env and working directory, from the tags ``pack`` writes for
+        container images (empty when absent; a malformed env tag counts as none)."""
+        tags = self.tags()
+        try:
+            env = json.loads(tags.get("env", "{}"))
+        except ValueError:
+            env = {}
+        if not isinstance(env, dict):
+            env = {}
+        return RunSettings(
+            tags.get("entrypoint", ""),
+            {str(k): str(v) for k, v in env.items() if _ENV_NAME.fullmatch(str(k))},
+            tags.get("workdir", ""),
+        )
+
     def store_specs(self) -> list[str]:
         """Store specs (``xx-yy=url``) this flist names for its blocks."""
         specs = [f"{r.start:02x}-{r.end:02x}={r.url}" for r in self.routes()]
-        return specs or list(self.backends)
+        if specs or self.version == 2:
+            return specs
+        return list(self.backends) or [v1.HUB_STORE]
 
     def count(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM inode")[0][0])

@@ -8,10 +8,11 @@ import stat
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -57,7 +58,11 @@ def _encode_and_store(router: Router, plain: bytes) -> tuple[BlockRef, int]:
     return ref, router.put(ref.id, stored)
 
 
-class _Packer:
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class Packer:
     def __init__(self, conn: sqlite3.Connection, router: Router, progress: bool) -> None:
         self.conn = conn
         self.router = router
@@ -69,19 +74,24 @@ class _Packer:
         self.last_report = self.stats.started  # first line after 0.5 s: short packs stay quiet
 
     def insert(self, parent: int, name: str, st: os.stat_result, size: int) -> int:
+        return self.insert_row(
+            parent,
+            name,
+            size,
+            (st.st_uid, st.st_gid, st.st_mode, st.st_rdev),
+            (_seconds(st.st_ctime_ns), _seconds(st.st_mtime_ns)),
+        )
+
+    def insert_row(
+        self,
+        parent: int,
+        name: str,
+        size: int,
+        owner_mode_rdev: tuple[int, int, int, int],
+        ctime_mtime: tuple[int, int],
+    ) -> int:
         cursor = self.conn.execute(
-            INODE_INSERT,
-            (
-                parent,
-                _db_name(name),
-                size,
-                st.st_uid,
-                st.st_gid,
-                st.st_mode,
-                st.st_rdev,
-                _seconds(st.st_ctime_ns),
-                _seconds(st.st_mtime_ns),
-            ),
+            INODE_INSERT, (parent, _db_name(name), size, *owner_mode_rdev, *ctime_mtime)
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -112,27 +122,49 @@ class _Packer:
         sys.stderr.flush()
 
     def add_file(self, ino: int, path: Path) -> int:
-        size = 0
         with path.open("rb", buffering=0) as handle:
-            while True:
-                buffer = bytearray(CHUNK_SIZE)
-                filled = 0
-                # Always cut full 512 KiB chunks: the readers assume it for all but the last one.
-                while filled < CHUNK_SIZE:
-                    count = handle.readinto(memoryview(buffer)[filled:])
-                    if not count:
-                        break
-                    filled += count
-                if not filled:
+            return self.add_data(ino, handle)
+
+    def add_data(self, ino: int, handle: Readable) -> int:
+        """Chunk, encode and store a file's content; returns the bytes read."""
+        size = 0
+        while True:
+            buffer = bytearray(CHUNK_SIZE)
+            filled = 0
+            # Always cut full 512 KiB chunks: the readers assume it for all but the last one.
+            while filled < CHUNK_SIZE:
+                count = handle.readinto(memoryview(buffer)[filled:])
+                if not count:
                     break
-                size += filled
-                self.pending.append(
-                    (ino, self.pool.submit(_encode_and_store, self.router, bytes(buffer[:filled])))
-                )
-                self.drain(_PENDING_CHUNKS)
-                if filled < CHUNK_SIZE:
-                    break
+                filled += count
+            if not filled:
+                break
+            size += filled
+            self.pending.append(
+                (ino, self.pool.submit(_encode_and_store, self.router, bytes(buffer[:filled])))
+            )
+            self.drain(_PENDING_CHUNKS)
+            if filled < CHUNK_SIZE:
+                break
         return size
+
+    def link(self, ino: int, primary: int) -> None:
+        """``ino`` is a hard link to ``primary``: an rfs-readable copy (same blocks) plus our link
+        record for readers that know it."""
+        self.drain(0)
+        self.conn.execute(
+            "INSERT INTO block (ino, id, key) SELECT ?, id, key FROM block"
+            " WHERE ino = ? ORDER BY rowid",
+            (ino, primary),
+        )
+        self.conn.execute(
+            f"INSERT INTO {HARDLINK_TABLE} (ino, target) VALUES (?, ?)", (ino, primary)
+        )
+        self.conn.execute(  # the size the primary's blocks were cut for
+            "UPDATE inode SET size = (SELECT size FROM inode WHERE ino = ?) WHERE ino = ?",
+            (primary, ino),
+        )
+        self.stats.hardlinks += 1
 
     def add(self, parent: int, name: str, path: Path) -> int | None:
         """Insert one entry; returns its inode if it is a directory to descend into."""
@@ -150,21 +182,7 @@ class _Packer:
             ino = self.insert(parent, name, st, st.st_size)
             primary = self.links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
             if primary is not None:
-                # rfs-readable copy (same blocks) plus our link record for readers that know it.
-                self.drain(0)
-                self.conn.execute(
-                    "INSERT INTO block (ino, id, key) SELECT ?, id, key FROM block"
-                    " WHERE ino = ? ORDER BY rowid",
-                    (ino, primary),
-                )
-                self.conn.execute(
-                    f"INSERT INTO {HARDLINK_TABLE} (ino, target) VALUES (?, ?)", (ino, primary)
-                )
-                self.conn.execute(  # the size the primary's blocks were cut for
-                    "UPDATE inode SET size = (SELECT size FROM inode WHERE ino = ?) WHERE ino = ?",
-                    (primary, ino),
-                )
-                self.stats.hardlinks += 1
+                self.link(ino, primary)
                 return None
             if st.st_nlink > 1:
                 self.links[(st.st_dev, st.st_ino)] = ino
@@ -197,19 +215,31 @@ class _Packer:
 
 
 def pack(source: Path, output: Path, stores: Sequence[str], progress: bool = False) -> PackStats:
-    """Pack ``source`` into ``output`` (rfs v2 format); blocks go to ``stores`` (``[xx-yy=]url``).
-
-    The flist is written to a temporary file and renamed, so a failed pack leaves no ``output``.
+    """Pack the directory ``source`` into ``output`` (rfs v2 format); blocks go to ``stores``
+    (``[xx-yy=]url``). The flist is written to a temporary file and renamed, so a failed pack
+    leaves no ``output``.
     """
     if not source.is_dir():
         raise FlistError("source is not a directory", flist=output, path=str(source))
+    return pack_with(lambda packer: packer.walk(source), output, stores, progress)
+
+
+def pack_with(
+    fill: Callable[[Packer], None],
+    output: Path,
+    stores: Sequence[str],
+    progress: bool = False,
+    tags: Mapping[str, str] | None = None,
+) -> PackStats:
+    """The pack transaction around ``fill``, which adds the entries (a directory walk, an
+    archive's members)."""
     if not stores:
         raise StoreError("pack needs at least one --store", flist=output)
     router = Router.from_specs(list(stores), str(output))
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     conn = sqlite3.connect(tmp)
-    packer = _Packer(conn, router, progress)
+    packer = Packer(conn, router, progress)
     try:
         conn.execute("PRAGMA journal_mode = DELETE")
         conn.execute("PRAGMA synchronous = OFF")  # the rename below is the commit point
@@ -220,7 +250,9 @@ def pack(source: Path, output: Path, stores: Sequence[str], progress: bool = Fal
                 "INSERT INTO route (start, end, url) VALUES (?, ?, ?)",
                 (start, end, strip_password(url)),
             )
-        packer.walk(source)
+        conn.executemany("INSERT INTO tag (key, value) VALUES (?, ?)", sorted((tags or {}).items()))
+        fill(packer)
+        packer.drain(0)
         conn.commit()
         conn.close()
         os.replace(tmp, output)

@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from controller.flist.capnp import CapnpError, Message, Struct
 from controller.flist.errors import FlistFormatError, FlistLimitError
 from controller.flist.schema import INODE_INSERT, create_schema, lossy_text
 
+log = structlog.get_logger(__name__)
 DB_MEMBER = "flistdb.sqlite3"
+# Where a v1 flist's blocks are when its metadata names no backend: the hub's 0-db, the storage
+# URL zos hands g8ufs (rfs v1). ZMACHINE_FLIST_V1_STORE points at another hub's store.
+HUB_STORE = os.environ.get("ZMACHINE_FLIST_V1_STORE", "zdb://hub.threefold.me:9900")
 MAX_DB_SIZE = 1 << 30
 MAX_DIRS = 1 << 22
 DEFAULT_ID = 1000
@@ -224,8 +230,16 @@ class _Converter:
             target = (attr.text(0) or "").encode("utf-8", "surrogateescape")
             ino = self.insert(parent, name, stat.S_IFLNK, acl, len(target), times)
             self.dst.execute("INSERT INTO extra (ino, data) VALUES (?, ?)", (ino, target))
-        elif which == _WHICH_SPECIAL and attr.uint16(0) in _SPECIAL_TYPES:
-            kind = _SPECIAL_TYPES[attr.uint16(0)]
+        elif which == _WHICH_SPECIAL:
+            kind = _SPECIAL_TYPES.get(attr.uint16(0), 0)
+            if not kind:  # rfs v1 leaves out what it cannot represent; so do we
+                log.warning(
+                    "skipping special entry of unknown type",
+                    flist=str(self.label),
+                    path=path,
+                    type=attr.uint16(0),
+                )
+                return None
             rdev = _device(attr.data(0)) if kind in (stat.S_IFBLK, stat.S_IFCHR) else 0
             self.insert(parent, name, kind, acl, 0, times, rdev)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -106,3 +106,10 @@ class Agent:
 
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._call("Stats", lambda: self.raw.stats(uid))
+
+    async def apply_network(
+        self, network_id: str, peers: Sequence[pb.WireguardPeer], network: pb.NetworkInterface
+    ) -> pb.ApplyNetworkResponse:
+        return await self._call(
+            "ApplyNetwork", lambda: self.raw.apply_network(network_id, peers, network)
+        )

@@ -21,6 +21,7 @@ import urllib3
 from kubernetes import client
 
 from controller.api.zmachine import PLURAL
+from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.kube import GROUP, VERSION, ApiException, before_each_request
 from controller.operator.leader import LeaseFence
@@ -30,7 +31,7 @@ from controller.operator.leader import LeaseFence
 REQUEST_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 # What kopf must find at start to serve anything: our kinds, and CRDs (it watches those).
-NEEDED_RESOURCES = frozenset({PLURAL, NODE_PLURAL, "customresourcedefinitions"})
+NEEDED_RESOURCES = frozenset({PLURAL, NODE_PLURAL, NETWORK_PLURAL, "customresourcedefinitions"})
 
 
 @kopf.on.startup()

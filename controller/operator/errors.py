@@ -42,3 +42,22 @@ class UnsupportedSpec(ControllerError):
     """The spec asks for something no node agent can do yet; refused rather than ignored."""
 
     reason = "Unsupported"
+
+
+class NetworkUnavailable(ControllerError):
+    """The ZmachineNetwork a Zmachine names does not exist (yet), or is being deleted."""
+
+    reason = "NetworkNotFound"
+
+
+class NetworkMisfit(ControllerError):
+    """The spec cannot be served by its network as it stands (an ip outside the range or
+    outside the node's subnet); the same spec will not get better by waiting."""
+
+    reason = "InvalidNetworkIP"
+
+
+class NetworkFull(ControllerError):
+    """The network's range has no /24 left for one more node."""
+
+    reason = "NetworkFull"

@@ -13,10 +13,12 @@ import kopf
 import pydantic
 import structlog
 
+from controller.agent.network import addressing
 from controller.api import conditions as cond
 from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
+from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
-from controller.operator import metrics
+from controller.operator import metrics, networks
 from controller.operator.errors import ControllerError
 from controller.operator.nodes import NodeMonitor
 from controller.operator.reconcile import Runtime, Target, converge, release
@@ -154,6 +156,64 @@ async def track_node(
         log.warning("node deleted", node=name)
     else:
         runtime.inventory.observe_node(name, meta, spec, status)
+
+
+IN_USE = "InUse"
+
+
+@kopf.on.create(GROUP, VERSION, NETWORK_PLURAL)
+@kopf.on.resume(GROUP, VERSION, NETWORK_PLURAL)
+@kopf.timer(GROUP, VERSION, NETWORK_PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def network_status(
+    memo: kopf.Memo,
+    meta: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """The IPv6 prefix in use and the Zmachines on the network (subnets are written by
+    placement, see controller/operator/networks.py)."""
+    if meta.get("deletionTimestamp"):
+        return
+    prefix = spec.get("ipv6Prefix") or str(addressing.derived_ipv6_prefix(str(meta["uid"])))
+    names = await networks.users(_runtime(memo).kube, str(meta["namespace"]), str(meta["name"]))
+    out = StatusWriter(body, status, patch, int(meta.get("generation") or 1))
+    out.set("ipv6Prefix", prefix)
+    out.set("machines", len(names))
+    out.condition(
+        IN_USE, bool(names), "Used" if names else "Unused",
+        f"used by {', '.join(names)}" if names else "no Zmachine uses it",
+    )  # fmt: skip
+    if status.get("subnets"):
+        rt = _runtime(memo)
+        network = networks.Network.of({"metadata": meta, "spec": spec, "status": status})
+        await networks.push_peers(network, rt.inventory.nodes, rt.agents)
+
+
+@kopf.on.delete(GROUP, VERSION, NETWORK_PLURAL)
+async def network_delete(
+    memo: kopf.Memo,
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any],
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Deletion waits (the finalizer stays) while a Zmachine of the namespace uses it; the
+    nodes drop their part of it with the last Zmachine they ran on it."""
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    names = await networks.users(_runtime(memo).kube, namespace, name)
+    if names:
+        message = f"used by Zmachines {', '.join(names)}; deleted once they are gone"
+        out = StatusWriter(body, status, patch, int(meta.get("generation") or 1))
+        out.condition(IN_USE, True, "Used", message)
+        out.set("machines", len(names))
+        raise kopf.TemporaryError(
+            f"ZmachineNetwork {namespace}/{name} is {message}", delay=RESYNC_SECONDS
+        )
+    log.info("network released", namespace=namespace, network=name, uid=meta.get("uid"))
 
 
 @kopf.on.startup()

@@ -41,6 +41,8 @@ class NodeView:
     # The node monitor saw its Lease renewed since this controller started. Until then a
     # Ready condition may be a dead agent's last word: nothing is placed there.
     renewing: bool = True
+    wireguard_key: str = ""  # the node's overlay key; empty: no private networks there
+    underlay: str = ""  # where other nodes reach its overlay
 
     @property
     def cpu(self) -> int:
@@ -119,6 +121,8 @@ class Inventory:
             unready_since=since,
             uid=str(meta.get("uid") or ""),
             lease_namespace=str(spec.get("leaseNamespace") or ""),
+            wireguard_key=str(status.get("wireguardPublicKey") or ""),
+            underlay=str(status.get("underlayAddress") or ""),
             conditions=[dict(c) for c in status.get("conditions") or []],
             finalizers=list(meta.get("finalizers") or []),
             renewing=renewing,

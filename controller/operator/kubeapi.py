@@ -17,6 +17,7 @@ import structlog
 from kubernetes import client
 
 from controller.api.zmachine import GROUP, PLURAL, VERSION
+from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.kube import ApiException, get_object, micro_time
 from controller.operator.errors import ControllerError
@@ -66,11 +67,16 @@ class Kube:
 
     async def zmachine(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The object as the API server has it now, or None when it is gone."""
+        return await self._get("zmachine", PLURAL, namespace, name)
+
+    async def _get(
+        self, kind: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
         try:
             found = await self._call(
-                f"get zmachine {namespace}/{name}",
+                f"get {kind} {namespace}/{name}",
                 self.custom.get_namespaced_custom_object,
-                GROUP, VERSION, namespace, PLURAL, name,
+                GROUP, VERSION, namespace, plural, name,
             )  # fmt: skip
         except Gone:
             return None
@@ -88,12 +94,42 @@ class Kube:
         )  # fmt: skip
         return get_object(found)
 
-    async def list_zmachines(self) -> list[dict[str, Any]]:
-        found = await self._call(
-            "list zmachines", self.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL
-        )
+    async def list_zmachines(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every Zmachine, or those of `namespace`."""
+        return await self._list(PLURAL, namespace)
+
+    async def list_networks(self) -> list[dict[str, Any]]:
+        return await self._list(NETWORK_PLURAL, None)
+
+    async def _list(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            found = await self._call(
+                f"list {plural}", self.custom.list_cluster_custom_object, GROUP, VERSION, plural
+            )
+        else:
+            found = await self._call(
+                f"list {plural} in {namespace}",
+                self.custom.list_namespaced_custom_object,
+                GROUP, VERSION, namespace, plural,
+            )  # fmt: skip
         items: list[dict[str, Any]] = get_object(found).get("items", [])
         return items
+
+    async def network(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ZmachineNetwork as the API server has it now, or None when it is gone."""
+        return await self._get("zmachinenetwork", NETWORK_PLURAL, namespace, name)
+
+    async def patch_network_status(
+        self, namespace: str, name: str, resource_version: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the network's status only if it is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        found = await self._call(
+            f"patch zmachinenetwork {namespace}/{name} status",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, namespace, NETWORK_PLURAL, name, body,
+        )  # fmt: skip
+        return get_object(found)
 
     async def patch_node(self, name: str, body: dict[str, Any], status: bool) -> None:
         fn = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from controller.operator.inventory import Inventory, NodeView, Request
@@ -54,16 +54,22 @@ def choose_node(
     selector: Mapping[str, str],
     pinned: str | None = None,
     avoid: Collection[str] = (),
+    misfit: Callable[[NodeView], str | None] | None = None,
 ) -> Decision:
     """Pick the fitting Ready node that stays least loaded; explain when none fits.
-    `avoid`: nodes that refused this Zmachine lately (they know their capacity best)."""
+    `avoid`: nodes that refused this Zmachine lately (they know their capacity best);
+    `misfit`: why a node cannot serve the Zmachine's networks, if it cannot."""
+
+    def why_not(node: NodeView, used: Request, selector: Mapping[str, str]) -> str | None:
+        return _misfit(node, request, used, selector) or (misfit(node) if misfit else None)
+
     if pinned:
         node = inventory.nodes.get(pinned)
         if node is None:
             return Decision(
                 None, "Unschedulable", f"node {pinned} (spec.nodeName) is not registered"
             )
-        why = _misfit(node, request, inventory.used(pinned), {})
+        why = why_not(node, inventory.used(pinned), {})
         if why:
             return Decision(None, "Unschedulable", f"node {pinned} (spec.nodeName) {why}")
         return Decision(pinned, "Pinned", f"pinned to node {pinned}")
@@ -74,7 +80,7 @@ def choose_node(
     fits: list[tuple[float, str]] = []
     for node in inventory.nodes.values():
         used = inventory.used(node.name)
-        why = "refused it lately" if node.name in avoid else _misfit(node, request, used, selector)
+        why = "refused it lately" if node.name in avoid else why_not(node, used, selector)
         if why:
             key = why.split(" (")[0]
             reasons[key] = reasons.get(key, 0) + 1

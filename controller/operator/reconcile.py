@@ -14,19 +14,23 @@ import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.api import conditions as cond
+from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
-from controller.operator import metrics
+from controller.operator import metrics, networks
 from controller.operator.agents import AgentPool
 from controller.operator.errors import (
     AgentRejected,
     ControllerError,
+    NetworkFull,
+    NetworkMisfit,
+    NetworkUnavailable,
     NodeOutOfCapacity,
     SecretUnavailable,
     UnsupportedSpec,
 )
 from controller.operator.inventory import Inventory, Placement, request_of
 from controller.operator.kubeapi import Conflict, Gone, Kube, age_seconds
-from controller.operator.placement import choose_node, resize_misfit
+from controller.operator.placement import Decision, choose_node, resize_misfit
 from controller.operator.status import StatusWriter
 from controller.operator.translate import (
     SecretReader,
@@ -171,6 +175,16 @@ async def converge(
             out.condition(cond.READY, False, exc.reason, str(exc))
             out.phase_to(Phase.FAILED, exc.reason, str(exc))
             return
+        try:
+            att = await networks.attachment(rt.kube, target.namespace, spec)
+        except NetworkUnavailable as exc:
+            out.set("observedGeneration", target.generation)
+            out.condition(cond.SCHEDULED, False, exc.reason, str(exc))
+            out.phase_to(Phase.PENDING, exc.reason, str(exc))
+            return
+        except NetworkMisfit as exc:
+            _refused(out, target, exc)
+            return
         node_name = rt.inventory.node_of(target.uid) or out.current.get("nodeName")
         if node_name and not spec.node_name:
             lost = rt.inventory.lost_for(node_name)
@@ -180,7 +194,7 @@ async def converge(
                     return
                 node_name = None
         if not node_name:
-            node_name = await _place(rt, target, raw_spec, spec, out)
+            node_name = await _place(rt, target, raw_spec, spec, att, out)
             if node_name is None:
                 return
         elif spec.node_name and spec.node_name != node_name:
@@ -192,6 +206,10 @@ async def converge(
                 "at creation (delete and recreate to move it)",
             )
 
+        # Served by the console server through the API server (docs/console.md).
+        out.set(
+            "consoleURL", subresources.path(target.namespace, target.name, subresources.CONSOLE)
+        )
         node = rt.inventory.nodes.get(node_name)
         if node is None or not node.ready:
             _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
@@ -221,8 +239,13 @@ async def converge(
                     rt.read_secret,
                 )  # fmt: skip
             if env is not None:
+                interfaces = []
+                if att is not None:
+                    network = await networks.ensure_subnet(rt.kube, att, node_name)
+                    ip = str(att.ip) if att.ip else None  # else the node's IPAM picks one
+                    interfaces.append(networks.agent_interface(network, node_name, ip))
                 response = await agent.deploy(
-                    target.ref(), target.generation, agent_spec(spec, target.name, env)
+                    target.ref(), target.generation, agent_spec(spec, target.name, env, interfaces)
                 )
                 machine = response.machine
                 if response.changed:
@@ -246,6 +269,9 @@ async def converge(
             else:
                 _report(out, target, machine)
             return
+        except NetworkMisfit as exc:
+            _refused(out, target, exc, machine)
+            return
         except AgentRejected as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc), _running(machine))
             out.condition(cond.READY, False, exc.reason, str(exc), _running(machine))
@@ -260,6 +286,16 @@ async def converge(
         _report(out, target, machine)
         if machine.state in (pb.MACHINE_STATE_RUNNING, pb.MACHINE_STATE_PAUSED):
             await _sample_metrics(agent, target, out, logger)
+
+
+def _refused(
+    out: StatusWriter, target: Target, exc: ControllerError, machine: pb.Machine | None = None
+) -> None:
+    """A spec this controller will not serve as it stands: Failed until the spec changes."""
+    out.set("observedGeneration", target.generation)
+    out.condition(cond.PROVISIONED, False, exc.reason, str(exc), _running(machine))
+    out.condition(cond.READY, False, exc.reason, str(exc), _running(machine))
+    out.phase_to(Phase.FAILED, exc.reason, str(exc))
 
 
 def _running(machine: pb.Machine | None) -> int | None:
@@ -312,10 +348,16 @@ async def _deploy_refusal(
 
 
 async def _place(
-    rt: Runtime, target: Target, raw_spec: Mapping[str, Any], spec: ZmachineSpec, out: StatusWriter
+    rt: Runtime,
+    target: Target,
+    raw_spec: Mapping[str, Any],
+    spec: ZmachineSpec,
+    att: networks.Attachment | None,
+    out: StatusWriter,
 ) -> str | None:
     """Choose a node and make the choice durable (status.nodeName, written with the
-    object's resourceVersion) before anything is deployed."""
+    object's resourceVersion) before anything is deployed. A node serving the Zmachine's
+    network gets its /24 of it first (a subnet outlives a lost bind: the node keeps it)."""
     request = request_of(raw_spec)
     async with rt.placement_lock:
         if not rt.placements_seeded:
@@ -332,7 +374,13 @@ async def _place(
             spec.node_selector,
             pinned=spec.node_name,
             avoid=rt.avoided(target.uid),
+            misfit=att.misfit if att is not None else None,
         )
+        if decision.node is not None and att is not None:
+            try:
+                await networks.ensure_subnet(rt.kube, att, decision.node)
+            except (NetworkFull, NetworkMisfit) as exc:
+                decision = Decision(None, "Unschedulable", str(exc))
         if decision.node is None:
             out.set("observedGeneration", target.generation)
             out.condition(cond.SCHEDULED, False, decision.reason, decision.message)
@@ -454,8 +502,10 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     )
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
-    if machine.interfaces and machine.interfaces[0].ip:
-        out.set("ip", machine.interfaces[0].ip)
+    if machine.interfaces:
+        nic = machine.interfaces[0]
+        out.set("ip", nic.ip or None)
+        out.set("ipv6", nic.ipv6 or None)
     if machine.restarts > int(out.current.get("restartCount") or 0):
         out.event("Restarted", f"the node restarted the VM ({machine.restarts} so far)", True)
     out.set("restartCount", machine.restarts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.spec import env_digest, hostname_label
@@ -84,7 +84,13 @@ def env_to_deploy(
     return env if env_digest(env) != machine.env_hash else None
 
 
-def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.ZmachineSpec:
+def agent_spec(
+    spec: ZmachineSpec,
+    name: str,
+    env: dict[str, str],
+    interfaces: Sequence[pb.NetworkInterface] = (),
+) -> pb.ZmachineSpec:
+    """`interfaces`: the private interface with its network as placed on the node."""
     volumes = [
         pb.Volume(
             name=v.name,
@@ -93,7 +99,6 @@ def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.Zmachin
         )
         for v in spec.volumes
     ]
-    interfaces = spec.network.interfaces if spec.network else []
     ssh_keys = [k.strip() for k in re.split(r"[\n,]", env.get("SSH_KEY", "")) if k.strip()]
     return pb.ZmachineSpec(
         flist=spec.flist,
@@ -104,7 +109,7 @@ def agent_spec(spec: ZmachineSpec, name: str, env: dict[str, str]) -> pb.Zmachin
         env=env,
         volumes=volumes,
         mounts=[pb.Mount(name=m.name, mountpoint=m.mount_point) for m in spec.mounts],
-        interfaces=[pb.NetworkInterface(network=i.network, ip=i.ip or "") for i in interfaces],
+        interfaces=interfaces,
         restart_policy=_POLICY[spec.restart_policy],
         paused=spec.paused,
         hostname=hostname_label(name),

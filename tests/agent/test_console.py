@@ -153,3 +153,49 @@ def test_follow_reads_the_pty_and_reopens_a_new_one(tmp_path: Path) -> None:
         assert stream.history() == b"first boot\nsecond boot\n"
 
     asyncio.run(scenario())
+
+
+def test_input_reaches_the_current_pty_and_nothing_while_none_is_open(tmp_path: Path) -> None:
+    """Keystrokes go to the PTY being read; across a replacement to the new one; while no
+    PTY is open (the VM is down) nothing is taken, so nothing is typed late."""
+
+    async def read_master(fd: int, expected: bytes) -> bytes:
+        got = b""
+        deadline = asyncio.get_running_loop().time() + 5
+        while not got.endswith(expected):
+            assert asyncio.get_running_loop().time() < deadline, got
+            try:
+                got += os.read(fd, 1024)
+            except BlockingIOError:
+                await asyncio.sleep(0.02)
+        return got
+
+    async def scenario() -> None:
+        stream = ConsoleStream(tmp_path / "console.log", max_bytes=1 << 20, keep=1)
+        assert stream.write(b"too early") == 0
+        vmm = PtyVMM()
+        follower = asyncio.create_task(stream.follow(vmm))
+        try:
+            deadline = asyncio.get_running_loop().time() + 5
+            while stream.write(b"ls\r") == 0:  # 0 until the PTY is open
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+            os.set_blocking(vmm.master, False)
+            stream.resize(40, 120)
+            assert await read_master(vmm.master, b"ls\r") == b"ls\r"
+            vmm.replace()
+            os.set_blocking(vmm.master, False)
+            deadline = asyncio.get_running_loop().time() + 5
+            while stream.write(b"after\r") == 0:  # the old PTY is gone; wait for the new
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            assert (await read_master(vmm.master, b"after\r")).endswith(b"after\r")
+            vmm.exit()
+            await asyncio.wait_for(follower, 5)
+            assert not stream.connected
+            assert stream.write(b"late") == 0
+        finally:
+            follower.cancel()
+            stream.close()
+
+    asyncio.run(scenario())

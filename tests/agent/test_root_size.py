@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,31 @@ def test_a_plain_upper_dir_from_an_older_agent_moves_into_the_image(tmp_path: Pa
         assert (old_upper / "big").exists() and not (layer / "upper2.new").exists()
     finally:
         rootlayer.unmount(image, layer)
+
+
+@pytest.mark.fuse  # root: loop devices, mount and unshare
+def test_a_copy_of_the_mount_in_another_namespace_does_not_block_the_unmount(
+    tmp_path: Path,
+) -> None:
+    """A mount namespace made while the image is mounted (a build tool, a container
+    runtime) holds its own copy; the agent's unmount still succeeds, and the loop device
+    goes with that namespace."""
+    image, layer = tmp_path / "rootfs.ext4", tmp_path / "layer"
+    rootlayer.create(image, 16 * MIB)
+    rootlayer.mount(image, layer)
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while holder.pid not in rootlayer.foreign_holders(str(layer)):
+            assert time.monotonic() < deadline, "the copy never appeared"
+            time.sleep(0.05)
+        rootlayer.unmount(image, layer)
+        assert str(layer) not in Path("/proc/self/mountinfo").read_text()
+        assert rootlayer.loop_devices(image), "the other namespace still holds the device"
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while rootlayer.loop_devices(image):
+        assert time.monotonic() < deadline, "the autoclear device outlived its last mount"
+        time.sleep(0.1)

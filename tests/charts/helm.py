@@ -35,6 +35,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "agent.nodeSelector.zos\\.threefold\\.io/zmachines=true",
         "fullnameOverride=zmo",
     ),
+    "hub": ("hub.enabled=true", "hub.persistence.storageClass=fast", "hub.audience=zmachine-hub"),
+    "hub-static-tokens": ("hub.enabled=true", "hub.auth=tokenSecret", "hub.tokenSecret=tokens"),
 }
 
 

@@ -16,6 +16,8 @@ CONTROLLER_CLUSTER = _rules(
     (ZOS, "zmachines/status", "get patch update"),
     (ZOS, "zmachinenodes", "get list watch patch"),
     (ZOS, "zmachinenodes/status", "get patch update"),
+    (ZOS, "zmachinenetworks", "get list watch patch update"),
+    (ZOS, "zmachinenetworks/status", "get patch update"),
     ("", "events", "create patch"),
     ("events.k8s.io", "events", "create patch"),
     ("", "secrets", "get"),
@@ -32,9 +34,27 @@ AGENT_CLUSTER = _rules(
     ("", "nodes", "get"),
 )
 AGENT_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get create update patch"))
+SUB = "subresources.zos.threefold.io"
+# The console server: find a Zmachine and its node, ask whether a user may use it.
+CONSOLE_CLUSTER = _rules(
+    (ZOS, "zmachines", "get"),
+    (ZOS, "zmachinenodes", "get"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+)
 EXPECTED: dict[tuple[str, str], Rules] = {
     ("ClusterRole", "controller"): CONTROLLER_CLUSTER,
     ("Role", "controller"): CONTROLLER_NAMESPACED,
     ("ClusterRole", "agent"): AGENT_CLUSTER,
     ("Role", "agent"): AGENT_NAMESPACED,
+    ("ClusterRole", "console-server"): CONSOLE_CLUSTER,
+}
+# ClusterRoles for users to bind (docs/console.md), by their fixed names.
+USER_ROLES: dict[str, Rules] = {
+    "zmachine-console": _rules(
+        (SUB, "zmachines/console", "get"),
+        (SUB, "zmachines/log", "get"),
+        (SUB, "zmachines/restart", "update"),
+        (ZOS, "zmachines", "get list watch"),
+    ),
+    "zmachine-viewer": _rules((SUB, "zmachines/log", "get"), (ZOS, "zmachines", "get list watch")),
 }

@@ -110,8 +110,11 @@ def test_agent_runs_as_root_with_its_host_tools() -> None:
         "dosfstools",
         "mtools",
         "python3.11",
+        "nftables",  # private networks' NAT
     ):
         assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", apt), package
+    copies = " ".join(i.args for i in final if i.keyword == "COPY")
+    assert "/usr/local/bin/wireguard-go" in copies  # found on PATH by the agent
     # The image's guest kernel directory is what the agent reads when the chart sets none.
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["agent"]["guestKernelDir"] == ""

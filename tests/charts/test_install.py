@@ -39,6 +39,7 @@ RELEASE = "zmo"
 PREFIX = f"{RELEASE}-zmachine-operator"
 CONTROLLER = f"system:serviceaccount:{NS}:{PREFIX}-controller"
 AGENT = f"system:serviceaccount:{NS}:{PREFIX}-agent"
+CONSOLE = f"system:serviceaccount:{NS}:{PREFIX}-console"
 ZM, ZMN = "zmachines.zos.threefold.io", "zmachinenodes.zos.threefold.io"
 LEASES = "leases.coordination.k8s.io"
 NODE = "chart-node"  # the node the agent test pretends to run on
@@ -85,6 +86,16 @@ def test_install_creates_every_object(release: Release, cluster: ControlPlane) -
         "service/zmo-zmachine-operator-agent-metrics",
         "deployment.apps/zmo-zmachine-operator-controller",
         "daemonset.apps/zmo-zmachine-operator-agent",
+        "serviceaccount/zmo-zmachine-operator-console",
+        "secret/zmo-zmachine-operator-console-serving",
+        "service/zmo-zmachine-operator-console",
+        "deployment.apps/zmo-zmachine-operator-console",
+        "apiservice.apiregistration.k8s.io/v1.subresources.zos.threefold.io",
+        f"clusterrole.rbac.authorization.k8s.io/{PREFIX}-console-server",
+        f"clusterrolebinding.rbac.authorization.k8s.io/{PREFIX}-console-server",
+        f"rolebinding.rbac.authorization.k8s.io/{PREFIX}-console-auth-reader",
+        "clusterrole.rbac.authorization.k8s.io/zmachine-console",
+        "clusterrole.rbac.authorization.k8s.io/zmachine-viewer",
     }
     for component in ("controller", "agent"):
         for kind in ("clusterrole", "clusterrolebinding", "role", "rolebinding"):
@@ -102,7 +113,18 @@ def test_rendered_value_sets_pass_api_validation(
     # The Prometheus Operator's CRDs are not installed here.
     accepted = [d for d in docs if d["kind"] != "ServiceMonitor"]
     stream = yaml.safe_dump_all(accepted)
-    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=stream, check=False)
+    # apply, not create: the ClusterRoles for users and the APIService have fixed names, so
+    # the installed release already holds them.
+    result = cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=stream,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == len(accepted)
 
@@ -154,6 +176,14 @@ PERMISSIONS = [
     (AGENT, "create", (LEASES, "-n", "default"), False),
     (AGENT, "list", (LEASES, "-n", NS), False),
     (AGENT, "create", ("events", "-n", "default"), False),
+    (CONSOLE, "get", (ZM, "-n", "default"), True),
+    (CONSOLE, "get", (ZMN,), True),
+    (CONSOLE, "create", ("subjectaccessreviews.authorization.k8s.io",), True),
+    (CONSOLE, "get", ("configmaps/extension-apiserver-authentication", "-n", "kube-system"), True),
+    (CONSOLE, "list", (ZM, "-A"), False),
+    (CONSOLE, "patch", (ZM, "-n", "default"), False),
+    (CONSOLE, "get", ("secrets", "-n", NS), False),
+    (CONSOLE, "get", ("configmaps", "-n", "default"), False),
 ]
 
 

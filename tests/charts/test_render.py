@@ -53,9 +53,12 @@ def test_lint_and_template_succeed(helm: Helm, name: str) -> None:
     helm.run("lint", "--strict", str(CHART), *flags)
     docs = helm.template(*VALUE_SETS[name])
     for doc in docs:
-        # Namespaced objects land in the release namespace, never in "default".
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            assert doc["metadata"]["namespace"] == "zmachine-system", doc["metadata"]["name"]
+        # Namespaced objects land in the release namespace, never in "default"; the one
+        # exception reads the API server's request-header settings where they live.
+        if doc["kind"] in ("ClusterRole", "ClusterRoleBinding", "APIService"):
+            continue
+        expected = "kube-system" if doc["metadata"]["name"].endswith("-auth-reader") else None
+        assert doc["metadata"]["namespace"] == (expected or "zmachine-system"), doc["metadata"]
     assert {d["kind"] for d in docs} >= {"Deployment", "DaemonSet", "ServiceAccount", "Role"}
 
 
@@ -244,9 +247,16 @@ def test_pods_mount_only_their_half_of_the_tls_secret(helm: Helm) -> None:
 
 def test_existing_secret_is_used_instead_of_generating(helm: Helm) -> None:
     docs = helm.template(*VALUE_SETS["existing-secret"])
-    assert find(docs, "Secret") == []
-    for kind in ("Deployment", "DaemonSet"):
-        pod = one(docs, kind)["spec"]["template"]
+    # Only the console's serving certificate is still generated (it is not the agents' PKI).
+    assert [s["metadata"]["name"] for s in find(docs, "Secret")] == [
+        "zm-zmachine-operator-console-serving"
+    ]
+    for kind, suffix in (
+        ("Deployment", "-controller"),
+        ("Deployment", "-console"),
+        ("DaemonSet", ""),
+    ):
+        pod = one(docs, kind, suffix)["spec"]["template"]
         (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
         assert vol["secret"]["secretName"] == "my-pki"
         assert "checksum/tls" not in (pod["metadata"].get("annotations") or {})

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hack.controlplane import ControlPlane
 from tests.charts.helm import REPO
 
@@ -42,24 +40,7 @@ def service_account_kubeconfig(
 ) -> Path:
     """A kubeconfig with a real token of the ServiceAccount (TokenRequest API)."""
     token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h")
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "local",
-                "cluster": {
-                    "server": cluster.url,
-                    "certificate-authority": str(cluster.workdir / "serving" / "apiserver.crt"),
-                },
-            }
-        ],
-        "users": [{"name": account, "user": {"token": token.stdout.strip()}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": account}}],
-        "current-context": "local",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return cluster.token_kubeconfig(path, token.stdout.strip())
 
 
 @contextmanager

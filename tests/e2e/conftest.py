@@ -12,22 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from hack.controlplane import ControlPlane, free_port, virtiofsd_path
+from hack.controlplane import ControlPlane, free_port, virtiofsd_path, wireguard_go_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
-from tests.netns import bridged_netns
+from tests.netns import underlay
 
 __all__ = ["agent_busybox_flist", "agent_guest_dir", "agent_pki"]
 
-NODES = {"node-a": "10.233.1.0/24", "node-b": "10.233.2.0/24"}
+NODES = ("node-a", "node-b")
+NETWORK = "zmnet"  # the ZmachineNetwork the tests' Zmachines join (10.233.0.0/16)
 
 
 @pytest.fixture(scope="module")
-def e2e_netns() -> Iterator[str]:
-    """One namespace with one bridge; each node hands out addresses from its own /24."""
-    with bridged_netns("zme2e", "zmbr0", "10.233.0.1/16") as name:
-        yield name
+def e2e_nodes() -> Iterator[dict[str, tuple[str, str]]]:
+    """Each node's own namespace (its guests' bridges and routers hang off it), joined to
+    the other's by an underlay the private network's overlay crosses."""
+    with underlay(list(NODES), public=False) as spaces:
+        yield spaces
 
 
 @dataclass
@@ -55,15 +58,34 @@ def node_agent(
     netns: str,
     guest_dir: Path,
     flist_dir: Path,
+    underlay_address: str | None = None,
 ) -> AgentProcess:
+    """With `underlay_address`, the node serves private networks (its overlay dials there)."""
     agent = AgentProcess(base / name, pki, [])
     agent.extra = [
-        "--node-name", name, "--cidr", NODES[name], "--bridge", "zmbr0", "--netns", netns,
+        "--node-name", name, "--netns", netns,
+        *(["--underlay-address", underlay_address, "--wireguard-go", str(wireguard_go_path())]
+          if underlay_address else []),
         "--guest-kernel-dir", str(guest_dir), "--flist-dir", str(flist_dir),
         "--kubeconfig", str(cluster.kubeconfig), "--advertise-address", agent.address,
         "--lease-namespace", "zmachine-system", "--virtiofsd", str(virtiofsd_path()),
     ]  # fmt: skip
     return agent
+
+
+def start_controller(
+    cluster: ControlPlane, pki: Path, ns: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """The controller, watching ``ns`` only, its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controller.operator.main",
+             "--agent-tls-dir", str(pki), "--metrics-port", str(free_port()),
+             "--health-port", str(free_port()), "--delete-timeout", "60",
+             "--namespace", ns, "--lease-namespace", ns],
+            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +96,28 @@ def fleet(
     agent_pki: Path,
     agent_guest_dir: Path,
     agent_busybox_flist: Path,
-    e2e_netns: str,
+    e2e_nodes: dict[str, tuple[str, str]],
 ) -> Iterator[Fleet]:
     base = tmp_path_factory.mktemp("e2e")
     agents = {
         name: node_agent(
-            name, cluster, base, agent_pki, e2e_netns, agent_guest_dir, agent_busybox_flist.parent
+            name,
+            cluster,
+            base,
+            agent_pki,
+            e2e_nodes[name][0],
+            agent_guest_dir,
+            agent_busybox_flist.parent,
+            underlay_address=e2e_nodes[name][1],
         )
         for name in NODES
     }
+    cluster.kubectl("-n", ns, "apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "zos.threefold.io/v1alpha1", "kind": "ZmachineNetwork",
+        "metadata": {"name": NETWORK, "namespace": ns}, "spec": {"ipRange": "10.233.0.0/16"},
+    }))  # fmt: skip
     log = base / "controller.log"
-    with log.open("wb") as out:
-        controller = subprocess.Popen(
-            [sys.executable, "-m", "controller.operator.main",
-             "--agent-tls-dir", str(agent_pki), "--metrics-port", str(free_port()),
-             "--health-port", str(free_port()), "--delete-timeout", "60",
-             "--namespace", ns, "--lease-namespace", ns],
-            env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    controller = start_controller(cluster, agent_pki, ns, log)
     try:
         for agent in agents.values():
             agent.start()

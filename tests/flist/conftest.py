@@ -6,8 +6,10 @@ import functools
 import http.server
 import os
 import random
+import socket
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +108,29 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
     assert sorted(got) == sorted(want)
     for path in want:
         assert got[path] == want[path], path
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for servers the tests start)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def run_cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``zmachine-flist ARGS`` in a child process (what a user runs), output captured."""
+    done = subprocess.run(
+        [sys.executable, "-m", "controller.flist.cli", *args],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
+    if check and done.returncode:
+        raise AssertionError(f"zmachine-flist {' '.join(args)}: {done.stderr}")
+    return done
 
 
 @pytest.fixture

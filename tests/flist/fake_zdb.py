@@ -1,5 +1,6 @@
-"""fake_zdb: a minimal 0-db stand-in (no 0-db binary is packaged for Debian, and its sources
-cannot be fetched here). It speaks RESP over TCP like 0-db in user mode: namespaces with an
+"""fake_zdb: a minimal 0-db stand-in for CI (no 0-db binary is packaged for Debian;
+test_zdb_real.py runs the store against a real 0-db built from source when ``zdb`` is on PATH).
+It speaks RESP over TCP like 0-db in user mode: namespaces with an
 optional password (public read, write needs it), SELECT ns [password], GET/SET/EXISTS/PING with
 binary keys, SET answering the key. It also counts commands so tests can assert on traffic."""
 

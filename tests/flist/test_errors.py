@@ -17,7 +17,6 @@ from controller.flist.cache import BlockCache
 from controller.flist.chunks import CHUNK_SIZE, BlockRef, decode, encode_v2
 from controller.flist.errors import (
     BlockCorruptError,
-    BlockError,
     BlockMissingError,
     FlistError,
     FlistFormatError,
@@ -109,9 +108,30 @@ def test_absurd_and_inconsistent_sizes(small: tuple[Path, Path]) -> None:
     path = edited(small[0], "UPDATE inode SET size = 1 << 55 WHERE name = 'file'")
     with pytest.raises(FlistLimitError, match="path /d/file"):
         open_flist(path)
-    path = edited(small[0], "UPDATE inode SET size = 10 * 524288 WHERE name = 'file'")
-    with open_flist(path) as flist, pytest.raises(FlistFormatError, match="needs 10 blocks"):
-        flist.blocks(flist.resolve("/d/file")[1])
+
+
+def test_block_count_not_matching_the_size_serves_what_it_has(
+    small: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """rfs serves such files instead of failing them; so do we (short at the end of the data)."""
+    flist_path, store = small
+    real = (tmp_path / "src" / "d" / "file").read_bytes()
+    claims_more = edited(flist_path, "UPDATE inode SET size = 10 * 524288 WHERE name = 'file'")
+    with open_flist(claims_more) as flist:
+        entry = flist.resolve("/d/file")[1]
+        cache = BlockCache(Router.from_specs([f"dir://{store}"]), None, flist.label)
+        assert len(flist.blocks(entry)) == 2
+        assert cache.read(flist.blocks(entry), entry.size, 0, entry.size) == real
+        assert cache.read(flist.blocks(entry), entry.size, CHUNK_SIZE + 50, 1000) == real[-50:]
+        assert cache.read(flist.blocks(entry), entry.size, 3 * CHUNK_SIZE, 10) == b""
+        unpack(flist, cache, tmp_path / "more")
+    assert (tmp_path / "more" / "d" / "file").read_bytes() == real
+    claims_less = edited(flist_path, "UPDATE inode SET size = 7 WHERE name = 'file'")
+    with open_flist(claims_less) as flist:
+        cache = BlockCache(Router.from_specs([f"dir://{store}"]), None, flist.label)
+        unpack(flist, cache, tmp_path / "less")
+        assert cache.fetched == 2  # the block beyond the size is never fetched
+    assert (tmp_path / "less" / "d" / "file").read_bytes() == real[:7]
 
 
 def test_bad_hard_link_records(small: tuple[Path, Path]) -> None:
@@ -144,7 +164,7 @@ def test_missing_block_names_flist_and_path(small: tuple[Path, Path], tmp_path: 
     flist_path, store = small
     conn = sqlite3.connect(flist_path)
     hexid = conn.execute("SELECT id FROM block ORDER BY rowid DESC LIMIT 1").fetchone()[0].hex()
-    (store / hexid[:2] / hexid).unlink()
+    (store / hexid).unlink()
     with open_flist(flist_path) as flist:
         cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
         with pytest.raises(BlockMissingError) as info:
@@ -156,9 +176,9 @@ def test_missing_block_names_flist_and_path(small: tuple[Path, Path], tmp_path: 
     assert not [name for name in names if name.endswith(".partial")]
 
 
-def test_short_middle_chunk_is_refused(small: tuple[Path, Path], tmp_path: Path) -> None:
-    """Readers assume full 512 KiB chunks; a valid but short chunk in the middle must not shift
-    the rest of the file."""
+def test_short_middle_chunk_ends_the_data(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """Readers cut files in full 512 KiB chunks; a valid but short chunk in the middle ends what
+    is served there instead of shifting the rest of the file."""
     flist_path, store = small
     ref, stored = encode_v2(b"short")
     DirStore(f"dir://{store}").set(ref.id, stored)
@@ -169,9 +189,9 @@ def test_short_middle_chunk_is_refused(small: tuple[Path, Path], tmp_path: Path)
     conn.commit()
     with open_flist(flist_path) as flist:
         cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
-        with pytest.raises(BlockError, match="holds 5 bytes"):
-            unpack(flist, cache, tmp_path / "out")
-    assert not (tmp_path / "out" / "d" / "file").exists()
+        unpack(flist, cache, tmp_path / "out")
+        assert cache.fetched == 2  # "short" and "abc": nothing after the short chunk
+    assert (tmp_path / "out" / "d" / "file").read_bytes() == b"short"
 
 
 def test_block_failing_its_key_check() -> None:

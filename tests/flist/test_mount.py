@@ -17,7 +17,7 @@ from controller.flist.errors import FlistMountError
 from controller.flist.mount import is_mounted, serve, unmount, wait_mounted
 from controller.flist.overlay import mount_overlay, unmount_overlay
 from controller.flist.pack import pack
-from tests.flist.conftest import Mounted, assert_same_tree, make_tree, needs_fuse
+from tests.flist.conftest import Mounted, assert_same_tree, make_tree, needs_fuse, run_cli
 from tests.flist.fake_zdb import FakeZdb
 
 pytestmark = [pytest.mark.fuse, needs_fuse(), pytest.mark.timeout(300)]
@@ -117,7 +117,7 @@ def test_missing_and_corrupt_blocks_read_as_eio(tmp_path: Path, mount_flist: Mou
             (name,),
         ).fetchall()
         hexid: str = rows[index][0].hex()
-        return store / hexid[:2] / hexid
+        return store / hexid
 
     block_file("gone", 1).unlink()
     damaged = bytearray(block_file("bad").read_bytes())
@@ -176,6 +176,51 @@ def test_bad_rows_fail_alone(
     assert (mounted.mountpoint / "sub" / "deep" / "data").read_bytes().startswith(b"deep data")
     assert (mounted.mountpoint / "large1.bin").stat().st_size == CHUNK_SIZE
     assert mounted.process.poll() is None
+
+
+def test_size_beyond_the_blocks_reads_what_the_blocks_hold(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn, tmp_path: Path
+) -> None:
+    source = packed[0]
+    odd = tmp_path / "odd.fl"
+    odd.write_bytes(packed[1].read_bytes())
+    conn = sqlite3.connect(odd)
+    conn.execute("UPDATE inode SET size = size * 3 WHERE name = 'large1.bin'")
+    conn.commit()
+    conn.close()
+    mounted = mount_flist(odd)
+    data = (mounted.mountpoint / "large1.bin").read_bytes()  # no EIO: what rfs serves too
+    assert data == (source / "large1.bin").read_bytes()
+
+
+def test_colliding_undecodable_names_are_served_like_rfs(
+    mount_flist: MountFn, tmp_path: Path
+) -> None:
+    """Names that are not UTF-8 are stored lossily; two that collide must not make the flist
+    unreadable. The first (in pack order) is served under the lossy name, as rfs's lookup does."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / os.fsdecode(b"a\xfe")).write_bytes(b"first")
+    (source / os.fsdecode(b"a\xff")).write_bytes(b"second")
+    (source / os.fsdecode(b"d\xfe")).mkdir()
+    (source / os.fsdecode(b"d\xfe") / "inside").write_bytes(b"in the dir")
+    (source / os.fsdecode(b"d\xff")).write_bytes(b"a file")
+    (source / "plain").write_bytes(b"plain")
+    pack(source, tmp_path / "t.fl", [f"dir://{tmp_path / 'store'}"])
+    listing = run_cli("ls", "-R", str(tmp_path / "t.fl")).stdout.splitlines()
+    assert listing == ["/", "/a\ufffd", "/d\ufffd", "/plain", "/d\ufffd/inside"]
+    assert (
+        run_cli("cat", str(tmp_path / "t.fl"), "/a\ufffd", "--cache", str(tmp_path / "c")).stdout
+        == "first"
+    )
+    run_cli("unpack", str(tmp_path / "t.fl"), str(tmp_path / "out"), "--cache", str(tmp_path / "c"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["a\ufffd", "d\ufffd", "plain"]
+    mounted = mount_flist(tmp_path / "t.fl")
+    assert sorted(os.listdir(mounted.mountpoint)) == ["a\ufffd", "d\ufffd", "plain"]
+    assert (mounted.mountpoint / "a\ufffd").read_bytes() == b"first"
+    assert (mounted.mountpoint / "d\ufffd" / "inside").read_bytes() == b"in the dir"
+    with pytest.raises(FileNotFoundError):  # the raw name was never stored
+        (mounted.mountpoint / os.fsdecode(b"a\xfe")).stat()
 
 
 def test_overlay_gives_a_writable_root(

@@ -85,7 +85,7 @@ def test_blocks_are_rfs_chunks(packed: tuple[Path, Path, Path]) -> None:
     for index, (block_id, key) in enumerate(rows):
         plain = data[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE]
         assert key == hashlib.blake2b(plain, digest_size=32).digest()
-        stored = (store / block_id.hex()[:2] / block_id.hex()).read_bytes()
+        stored = (store / block_id.hex()).read_bytes()
         assert hashlib.blake2b(stored, digest_size=32).digest() == block_id
         assert snappy.decompress(AESGCM(key).decrypt(key[:12], stored, None)) == plain
 

@@ -15,7 +15,7 @@ from controller.flist.meta import open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import DirStore, Router, ZdbStore, parse_spec, strip_password
 from controller.flist.unpack import unpack
-from tests.flist.conftest import assert_same_tree, make_tree
+from tests.flist.conftest import assert_same_tree, make_tree, run_cli
 from tests.flist.fake_zdb import FakeZdb
 
 HttpDir = Callable[[Path], tuple[str, list[str]]]
@@ -36,16 +36,61 @@ def test_parse_spec() -> None:
         Router.from_specs(["ftp://x"])
 
 
-def test_dir_store_layout_and_fallback(tmp_path: Path) -> None:
+def test_dir_store_writes_flat_and_reads_both_layouts(tmp_path: Path) -> None:
     store = DirStore(f"dir://{tmp_path}")
     ref, stored = encode_v2(b"x" * 100)
     store.set(ref.id, stored)
-    assert (tmp_path / ref.id.hex()[:2] / ref.id.hex()).read_bytes() == stored
-    flat_ref, flat = encode_v2(b"flat")
-    (tmp_path / flat_ref.id.hex()).write_bytes(flat)  # rfs also reads root/<hex>
-    assert store.get(flat_ref.id) == flat and store.exists(flat_ref.id)
+    assert (tmp_path / ref.id.hex()).read_bytes() == stored  # what rfs v2.0.6 reads
+    assert [p.name for p in tmp_path.iterdir()] == [ref.id.hex()]
+    nested_ref, nested = encode_v2(b"nested")
+    (tmp_path / nested_ref.id.hex()[:2]).mkdir()
+    (tmp_path / nested_ref.id.hex()[:2] / nested_ref.id.hex()).write_bytes(nested)
+    assert store.get(nested_ref.id) == nested and store.exists(nested_ref.id)
     with pytest.raises(StoreError):
         DirStore("dir://relative/path")
+
+
+def test_migrate_store_moves_nested_blocks_and_keeps_readers_working(
+    tmp_path: Path,
+) -> None:
+    source = make_tree(tmp_path / "src", files=30, large=(CHUNK_SIZE * 3 + 7,))
+    store = tmp_path / "store"
+    pack(source, tmp_path / "t.fl", [f"dir://{store}"])
+    # Recreate a store in the old layout, plus a duplicate, a stray file and a v1-sized id.
+    blocks = sorted(store.iterdir())
+    for block in blocks:
+        (store / block.name[:2]).mkdir(exist_ok=True)
+        block.rename(store / block.name[:2] / block.name)
+    (store / blocks[0].name).write_bytes((store / blocks[0].name[:2] / blocks[0].name).read_bytes())
+    stray = store / blocks[1].name[:2] / "notes.txt"
+    stray.write_text("not a block")
+    v1_id = "ab" * 16
+    (store / "ab").mkdir(exist_ok=True)
+    (store / "ab" / v1_id).write_bytes(b"v1")
+    with open_flist(tmp_path / "t.fl") as flist:  # the old layout still reads
+        cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
+        unpack(flist, cache, tmp_path / "before")
+        cache.close()
+    assert_same_tree(source, tmp_path / "before")
+
+    out = run_cli("migrate-store", f"dir://{store}").stdout
+    assert out == (  # every block but the duplicate, plus the v1 one
+        f"dir://{store}: {len(blocks)} blocks moved to the flat layout, 1 duplicates removed,"
+        " 1 other files left in place\n"
+    )
+    assert stray.exists() and (store / v1_id).read_bytes() == b"v1"
+    remaining = {p.name for p in store.iterdir() if p.is_dir()}
+    assert remaining == {blocks[1].name[:2]}  # only the directory holding the stray file
+    assert {b.name for b in blocks} <= {p.name for p in store.iterdir()}
+    with open_flist(tmp_path / "t.fl") as flist:
+        cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
+        unpack(flist, cache, tmp_path / "after")
+        cache.close()
+    assert_same_tree(source, tmp_path / "after")
+    again = run_cli("migrate-store", f"dir://{store}").stdout
+    assert again.startswith(f"dir://{store}: 0 blocks moved")
+    refused = run_cli("migrate-store", "zdb://localhost:1", check=False)
+    assert refused.returncode == 1 and "only dir:// stores" in refused.stderr
 
 
 def test_router_replicates_and_reads_first_that_answers(tmp_path: Path) -> None:
@@ -54,9 +99,9 @@ def test_router_replicates_and_reads_first_that_answers(tmp_path: Path) -> None:
     ref, stored = encode_v2(os.urandom(1000))
     assert router.put(ref.id, stored) == 2
     assert router.put(ref.id, stored) == 0  # already present: not written again
-    (a / ref.id.hex()[:2] / ref.id.hex()).unlink()
+    (a / ref.id.hex()).unlink()
     assert router.get(ref.id) == stored  # a misses, b answers
-    (b / ref.id.hex()[:2] / ref.id.hex()).unlink()
+    (b / ref.id.hex()).unlink()
     with pytest.raises(BlockMissingError, match="not found"):
         router.get(ref.id, "/some/file")
 
@@ -71,7 +116,17 @@ def test_http_store_serves_a_dir_store(tmp_path: Path, http_dir: HttpDir) -> Non
         unpack(flist, cache, tmp_path / "out")
         cache.close()
     assert_same_tree(source, tmp_path / "out")
-    assert requests and all(r.count("/") == 2 for r in requests)  # /hh/hex layout
+    assert requests and all(r.count("/") == 1 for r in requests)  # flat: one GET per block
+    blocks = len(requests)
+    for block in list(store.iterdir()):  # a server in front of an old, nested store
+        (store / block.name[:2]).mkdir(exist_ok=True)
+        block.rename(store / block.name[:2] / block.name)
+    with open_flist(tmp_path / "t.fl") as flist:
+        cache = BlockCache(Router.from_specs([url]), None, flist.label)
+        unpack(flist, cache, tmp_path / "nested")
+        cache.close()
+    assert_same_tree(source, tmp_path / "nested")
+    assert len(requests) == 3 * blocks  # flat 404, then /hh/hex
 
 
 def test_http_store_is_read_only_and_reports_errors(http_dir: HttpDir, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from controller.flist.meta import open_flist
 from controller.flist.stores import DirStore, Router
 from controller.flist.unpack import unpack
 from controller.flist.v1 import dir_key
-from tests.flist.conftest import Mounted, assert_same_tree, needs_fuse
+from tests.flist.conftest import Mounted, assert_same_tree, needs_fuse, run_cli
 from tests.flist.fake_zdb import FakeZdb
 from tests.flist.v1_builder import CAPNP, build_v1, encode
 
@@ -151,6 +151,36 @@ def test_v1_backend_metadata_names_the_zdb(fake_zdb: FakeZdb, tmp_path: Path) ->
         cache = BlockCache(Router.from_specs(flist.store_specs()), None, flist.label)
         assert cache.read(flist.blocks(entry), entry.size, 0, 100) == b"zmachine\n"
         cache.close()
+
+
+@needs_capnp
+def test_v1_without_backend_reads_from_the_hub_store(fake_zdb: FakeZdb, tmp_path: Path) -> None:
+    """rfs v1 falls back to the hub's store when the flist names none; the hub is ours here."""
+    from controller.flist.stores import ZdbStore
+
+    source = make_v1_tree(tmp_path / "src")
+    hub = f"zdb://127.0.0.1:{fake_zdb.port}"
+    flist_path = build_v1(source, tmp_path / "x.flist", ZdbStore(hub))  # no metadata.backend
+    with open_flist(flist_path) as flist:
+        assert flist.store_specs() == ["zdb://hub.threefold.me:9900"]
+    cat = ["cat", str(flist_path), "/etc/hostname", "--cache", str(tmp_path / "c")]
+    assert run_cli(*cat, env={"ZMACHINE_FLIST_V1_STORE": hub}).stdout == "zmachine\n"
+    assert fake_zdb.commands["GET"] == 1
+
+
+@needs_capnp
+def test_v1_special_entry_of_unknown_type_is_skipped(tmp_path: Path) -> None:
+    source = make_v1_tree(tmp_path / "src")
+    store = DirStore(f"dir://{tmp_path / 'store'}")
+    flist_path = build_v1(source, tmp_path / "x.flist", store, unknown_special="fifo")
+    with open_flist(flist_path) as flist:
+        names = {path for path, _ in flist.walk()}
+        cache = BlockCache(Router.from_specs([store.url]), None, flist.label)
+        unpack(flist, cache, tmp_path / "out")
+    assert "/fifo" not in names and "/tty" in names
+    (source / "fifo").unlink()
+    os.utime(source, (1_600_000_000, 1_600_000_123))  # as make_v1_tree left it
+    assert_same_tree(source, tmp_path / "out")
 
 
 @pytest.mark.fuse

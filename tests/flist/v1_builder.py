@@ -51,10 +51,13 @@ def dir_key(rel: str) -> str:
 
 
 class V1Builder:
-    def __init__(self, store: Store, unknown_owner: str | None = None) -> None:
+    def __init__(
+        self, store: Store, unknown_owner: str | None = None, unknown_special: str | None = None
+    ) -> None:
         self.store = store
         self.entries: dict[str, bytes] = {}
         self.unknown_owner = unknown_owner  # a file whose ACI says uid -1 + this user name
+        self.unknown_special = unknown_special  # a special file written with type "unknown"
 
     def acl(
         self,
@@ -97,7 +100,8 @@ class V1Builder:
         else:
             numbers = f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
             payload = numbers if kind in (stat.S_IFBLK, stat.S_IFCHR) else "(nothing)"
-            attrs = f"special = (type = {_SPECIAL[kind]}, data = {data(payload.encode())})"
+            kind_name = "unknown" if path.name == self.unknown_special else _SPECIAL[kind]
+            attrs = f"special = (type = {kind_name}, data = {data(payload.encode())})"
             size = 0
         if self.unknown_owner and path.name == self.unknown_owner:
             aclkey = self.acl(st, uname="root", gname="root", uid=-1)
@@ -144,9 +148,10 @@ def build_v1(
     store: Store,
     backend: dict[str, object] | None = None,
     unknown_owner: str | None = None,
+    unknown_special: str | None = None,
 ) -> Path:
     """Write ``output`` (.flist: tar.gz holding ./flistdb.sqlite3) for the tree at ``source``."""
-    builder = V1Builder(store, unknown_owner)
+    builder = V1Builder(store, unknown_owner, unknown_special)
     builder.add_dir(source, "")
     db = builder.database(backend)
     with tarfile.open(output, "w:gz") as tar:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -36,6 +37,8 @@ class FakeNodeAgent:
     node: str
     machines: dict[str, pb.Machine] = field(default_factory=dict)
     deploys: list[tuple[str, int]] = field(default_factory=list)
+    specs: dict[str, pb.ZmachineSpec] = field(default_factory=dict)  # last one sent per uid
+    peers: dict[str, list[pb.WireguardPeer]] = field(default_factory=dict)  # per network uid
     deletes: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # set: Deploy proceeds; unset: Deploy waits on it
     refuse: Exception | None = None
@@ -51,6 +54,7 @@ class FakeNodeAgent:
         self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec
     ) -> pb.DeployResponse:
         self.deploys.append((ref.uid, generation))
+        self.specs[ref.uid] = spec
         self.called.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -69,6 +73,13 @@ class FakeNodeAgent:
 
     async def list(self) -> list[pb.Machine]:
         return list(self.machines.values())
+
+    async def apply_network(
+        self, network_id: str, peers: Sequence[pb.WireguardPeer], network: pb.NetworkInterface
+    ) -> pb.ApplyNetworkResponse:
+        assert network.network_id == network_id
+        self.peers[network_id] = list(peers)
+        return pb.ApplyNetworkResponse(present=True)
 
     async def stats(self, uid: str) -> pb.MachineStats:
         return pb.MachineStats(uid=uid)
@@ -90,7 +101,10 @@ class RecordingAgents:
 def _inventory() -> Inventory:
     inventory = Inventory()
     for name in ("node-a", "node-b"):
-        inventory.nodes[name] = NodeView(name, name, cores=4, memory=8 * GI, ready=True)
+        inventory.nodes[name] = NodeView(
+            name, name, cores=4, memory=8 * GI, ready=True,
+            wireguard_key=f"key-of-{name}", underlay=f"192.0.2.{len(inventory.nodes) + 1}",
+        )  # fmt: skip
     return inventory
 
 

@@ -43,6 +43,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-agent" (include "zmachine.fullname" .)) .Values.agent.serviceAccount.name -}}
 {{- end -}}
 
+{{- define "zmachine.console.serviceAccountName" -}}
+{{- default (printf "%s-console" (include "zmachine.fullname" .)) .Values.console.serviceAccount.name -}}
+{{- end -}}
+
+{{/*
+The console server's serving certificate and its CA (the APIService's caBundle), as JSON:
+kept from the Secret in the cluster, generated when there is none. The API server checks
+the certificate against <service>.<namespace>.svc. Memoized like zmachine.tls.material.
+*/}}
+{{- define "zmachine.console.tls" -}}
+{{- if not (hasKey .Values.console "_tls") -}}
+{{- $name := printf "%s-console" (include "zmachine.fullname" .) -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-serving" $name) | default dict -}}
+{{- $found := get $existing "data" | default dict -}}
+{{- $tls := dict -}}
+{{- if and (hasKey $found "ca.crt") (hasKey $found "tls.crt") (hasKey $found "tls.key") -}}
+{{- range list "ca.crt" "tls.crt" "tls.key" }}{{ $_ := set $tls . (get $found . | b64dec) }}{{ end -}}
+{{- else -}}
+{{- $days := int .Values.tls.validityDays -}}
+{{- $ca := genCA (printf "%s-ca" $name) $days -}}
+{{- $dns := printf "%s.%s.svc" $name .Release.Namespace -}}
+{{- $cert := genSignedCert $dns nil (list $dns) $days $ca -}}
+{{- $tls = dict "ca.crt" $ca.Cert "tls.crt" $cert.Cert "tls.key" $cert.Key -}}
+{{- end -}}
+{{- $_ := set .Values.console "_tls" $tls -}}
+{{- end -}}
+{{- toJson (get .Values.console "_tls") -}}
+{{- end -}}
+
 {{- define "zmachine.tls.secretName" -}}
 {{- default (printf "%s-tls" (include "zmachine.fullname" .)) .Values.tls.existingSecret -}}
 {{- end -}}

@@ -18,12 +18,15 @@ from controller.agent.config import AgentConfig
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.guest import image, seed, virtiofs, vmconfig
 from controller.agent.hypervisor.qemu import QemuVM
+from controller.agent.network import addressing, wireguard
 from controller.agent.network import local as network
+from controller.agent.network.private import PrivateNetworks
 from controller.agent.runtime.console import ConsoleStream
 from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.runtime.state import MachineRecord, NicStatus
-from controller.agent.spec import VolumeKind, hostname_label
+from controller.agent.spec import Interface, VolumeKind, hostname_label
+from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +55,12 @@ class HostBoot:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.ipam = network.IPAllocator(config.cidr, config.state_dir / "ipam.json")
+        self.wireguard_go = wireguard.find_wireguard_go(config.wireguard_go)
+        self.wireguard_key = wireguard.node_key(config.state_dir / "wireguard.key")
+        self.private = PrivateNetworks(
+            config.node_name, config.state_dir, config.netns, self.wireguard_go,
+            self.wireguard_key,
+        )  # fmt: skip
         self.driver = hypervisor.select_hypervisor(
             config.hypervisor,
             config.accel,
@@ -72,29 +81,50 @@ class HostBoot:
 
     # ----------------------------------------------------------------- network
 
+    def overlay_identity(self) -> dict[str, str]:
+        """What other nodes need to peer with this one; empty without an overlay."""
+        if self.wireguard_go is None or not self.config.underlay_address:
+            return {}
+        return {
+            "wireguard_public_key": wireguard.public_key(self.wireguard_key),
+            "underlay_address": self.config.underlay_address,
+        }
+
+    def _ipam(self, nic: Interface) -> network.IPAllocator:
+        return self.private.ipam(nic) if nic.subnet else self.ipam
+
+    async def _bridge(self, nic: Interface) -> str:
+        """The bridge the interface's tap joins, the network set up first when private."""
+        if not nic.subnet:
+            return self.config.bridge
+        await asyncio.to_thread(self.private.ensure, nic)
+        return self.private.bridge_of(nic)
+
     async def create_nics(self, rec: MachineRecord) -> list[NicStatus]:
         nics = []
         for i, nic in enumerate(rec.spec.interfaces):
+            ipam = self._ipam(nic)
             try:
-                ip = (
-                    self.ipam.reserve(rec.ref.uid, nic.ip)
-                    if nic.ip
-                    else self.ipam.allocate(rec.ref.uid)
-                )
+                ip = ipam.reserve(rec.ref.uid, nic.ip) if nic.ip else ipam.allocate(rec.ref.uid)
             except ValueError as exc:
                 raise InvalidSpec(
                     f"zmachine {rec.ref}: spec.network.interfaces[{i}].ip: {exc}"
                 ) from exc
+            bridge = await self._bridge(nic)
             tap = network.tap_name(rec.ref.uid, i)
-            await asyncio.to_thread(network.create_tap, tap, self.config.bridge, self.config.netns)
-            nics.append(NicStatus(nic.network, str(ip), network.mac_address(rec.ref.uid, i), tap))
+            await asyncio.to_thread(network.create_tap, tap, bridge, self.config.netns)
+            ipv6 = ""
+            if nic.ipv6_subnet:
+                v6 = ipaddress.IPv6Network(nic.ipv6_subnet)
+                ipv6 = str(v6.network_address + ip.packed[3])
+            mac = network.mac_address(rec.ref.uid, i)
+            nics.append(NicStatus(nic.network, str(ip), mac, tap, ipv6))
         return nics
 
     async def ensure_taps(self, rec: MachineRecord) -> None:
-        for n in rec.nics:
-            await asyncio.to_thread(
-                network.create_tap, n.tap, self.config.bridge, self.config.netns
-            )
+        for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False):
+            bridge = await self._bridge(nic)
+            await asyncio.to_thread(network.create_tap, n.tap, bridge, self.config.netns)
 
     async def delete_nics(self, rec: MachineRecord) -> None:
         # Recorded taps, plus the names a half-finished create_nics may have made.
@@ -103,13 +133,25 @@ class HostBoot:
         for tap in sorted(taps):
             await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
         self.ipam.release(rec.ref.uid)
+        for nic in rec.spec.interfaces:
+            if nic.subnet:
+                self.private.ipam(nic).release(rec.ref.uid)
+                await asyncio.to_thread(self.private.remove_if_unused, nic)
 
     # ----------------------------------------------------------------- seed
 
-    async def write_seed(self, rec: MachineRecord, p: VMPaths) -> None:
+    async def write_seed(
+        self, rec: MachineRecord, p: VMPaths, settings: RunSettings | None = None
+    ) -> None:
         """Image mode (as zos) carries no mounts, env or entrypoint: the image's own OS
-        mounts its disks and runs its own init; hostname, network and keys still apply."""
+        mounts its disks and runs its own init; hostname, network and keys still apply.
+        Container mode takes the entrypoint an image's flist names when the spec has none, and
+        the image's env under the spec's (as a container runtime does)."""
         image_mode = rec.boot_mode == vmconfig.BootMode.IMAGE
+        entrypoint, env = rec.spec.entrypoint, dict(rec.spec.env)
+        if settings is not None and rec.boot_mode == vmconfig.BootMode.CONTAINER:
+            entrypoint = entrypoint or settings.entrypoint
+            env = {**settings.env, **env}
         disks = [v for v in rec.spec.volumes if v.kind is VolumeKind.DISK]
         mounts = []
         for m in () if image_mode else rec.spec.mounts:
@@ -120,14 +162,9 @@ class HostBoot:
                 mounts.append(seed.Mount(dev, m.mountpoint))
             else:
                 mounts.append(seed.Mount(vol.name, m.mountpoint, fstype="virtiofs"))
-        gateway = str(self.ipam.gateway)
         interfaces = [
-            seed.Interface(
-                mac=n.mac,
-                addresses=[str(self.ipam.interface(ipaddress.IPv4Address(n.ip)))],
-                gateway4=gateway,
-            )
-            for n in rec.nics
+            _seed_interface(nic, n, self.ipam)
+            for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False)
         ]
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
@@ -136,8 +173,8 @@ class HostBoot:
             nameservers=NAMESERVERS if interfaces else (),
             ssh_keys=rec.spec.ssh_keys,
             mounts=mounts,
-            env={} if image_mode else rec.spec.env,
-            entrypoint="" if image_mode else rec.spec.entrypoint,
+            env={} if image_mode else env,
+            entrypoint="" if image_mode else entrypoint,
         )
         await asyncio.to_thread(seed.write_seed, config, p.seed)
 
@@ -355,6 +392,27 @@ def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
         return 0, 0
     stats = json.loads(out.stdout)[0].get("stats64", {})
     return int(stats.get("rx", {}).get("bytes", 0)), int(stats.get("tx", {}).get("bytes", 0))
+
+
+def _seed_interface(nic: Interface, n: NicStatus, local: network.IPAllocator) -> seed.Interface:
+    """As zos configures a private NIC: the /24 and the /64, gateways .1 and ::1, and the
+    whole range and 100.64.0.0/16 (the overlay's addresses) via .1."""
+    if not nic.subnet:
+        address = local.interface(ipaddress.IPv4Address(n.ip))
+        return seed.Interface(mac=n.mac, addresses=[str(address)], gateway4=str(local.gateway))
+    subnet = ipaddress.IPv4Network(nic.subnet)
+    v6 = ipaddress.IPv6Network(nic.ipv6_subnet)
+    gw = str(addressing.gateway(subnet))
+    return seed.Interface(
+        mac=n.mac,
+        addresses=[f"{n.ip}/{subnet.prefixlen}", f"{n.ipv6}/{v6.prefixlen}"],
+        gateway4=gw,
+        gateway6=str(v6.network_address + 1),
+        routes=[
+            seed.Route(nic.ip_range, gw),
+            seed.Route(str(addressing.ACCESS_RANGE), gw),
+        ],
+    )
 
 
 def _disk_index(rec: MachineRecord, volume_index: int) -> int:

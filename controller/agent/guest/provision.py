@@ -37,7 +37,8 @@ from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import spawn_detached, terminate
 from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
-from controller.flist import bootmode, fetch, mount, overlay
+from controller.flist import bootmode, fetch, meta, mount, overlay
+from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
 
@@ -137,7 +138,7 @@ class Provisioner:
             rec.nics = await self.host.create_nics(rec)
             await self.checkpoint(rec, "after-network", "writing seed")
             step = "seed"
-            await self.host.write_seed(rec, p)
+            await self.host.write_seed(rec, p, await asyncio.to_thread(_run_settings, flist))
             await self.checkpoint(rec, "after-seed", "starting virtiofsd")
             step = "launch"
             await self.launch(rec)
@@ -502,3 +503,8 @@ async def _run(argv: list[str]) -> None:
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise Unavailable(f"{argv[0]} failed ({proc.returncode}): {out.decode(errors='replace')}")
+
+
+def _run_settings(flist: Path) -> RunSettings:
+    with meta.open_flist(flist) as opened:
+        return opened.run_settings()

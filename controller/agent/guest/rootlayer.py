@@ -19,10 +19,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from controller.agent.errors import Unavailable
 from controller.flist import syscalls
 
 TIMEOUT = 600.0  # e2fsck/resize2fs of a large, full image take a while
+log = structlog.get_logger(__name__)
+
 UNMOUNT_WAIT = 5.0  # a lazily detached overlay on top may take a moment to let go
 
 
@@ -106,10 +110,41 @@ def unmount(image: Path, target: Path) -> None:
     # until none is left, so a deleted image never stays alive behind a loop device.
     while image.exists() and (attached := loop_devices(image)):
         if time.monotonic() >= deadline:
+            holders = foreign_holders(text)
+            if holders:
+                # A mount namespace made while the image was mounted (a container runtime,
+                # a build tool) holds its own copy of the mount; our unmount cannot reach it.
+                # The autoclear device goes when that namespace ends; the image file we
+                # delete next is then freed, and a new Deploy formats a new file.
+                log.warning(
+                    "root image still held by another mount namespace",
+                    image=str(image),
+                    loop=attached,
+                    holders=holders[:5],
+                )
+                return
             raise Unavailable(f"{image}: loop device {', '.join(attached)} still attached")
         for dev in attached:
             _run(["losetup", "-d", dev], ok=(0, 1))
         time.sleep(0.1)
+
+
+def foreign_holders(mountpoint: str) -> list[int]:
+    """Pids in other mount namespaces whose mount table still lists ``mountpoint``."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    needle = f" {mountpoint} "
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "ns" / "mnt") != ours and needle in (
+                proc / "mountinfo"
+            ).read_text(errors="surrogateescape"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # gone, or a kernel thread
+    return pids
 
 
 def adopt_plain_upper(old_upper: Path, old_work: Path, upper: Path) -> None:

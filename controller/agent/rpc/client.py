@@ -5,7 +5,7 @@ gRPC errors surface as ``grpc.aio.AioRpcError`` with the agent's status code and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -19,13 +19,20 @@ class AgentClient:
     """``AgentClient("host:port", ClientTLS(...))``; ``tls=None`` means plaintext
     (only accepted by an agent started with ``--insecure-dev``)."""
 
-    def __init__(self, address: str, tls: ClientTLS | None, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        tls: ClientTLS | None,
+        timeout: float = 120.0,
+        options: Sequence[tuple[str, int | str]] = (),
+    ) -> None:
+        """``options``: extra gRPC channel arguments (e.g. reconnect backoff)."""
         self.address = address
         self.timeout = timeout
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(address)
+            self._channel = grpc.aio.insecure_channel(address, list(options))
         else:
-            options = []
+            options = list(options)
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.aio.secure_channel(address, channel_credentials(tls), options)
@@ -74,6 +81,15 @@ class AgentClient:
     async def node_info(self) -> pb.NodeInfoResponse:
         return await self._stub.NodeInfo(pb.NodeInfoRequest(), timeout=self.timeout)
 
+    async def apply_network(
+        self,
+        network_id: str,
+        peers: Sequence[pb.WireguardPeer],
+        network: pb.NetworkInterface | None = None,
+    ) -> pb.ApplyNetworkResponse:
+        request = pb.ApplyNetworkRequest(network_id=network_id, peers=peers, network=network)
+        return await self._stub.ApplyNetwork(request, timeout=self.timeout)
+
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._stub.Stats(pb.MachineRequest(uid=uid), timeout=self.timeout)
 
@@ -82,3 +98,26 @@ class AgentClient:
         call = self._stub.WatchEvents(pb.WatchEventsRequest(uid=uid))
         async for event in call:
             yield event
+
+    async def attach_console(
+        self, uid: str, keystrokes: AsyncIterator[pb.ConsoleInput], history: bool = True
+    ) -> AsyncIterator[pb.ConsoleOutput]:
+        """The shared console session: ``keystrokes`` (data/resize messages) go in, the
+        history (if asked) and then live output and state changes come out."""
+
+        async def requests() -> AsyncIterator[pb.ConsoleInput]:
+            yield pb.ConsoleInput(attach=pb.ConsoleAttach(uid=uid, history=history))
+            async for msg in keystrokes:
+                yield msg
+
+        async for out in self._stub.AttachConsole(requests()):
+            yield out
+
+    async def console_log(
+        self, uid: str, follow: bool = False, tail_lines: int = -1
+    ) -> AsyncIterator[bytes]:
+        """The serial log's last ``tail_lines`` lines (all when < 0), then, with ``follow``,
+        new output until cancelled."""
+        request = pb.ConsoleLogRequest(uid=uid, follow=follow, tail_lines=tail_lines)
+        async for out in self._stub.ConsoleLog(request):
+            yield out.data

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.agent.errors import InvalidSpec
+from controller.agent.network import wireguard
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.runtime.events import Event, EventType
 from controller.agent.runtime.state import MachineRecord, State
@@ -41,6 +47,10 @@ class UnknownVolumeKind(ValueError):
     pass
 
 
+def state_to_pb(state: State) -> pb.MachineState.ValueType:
+    return _STATE[state]
+
+
 def ref_from_pb(ref: pb.ZmachineRef) -> Ref:
     return Ref(namespace=ref.namespace, name=ref.name, uid=ref.uid)
 
@@ -65,7 +75,7 @@ def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
         env=dict(sorted(spec.env.items())),
         volumes=tuple(volumes),
         mounts=tuple(Mount(m.name, m.mountpoint) for m in spec.mounts),
-        interfaces=tuple(Interface(n.network, n.ip) for n in spec.interfaces),
+        interfaces=tuple(interface_from_pb(n) for n in spec.interfaces),
         restart_policy=_POLICY.get(spec.restart_policy, RestartPolicy.ALWAYS),
         paused=spec.paused,
         hostname=spec.hostname,
@@ -89,7 +99,8 @@ def machine_to_pb(rec: MachineRecord) -> pb.Machine:
         message=rec.message,
         boot_mode=_BOOT.get(rec.boot_mode, pb.BOOT_MODE_UNSPECIFIED),
         interfaces=[
-            pb.InterfaceStatus(network=n.network, ip=n.ip, mac=n.mac, tap=n.tap) for n in rec.nics
+            pb.InterfaceStatus(network=n.network, ip=n.ip, mac=n.mac, tap=n.tap, ipv6=n.ipv6)
+            for n in rec.nics
         ],
         restarts=rec.restarts,
         pid=rec.vmm.pid if alive and rec.vmm else 0,
@@ -113,3 +124,25 @@ def event_to_pb(event: Event) -> pb.Event:
         message=event.message,
         time=_timestamp(event.time),
     )
+
+
+def interface_from_pb(n: pb.NetworkInterface) -> Interface:
+    return Interface(
+        n.network, n.ip, n.network_id, n.ip_range, n.subnet, n.ipv6_subnet, n.nat, n.listen_port
+    )
+
+
+def peer_from_pb(network_id: str, peer: pb.WireguardPeer) -> wireguard.Peer:
+    """A peer of a network's overlay, checked: it ends up in a configuration protocol."""
+    where = f"network {network_id}: peer {peer.endpoint!r}"
+    try:
+        if len(base64.b64decode(peer.public_key, validate=True)) != 32:
+            raise ValueError("the public key is not 32 bytes")
+        host, port = peer.endpoint.rsplit(":", 1)
+        ipaddress.ip_address(host.strip("[]"))
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} is out of range")
+        allowed = tuple(str(ipaddress.ip_network(a)) for a in peer.allowed_ips)
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidSpec(f"{where}: {exc}") from exc
+    return wireguard.Peer(peer.public_key, peer.endpoint, allowed)

@@ -6,6 +6,7 @@ typed exceptions, and anything untyped is reported as INTERNAL with its message.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,10 +18,13 @@ import structlog
 from controller.agent import __version__
 from controller.agent.errors import AgentError, InvalidSpec
 from controller.agent.guest.provision import Provisioner
+from controller.agent.rpc import consoles
 from controller.agent.rpc.convert import (
     UnknownVolumeKind,
     event_to_pb,
+    interface_from_pb,
     machine_to_pb,
+    peer_from_pb,
     ref_from_pb,
     spec_from_pb,
 )
@@ -28,6 +32,7 @@ from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
 from controller.agent.runtime.events import EventBus
 from controller.agent.runtime.machines import Machines, host_memory
+from controller.agent.spec import validate_private
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -53,6 +58,21 @@ def mapped(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         raise AssertionError("context.abort returned")  # abort always raises
 
     return wrapper
+
+
+async def mapped_stream(
+    name: str, items: AsyncIterator[Resp], context: grpc.aio.ServicerContext[Any, Resp]
+) -> AsyncIterator[Resp]:
+    """``mapped`` for server streams: an AgentError ends the stream with its status code."""
+    try:
+        async for item in items:
+            yield item
+    except AgentError as exc:
+        log.info("request refused", method=name, code=exc.code.name, error=str(exc))
+        await context.abort(exc.code, str(exc))
+    except Exception as exc:
+        log.exception("request failed", method=name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 class AgentService(pb_grpc.AgentServiceServicer):
@@ -139,7 +159,24 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            **self.prov.host.overlay_identity(),
         )
+
+    @mapped
+    async def ApplyNetwork(
+        self, request: pb.ApplyNetworkRequest, context: Any
+    ) -> pb.ApplyNetworkResponse:
+        peers = [peer_from_pb(request.network_id, p) for p in request.peers]
+        nic = None
+        if request.HasField("network"):
+            nic = interface_from_pb(request.network)
+            if nic.network_id != request.network_id:
+                raise InvalidSpec(f"network {request.network_id}: its interface names another")
+            validate_private(f"network {request.network_id}", nic, None)
+        present = await asyncio.to_thread(
+            self.prov.host.private.apply, request.network_id, peers, nic
+        )
+        return pb.ApplyNetworkResponse(present=present)
 
     @mapped
     async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:
@@ -156,3 +193,17 @@ class AgentService(pb_grpc.AgentServiceServicer):
             restarts=rec.restarts,
             boot_duration_seconds=rec.boot_duration,
         )
+
+    async def AttachConsole(
+        self, request_iterator: AsyncIterator[pb.ConsoleInput], context: Any
+    ) -> AsyncIterator[pb.ConsoleOutput]:
+        session = consoles.attach(self.machines, request_iterator)
+        async for msg in mapped_stream("AttachConsole", session, context):
+            yield msg
+
+    async def ConsoleLog(
+        self, request: pb.ConsoleLogRequest, context: Any
+    ) -> AsyncIterator[pb.ConsoleOutput]:
+        chunks = consoles.serial_log(self.machines, request)
+        async for data in mapped_stream("ConsoleLog", chunks, context):
+            yield pb.ConsoleOutput(data=data)

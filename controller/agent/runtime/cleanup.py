@@ -10,6 +10,7 @@ devices backed by files in it. Running it twice is harmless: the second run find
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -39,6 +40,8 @@ async def cleanup(config: AgentConfig) -> int:
         store.remove(rec.ref.uid)
         removed += 1
         log.info("machine removed", uid=rec.ref.uid, namespace=rec.ref.namespace, name=rec.ref.name)
+    # Networks outlive their machines only when a teardown failed half-way.
+    await asyncio.to_thread(prov.host.private.remove_all)
     sweep(config.state_dir)
     return removed
 

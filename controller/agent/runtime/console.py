@@ -4,7 +4,8 @@ Both VMMs expose the serial port as a PTY (cloud-hypervisor ``--serial pty``, QE
 ``pty`` chardev); the agent reads it and is the only writer of ``console.log``. That is
 what keeps a guest reboot from wiping earlier output (cloud-hypervisor truncates a
 ``file=`` serial at every start and reboot) and what a browser console will fan out:
-``ConsoleStream`` keeps a history ring and feeds any number of subscribers.
+``ConsoleStream`` keeps a history ring and feeds any number of subscribers, and writes
+what attached clients type into the same PTY (every client may type; docs/console.md).
 
 cloud-hypervisor creates a new PTY at every guest reboot; ``follow`` re-reads the path
 from the VMM (``vm.info`` / ``query-chardev``) whenever the PTY it reads closes, and
@@ -16,7 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
+import struct
+import termios
+import tty
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +61,37 @@ class ConsoleStream:
         self._history_size = 0
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self._log: BinaryIO | None = None
+        self._pty: int | None = None  # fd of the PTY being read, also where input goes
+        self._size: tuple[int, int] | None = None  # (rows, cols) last asked for
+
+    @property
+    def connected(self) -> bool:
+        """True while a VMM's PTY is open (input can reach the guest)."""
+        return self._pty is not None
+
+    def write(self, data: bytes) -> int:
+        """Send keystrokes to the guest's serial port; the number of bytes taken. Nothing
+        is taken while no PTY is open (the VM is down) or while the PTY's buffer is full:
+        a serial line has no flow control worth waiting for."""
+        if self._pty is None or not data:
+            return 0
+        try:
+            return os.write(self._pty, data)
+        except (BlockingIOError, OSError):
+            return 0
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Record the client's window size on the PTY. A serial line carries no size to
+        the guest; this keeps the host side consistent and the size for the next PTY."""
+        self._size = (rows, cols)
+        if self._pty is not None:
+            self._apply_size(self._pty)
+
+    def _apply_size(self, fd: int) -> None:
+        if self._size is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *self._size, 0, 0))
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -75,10 +111,11 @@ class ConsoleStream:
         return b"".join(self._history)
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[bytes]]:
-        """A queue that gets the history first, then every new chunk."""
+    def subscribe(self, history: bool = True) -> Iterator[asyncio.Queue[bytes]]:
+        """A queue that gets the history first (unless ``history`` is false), then every
+        new chunk."""
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=SUBSCRIBER_BACKLOG)
-        if self._history:
+        if history and self._history:
             queue.put_nowait(self.history())
         self._subscribers.add(queue)
         try:
@@ -140,7 +177,7 @@ class ConsoleStream:
 
     async def _read_pty(self, path: Path) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             log.debug("serial PTY not readable", pty=str(path), error=str(exc))
             return
@@ -161,9 +198,15 @@ class ConsoleStream:
             elif not closed.done():
                 closed.set_result(None)
 
+        with contextlib.suppress(termios.error):
+            # TCSANOW: TCSAFLUSH would drop what the VMM already wrote.
+            tty.setraw(fd, termios.TCSANOW)  # bytes as typed: no echo or line editing here
+        self._apply_size(fd)
         loop.add_reader(fd, readable)
+        self._pty = fd
         try:
             await closed
         finally:
+            self._pty = None
             loop.remove_reader(fd)
             os.close(fd)

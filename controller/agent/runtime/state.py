@@ -42,6 +42,7 @@ class NicStatus:
     ip: str
     mac: str
     tap: str
+    ipv6: str = ""
 
 
 @dataclass

@@ -241,18 +241,45 @@ class NetworkInterface(_message.Message):
 
     NETWORK_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    IP_RANGE_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    IPV6_SUBNET_FIELD_NUMBER: _builtins.int
+    NAT_FIELD_NUMBER: _builtins.int
+    LISTEN_PORT_FIELD_NUMBER: _builtins.int
     network: _builtins.str
     ip: _builtins.str
-    """IPv4; empty = the agent assigns one from its CIDR"""
+    """IPv4; empty = the agent assigns one from subnet (or its --cidr)"""
+    network_id: _builtins.str
+    """The ZmachineNetwork, as the controller placed it. Without a subnet the interface
+    joins the agent's node-local bridge (--bridge, --cidr).
+    the network's uid: names its bridge and namespace on the node
+    """
+    ip_range: _builtins.str
+    """the whole IPv4 range, routed via the subnet's .1"""
+    subnet: _builtins.str
+    """this node's /24 of the range"""
+    ipv6_subnet: _builtins.str
+    """the /64 matching subnet"""
+    nat: _builtins.bool
+    """masquerade egress to outside the range behind the node's uplink"""
+    listen_port: _builtins.int
+    """UDP port of this node's end of the network's overlay"""
     def __init__(
         self,
         *,
         network: _builtins.str = ...,
         ip: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        ip_range: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+        ipv6_subnet: _builtins.str = ...,
+        nat: _builtins.bool = ...,
+        listen_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "network", b"network"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "ip_range", b"ip_range", "ipv6_subnet", b"ipv6_subnet", "listen_port", b"listen_port", "nat", b"nat", "network", b"network", "network_id", b"network_id", "subnet", b"subnet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,10 +428,12 @@ class InterfaceStatus(_message.Message):
     IP_FIELD_NUMBER: _builtins.int
     MAC_FIELD_NUMBER: _builtins.int
     TAP_FIELD_NUMBER: _builtins.int
+    IPV6_FIELD_NUMBER: _builtins.int
     network: _builtins.str
     ip: _builtins.str
     mac: _builtins.str
     tap: _builtins.str
+    ipv6: _builtins.str
     def __init__(
         self,
         *,
@@ -412,10 +441,11 @@ class InterfaceStatus(_message.Message):
         ip: _builtins.str = ...,
         mac: _builtins.str = ...,
         tap: _builtins.str = ...,
+        ipv6: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "mac", b"mac", "network", b"network", "tap", b"tap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "ipv6", b"ipv6", "mac", b"mac", "network", b"network", "tap", b"tap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,6 +753,8 @@ class NodeInfoResponse(_message.Message):
     HARDWARE_ACCELERATION_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     MACHINES_FIELD_NUMBER: _builtins.int
+    WIREGUARD_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    UNDERLAY_ADDRESS_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     hypervisor: _builtins.str
     hypervisor_version: _builtins.str
@@ -730,6 +762,10 @@ class NodeInfoResponse(_message.Message):
     """KVM usable (and chosen) on this node"""
     agent_version: _builtins.str
     machines: _builtins.int
+    wireguard_public_key: _builtins.str
+    """base64; empty when the node has no overlay"""
+    underlay_address: _builtins.str
+    """where other nodes reach this node's overlay ports"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -747,10 +783,12 @@ class NodeInfoResponse(_message.Message):
         hardware_acceleration: _builtins.bool = ...,
         agent_version: _builtins.str = ...,
         machines: _builtins.int = ...,
+        wireguard_public_key: _builtins.str = ...,
+        underlay_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,3 +836,210 @@ class MachineStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MachineStats: _TypeAlias = MachineStats  # noqa: Y015
+
+@_typing.final
+class ConsoleAttach(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    uid: _builtins.str
+    history: _builtins.bool
+    """replay the history ring first (false on a re-attach)"""
+    def __init__(
+        self,
+        *,
+        uid: _builtins.str = ...,
+        history: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleAttach: _TypeAlias = ConsoleAttach  # noqa: Y015
+
+@_typing.final
+class ConsoleResize(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    cols: _builtins.int
+    rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        cols: _builtins.int = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cols", b"cols", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleResize: _TypeAlias = ConsoleResize  # noqa: Y015
+
+@_typing.final
+class ConsoleInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """keystrokes for the guest's serial port"""
+    @_builtins.property
+    def attach(self) -> Global___ConsoleAttach:
+        """first message, exactly once"""
+
+    @_builtins.property
+    def resize(self) -> Global___ConsoleResize: ...
+    def __init__(
+        self,
+        *,
+        attach: Global___ConsoleAttach | None = ...,
+        data: _builtins.bytes = ...,
+        resize: Global___ConsoleResize | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "data", b"data", "kind", b"kind", "resize", b"resize"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "data", b"data", "kind", b"kind", "resize", b"resize"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["attach", "data", "resize"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ConsoleInput: _TypeAlias = ConsoleInput  # noqa: Y015
+
+@_typing.final
+class ConsoleOutput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """serial output"""
+    state: Global___MachineState.ValueType
+    """at attach and whenever it changes"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        state: Global___MachineState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["data", "state"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ConsoleOutput: _TypeAlias = ConsoleOutput  # noqa: Y015
+
+@_typing.final
+class ConsoleLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    uid: _builtins.str
+    follow: _builtins.bool
+    tail_lines: _builtins.int
+    """< 0: the whole current console.log"""
+    def __init__(
+        self,
+        *,
+        uid: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+        tail_lines: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "tail_lines", b"tail_lines", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleLogRequest: _TypeAlias = ConsoleLogRequest  # noqa: Y015
+
+@_typing.final
+class WireguardPeer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ALLOWED_IPS_FIELD_NUMBER: _builtins.int
+    public_key: _builtins.str
+    """base64"""
+    endpoint: _builtins.str
+    """host:port on the underlay"""
+    @_builtins.property
+    def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the peer's subnets (IPv4 /24, IPv6 /64, overlay /32)"""
+
+    def __init__(
+        self,
+        *,
+        public_key: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        allowed_ips: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ips", b"allowed_ips", "endpoint", b"endpoint", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WireguardPeer: _TypeAlias = WireguardPeer  # noqa: Y015
+
+@_typing.final
+class ApplyNetworkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WireguardPeer]: ...
+    @_builtins.property
+    def network(self) -> Global___NetworkInterface:
+        """The network as the node serves it now (a changed nat applies at once); no ip."""
+
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        peers: _abc.Iterable[Global___WireguardPeer] | None = ...,
+        network: Global___NetworkInterface | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network", b"network", "network_id", b"network_id", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyNetworkRequest: _TypeAlias = ApplyNetworkRequest  # noqa: Y015
+
+@_typing.final
+class ApplyNetworkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESENT_FIELD_NUMBER: _builtins.int
+    present: _builtins.bool
+    def __init__(
+        self,
+        *,
+        present: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["present", b"present"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyNetworkResponse: _TypeAlias = ApplyNetworkResponse  # noqa: Y015

@@ -84,6 +84,21 @@ class AgentServiceStub:
                 request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
                 response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
                 _registered_method=True)
+        self.AttachConsole = channel.stream_stream(
+                '/zmachine.agent.v1.AgentService/AttachConsole',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleInput.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
+        self.ConsoleLog = channel.unary_stream(
+                '/zmachine.agent.v1.AgentService/ConsoleLog',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
+        self.ApplyNetwork = channel.unary_unary(
+                '/zmachine.agent.v1.AgentService/ApplyNetwork',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -154,6 +169,31 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachConsole(self, request_iterator, context):
+        """The serial console, shared: the first message names the machine (attach), then
+        input bytes and window sizes; the answer is the history ring, then live output and
+        the machine's state whenever it changes. Every attached client may type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConsoleLog(self, request, context):
+        """The serial log: the last tail_lines lines of console.log, then (follow) new output
+        until the call is cancelled or the machine is deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyNetwork(self, request, context):
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +246,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.FromString,
                     response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.SerializeToString,
+            ),
+            'AttachConsole': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttachConsole,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleInput.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'ConsoleLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ConsoleLog,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'ApplyNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyNetwork,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +533,87 @@ class AgentService:
             '/zmachine.agent.v1.AgentService/Stats',
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineRequest.SerializeToString,
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.MachineStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachConsole(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/zmachine.agent.v1.AgentService/AttachConsole',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleInput.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsoleLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/zmachine.agent.v1.AgentService/ConsoleLog',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleLogRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zmachine.agent.v1.AgentService/ApplyNetwork',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,19 @@ class AgentServiceStub:
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]
+    AttachConsole: _grpc.StreamStreamMultiCallable[_agent_pb2.ConsoleInput, _agent_pb2.ConsoleOutput]
+    """The serial console, shared: the first message names the machine (attach), then
+    input bytes and window sizes; the answer is the history ring, then live output and
+    the machine's state whenever it changes. Every attached client may type.
+    """
+    ConsoleLog: _grpc.UnaryStreamMultiCallable[_agent_pb2.ConsoleLogRequest, _agent_pb2.ConsoleOutput]
+    """The serial log: the last tail_lines lines of console.log, then (follow) new output
+    until the call is cancelled or the machine is deleted.
+    """
+    ApplyNetwork: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -74,6 +87,19 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Lifecycle events of all machines, from the moment of the call on."""
     NodeInfo: _aio.UnaryUnaryMultiCallable[_agent_pb2.NodeInfoRequest, _agent_pb2.NodeInfoResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_agent_pb2.MachineRequest, _agent_pb2.MachineStats]  # type: ignore[assignment]
+    AttachConsole: _aio.StreamStreamMultiCallable[_agent_pb2.ConsoleInput, _agent_pb2.ConsoleOutput]  # type: ignore[assignment]
+    """The serial console, shared: the first message names the machine (attach), then
+    input bytes and window sizes; the answer is the history ring, then live output and
+    the machine's state whenever it changes. Every attached client may type.
+    """
+    ConsoleLog: _aio.UnaryStreamMultiCallable[_agent_pb2.ConsoleLogRequest, _agent_pb2.ConsoleOutput]  # type: ignore[assignment]
+    """The serial log: the last tail_lines lines of console.log, then (follow) new output
+    until the call is cancelled or the machine is deleted.
+    """
+    ApplyNetwork: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyNetworkRequest, _agent_pb2.ApplyNetworkResponse]  # type: ignore[assignment]
+    """The overlay peers (and options) of a private network on this node; ignored
+    (present=false) when no machine of the network runs here (the first Deploy sets it up).
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,5 +177,36 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.MachineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.MachineStats, _abc.Awaitable[_agent_pb2.MachineStats]]: ...
+
+    @_abc_1.abstractmethod
+    def AttachConsole(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ConsoleInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConsoleOutput], _abc.AsyncIterator[_agent_pb2.ConsoleOutput]]:
+        """The serial console, shared: the first message names the machine (attach), then
+        input bytes and window sizes; the answer is the history ring, then live output and
+        the machine's state whenever it changes. Every attached client may type.
+        """
+
+    @_abc_1.abstractmethod
+    def ConsoleLog(
+        self,
+        request: _agent_pb2.ConsoleLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConsoleOutput], _abc.AsyncIterator[_agent_pb2.ConsoleOutput]]:
+        """The serial log: the last tail_lines lines of console.log, then (follow) new output
+        until the call is cancelled or the machine is deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyNetwork(
+        self,
+        request: _agent_pb2.ApplyNetworkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ApplyNetworkResponse, _abc.Awaitable[_agent_pb2.ApplyNetworkResponse]]:
+        """The overlay peers (and options) of a private network on this node; ignored
+        (present=false) when no machine of the network runs here (the first Deploy sets it up).
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
