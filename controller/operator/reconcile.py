@@ -60,6 +60,7 @@ _PHASE = {
 
 AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
 PROVISION_FAILED = "ProvisionFailed"  # the agent's reason: provisioning failed, host cleaned
+STARTUP_NODE_GRACE = 20.0  # the agents' Lease duration
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 10.0, 300.0
 
 
@@ -368,6 +369,8 @@ async def _place(
                 if placement is not None:
                     rt.inventory.placements.setdefault(str(item["metadata"]["uid"]), placement)
             rt.placements_seeded = True
+        if not spec.node_name and _judging_nodes(rt, target, out):
+            return None
         decision = choose_node(
             rt.inventory,
             request,
@@ -406,6 +409,22 @@ async def _place(
     out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
     out.phase_to(Phase.SCHEDULED, decision.reason, decision.message)
     return node
+
+
+def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
+    """Right after a start, a Ready node whose Lease has not been seen renewed yet may be
+    alive or dead: wait one Lease duration for it rather than pile every placement onto
+    the nodes that happened to renew first. True: the Zmachine waits (Pending; the next
+    pass places it)."""
+    unsure = sorted(n.name for n in rt.inventory.nodes.values() if n.ready and not n.renewing)
+    left = STARTUP_NODE_GRACE - (time.monotonic() - rt.inventory.started)
+    if not unsure or left <= 0:
+        return False
+    message = f"waiting up to {left:.0f}s for nodes {', '.join(unsure)} to renew their Leases"
+    out.set("observedGeneration", target.generation)
+    out.condition(cond.SCHEDULED, False, "WaitingForNodes", message)
+    out.phase_to(Phase.PENDING, "WaitingForNodes", message)
+    return True
 
 
 async def _bind(rt: Runtime, target: Target, node: str) -> str | None:

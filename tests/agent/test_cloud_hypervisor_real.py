@@ -259,7 +259,12 @@ def test_reboot_reconnects_virtiofs_when_virtiofsd_is_restarted_on_the_event(
             await vm.api.request("PUT", "vm.reboot")  # returns once CH has rebooted
             took = time.monotonic() - started
             await asyncio.wait_for(restarter, 5)
-            names = event_names(read_events(cfg.events_file))
+            # CH answers the request, and its event monitor thread writes vm/rebooted to
+            # the file beside it: the line may land just after the reply.
+            deadline = time.monotonic() + 5
+            while (names := event_names(read_events(cfg.events_file))).count("vm/rebooted") < 1:
+                assert time.monotonic() < deadline, names
+                await asyncio.sleep(0.05)
             assert names.count("vm/rebooted") == 1, names
             assert took < 20, f"reboot took {took:.0f}s"
             assert vm.alive() and await vm.ready()

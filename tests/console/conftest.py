@@ -119,7 +119,6 @@ def _manifest(ns: str, flist: Path) -> str:
                 # An interactive shell on the serial console (our init runs the entrypoint
                 # in the foreground with the console as its terminal).
                 "entrypoint": "/bin/sh",
-                "network": {"interfaces": [{"network": "zmnet"}]},
             },
         }
     )
@@ -134,7 +133,7 @@ def console_env(
     agent_guest_dir: Path,
     agent_busybox_flist: Path,
 ) -> Iterator[ConsoleEnv]:
-    base = tmp_path_factory.mktemp("console")
+    base = tmp_path_factory.mktemp("con")  # short: virtiofsd sockets live below it (SUN_LEN)
     other_ns = f"{ns}-other"
     cluster.kubectl("create", "namespace", other_ns, check=False)
     roles = _user_roles(base / "helm-home")
@@ -158,7 +157,7 @@ def console_env(
 
     with contextlib.ExitStack() as stack:
         netns = stack.enter_context(bridged_netns("zmcon", "zmbr0", "10.236.0.1/16"))
-        agent = AgentProcess(base / NODE, agent_pki, [])
+        agent = AgentProcess(base / "n", agent_pki, [])
         agent.extra = [
             "--node-name", NODE, "--cidr", "10.236.1.0/24", "--bridge", "zmbr0",
             "--netns", netns, "--guest-kernel-dir", str(agent_guest_dir),

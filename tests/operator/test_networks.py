@@ -54,6 +54,19 @@ def _subnets(world: World, network: str) -> dict[str, str]:
     return {s["node"]: s["subnet"] for s in (found.get("status") or {}).get("subnets") or []}
 
 
+def _next_free_ports(world: World, node: str, count: int) -> list[int]:
+    """The overlay ports the next `count` networks on `node` should get: the API server is
+    shared, so networks of other tests (the end-to-end one) may hold the first ones."""
+    found = json.loads(world.cluster.kubectl("get", "zmnet", "-A", "-o", "json").stdout)
+    used = {
+        int(s["listenPort"])
+        for item in found["items"]
+        for s in (item.get("status") or {}).get("subnets") or []
+        if s["node"] == node
+    }
+    return [p for p in range(networks.FIRST_PORT, 65536) if p not in used][:count]
+
+
 def test_missing_network_keeps_the_zmachine_pending(world: World, named: str, events: Any) -> None:
     fleet, rt, _ = world.deployed(named, network=_nic("nowhere"))
     out = asyncio.run(run_converge(rt, world.body(named)))
@@ -68,6 +81,7 @@ def test_each_node_gets_its_own_subnet_and_the_agent_learns_it(
 ) -> None:
     fleet = agents()
     rt = world.runtime(fleet)
+    first = {node: _next_free_ports(world, node, 1)[0] for node in ("node-a", "node-b")}
     bodies = [
         world.create(f"net-a-{i}", network=_nic(office), nodeName=node)
         for i, node in enumerate(("node-a", "node-b", "node-a"))
@@ -97,13 +111,13 @@ def test_each_node_gets_its_own_subnet_and_the_agent_learns_it(
             )
             assert nic.ip == ""  # the node's IPAM picks it
         ports = {s["node"]: s["listenPort"] for s in network["status"]["subnets"]}
-        assert ports == {"node-a": 51820, "node-b": 51820}  # one network: the first port
+        assert ports == first  # one network: the first free port on each node
         # The peers each node is told: the other node, its /24, /64 and overlay address.
         net = networks.Network.of(network)
         asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet))
         (peer,) = fleet.by_address["node-a"].peers[network["metadata"]["uid"]]
         assert peer.public_key == "key-of-node-b"
-        assert peer.endpoint == "192.0.2.2:51820"
+        assert peer.endpoint == f"192.0.2.2:{first['node-b']}"
         b = ipaddress.IPv4Network(subnets["node-b"])
         assert list(peer.allowed_ips) == [
             str(b), str(addressing.ipv6_subnet(prefix, b)),
@@ -144,6 +158,7 @@ def test_an_ip_places_the_zmachine_on_the_node_serving_its_subnet(
 def test_a_second_network_on_a_node_gets_the_next_port(world: World, events: Any) -> None:
     _apply_network(world, "first", ipRange="10.40.0.0/16")
     _apply_network(world, "second", ipRange="10.40.0.0/16")  # overlapping ranges are fine
+    expected = _next_free_ports(world, "node-a", 2)
     fleet = agents()
     rt = world.runtime(fleet)
     bodies = [
@@ -156,7 +171,7 @@ def test_a_second_network_on_a_node_gets_the_next_port(world: World, events: Any
             (world.cluster.get("zmnet", n, world.ns) or {})["status"]["subnets"][0]["listenPort"]
             for n in ("first", "second")
         ]
-        assert ports == [51820, 51821]
+        assert ports == expected
     finally:
         for body in bodies:
             world.cleanup(body["metadata"]["name"])
