@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hack.controlplane import _NEW_EC_KEY, HACK, _openssl, kube_assets
+from hack.controlplane import (
+    _NEW_EC_KEY,
+    HACK,
+    _openssl,
+    aggregation_flags,
+    kube_assets,
+    make_front_proxy_pki,
+)
 from hack.devenv import example_flist
 
 NETNS = os.environ.get("ZMCLUSTER_NETNS") or "zmcluster"
@@ -226,6 +233,7 @@ def make_pki() -> None:
     _sign("kubelet-serving", f"/CN={NODE}", f"DNS:{NODE},IP:{NODE_IP}")
     for name, (user, groups) in IDENTITIES.items():
         _sign(name, "/" + "/".join([*(f"O={g}" for g in groups), f"CN={user}"]))
+    make_front_proxy_pki(PKI)  # the chart's console is an aggregated API
 
 
 def _sign(name: str, subject: str, san: str | None = None) -> None:
@@ -482,7 +490,8 @@ def argv_of(name: str, bins: Binaries) -> list[str]:
             "--authorization-mode=Node,RBAC",
             "--kubelet-preferred-address-types=InternalIP",  # no DNS for the node's name
             "--enable-admission-plugins=NodeRestriction",
-            "--allow-privileged=true", "--v=1",
+            "--allow-privileged=true", "--v=1", *aggregation_flags(PKI),
+            "--enable-aggregator-routing=true",  # to the console pod, not its Service
         ],
         "containerd": ["containerd", f"--config={containerd_config(bins)}"],
         "kube-controller-manager": [
