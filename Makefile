@@ -61,11 +61,20 @@ test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw 
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	  exit $$rc
 
+test-cluster: $(STAMP) kube-assets helm virtiofsd ## the chart on a real one-node cluster (CI runs it after `make test`)
+	@$(BIN)/pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
 bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python -m tests.bench
 
 run: $(STAMP) kube-assets virtiofsd console-assets wireguard-go ## local control plane, CRDs, agent, controller, examples/
 	@$(BIN)/python -m hack.devenv up
+
+cluster: $(STAMP) kube-assets ## a real one-node cluster (kubelet, containerd, Prometheus) in netns zmcluster
+	@$(BIN)/python -m hack.cluster up
+
+cluster-down: ## remove everything `make cluster` made
+	@test -x $(BIN)/python && $(BIN)/python -m hack.cluster down || true
 
 down: ## stop everything `make run` started
 	@test -x $(BIN)/python && $(BIN)/python -m hack.devenv down || true
@@ -73,4 +82,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw generate lint test bench run down clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw generate lint test bench run down cluster cluster-down test-cluster clean

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         node_lost_timeout=args.node_lost_timeout,
         metrics_interval=args.status_metrics_interval,
     )
+    metrics.NODES.inventory = runtime.inventory
     monitor = NodeMonitor(runtime, namespaces=args.namespace, orphan_grace=args.orphan_grace)
     worker = Worker(runtime, namespaces=args.namespace, resync_period=args.resync_period)
     assert handlers.track_zmachine  # the import registers the handlers with kopf
