@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kubectl and etcd from their Go modules into a cache
-# directory, the same layout envtest expects in KUBEBUILDER_ASSETS.
+# Builds the Kubernetes binaries from their Go modules into a cache directory.
+#   build-kube-assets.sh        kube-apiserver, kubectl and etcd: the layout envtest expects
+#                               in KUBEBUILDER_ASSETS (the tests' control plane)
+#   build-kube-assets.sh node   kubelet, kube-controller-manager, kube-scheduler, kube-proxy: the rest
+#                               of a real node (`make cluster`), from the same pinned module
 # Prints the directory on stdout; progress goes to stderr.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -8,8 +11,29 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.env"
 
 cache_root="${ZM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zmachine-operator}"
-out="$cache_root/kube-assets/k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}"
-if [[ -x "$out/kube-apiserver" && -x "$out/kubectl" && -x "$out/etcd" ]]; then
+case "${1:-control-plane}" in
+  control-plane)
+    out="$cache_root/kube-assets/k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}"
+    kube_cmds=(kube-apiserver kubectl)
+    work="$cache_root/build/kubernetes-${KUBERNETES_VERSION}"
+    ;;
+  node)
+    out="$cache_root/kube-node/k8s-${KUBERNETES_VERSION}"
+    kube_cmds=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+    # Its own module directory, so a node build never rewrites the control plane's go.sum
+    # while a test builds from it; both share Go's build cache.
+    work="$cache_root/build/kubernetes-node-${KUBERNETES_VERSION}"
+    ;;
+  *) echo "usage: $0 [control-plane|node]" >&2; exit 2 ;;
+esac
+want_etcd=$([[ "${1:-control-plane}" == control-plane ]] && echo 1 || echo 0)
+
+have_all() {
+  local cmd
+  for cmd in "${kube_cmds[@]}"; do [[ -x "$out/$cmd" ]] || return 1; done
+  [[ $want_etcd == 0 || -x "$out/etcd" ]]
+}
+if have_all; then
   echo "$out"
   exit 0
 fi
@@ -18,7 +42,6 @@ log() { echo "[kube-assets] $*" >&2; }
 export GOFLAGS="-trimpath" CGO_ENABLED=0
 
 build_kubernetes() {
-  local work="$cache_root/build/kubernetes-${KUBERNETES_VERSION}"
   mkdir -p "$work"
   log "fetching k8s.io/kubernetes ${KUBERNETES_VERSION} module metadata"
   local gomod
@@ -37,22 +60,21 @@ build_kubernetes() {
     grep -E '=> \./staging/src/' "$gomod" | awk -v v="$staging_version" '{print "\t" $1 " => " $1 " " v}'
     echo ")"
   } >"$work/go.mod"
-  cat >"$work/tools.go" <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "${kube_cmds[@]}"
+    printf ')\n'
+  } >"$work/tools.go"
   log "resolving dependencies (go mod tidy)"
   (cd "$work" && go mod tidy -e >&2)
-  for cmd in kube-apiserver kubectl; do
+  local cmd
+  for cmd in "${kube_cmds[@]}"; do
+    [[ -x "$out/$cmd" ]] && continue
     log "building $cmd (several minutes on 2 cores)"
-    (cd "$work" && go build -v -o "$out/$cmd" "k8s.io/kubernetes/cmd/$cmd" 2>&1 | awk '{n++; if (n % 200 == 0) printf "[kube-assets]   %d packages compiled\n", n > "/dev/stderr"}')
-    [[ -x "$out/$cmd" ]] || { log "building $cmd failed"; exit 1; }
+    # Build to a temporary name so an interrupted build never looks cached.
+    (cd "$work" && go build -v -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" 2>&1 | awk '{n++; if (n % 200 == 0) printf "[kube-assets]   %d packages compiled\n", n > "/dev/stderr"}')
+    [[ -x "$out/$cmd.tmp" ]] || { log "building $cmd failed"; exit 1; }
+    mv "$out/$cmd.tmp" "$out/$cmd"
   done
 }
 
@@ -67,7 +89,7 @@ build_etcd() {
   (cd "$work" && go build -o "$out/etcd" . >&2)
 }
 
-[[ -x "$out/etcd" ]] || build_etcd
-[[ -x "$out/kube-apiserver" && -x "$out/kubectl" ]] || build_kubernetes
+[[ $want_etcd == 0 || -x "$out/etcd" ]] || build_etcd
+have_all || build_kubernetes
 log "ready in $out"
 echo "$out"

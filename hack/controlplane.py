@@ -104,6 +104,37 @@ rules:
 """
 
 
+def aggregation_flags(pki: Path) -> list[str]:
+    """The aggregation layer: kube-apiserver proxies aggregated APIs (the console's) with its
+    front-proxy client certificate and names the user in these headers; extension servers
+    read all of it from kube-system/extension-apiserver-authentication."""
+    return [
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+    ]
+
+
+def make_front_proxy_pki(pki: Path) -> None:
+    """The front proxy's CA and client certificate in `pki`, once."""
+    if (pki / "front-proxy-client.crt").exists():
+        return
+    # Its own CA, as kubeadm does: a user certificate from the cluster CA must never pass
+    # for the front proxy (which may name any user).
+    _openssl(*_NEW_EC_KEY, "front-proxy-ca.key", "-x509", "-out", "front-proxy-ca.crt",
+             "-days", "365", "-subj", "/CN=zmachine-local-front-proxy-ca",
+             cwd=pki)  # fmt: skip
+    _openssl(*_NEW_EC_KEY, "front-proxy-client.key", "-out", "front-proxy-client.csr",
+             "-subj", f"/CN={FRONT_PROXY_CLIENT}", cwd=pki)  # fmt: skip
+    _openssl("x509", "-req", "-in", "front-proxy-client.csr", "-CA", "front-proxy-ca.crt",
+             "-CAkey", "front-proxy-ca.key", "-CAcreateserial",
+             "-out", "front-proxy-client.crt", "-days", "365", cwd=pki)  # fmt: skip
+
+
 @dataclass
 class ControlPlane:
     """etcd and kube-apiserver under `workdir`; `kubeconfig` is the cluster-admin config.
@@ -178,28 +209,13 @@ class ControlPlane:
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--v=1",
-                *self._aggregation_flags(),
+                *aggregation_flags(self.pki),
                 *self._audit_flags(),
             ],
         )
         self._write_kubeconfig(self.kubeconfig, "admin", ["system:masters"])
         self._wait_ready(timeout)
         log.info("control plane ready", url=self.url, kubeconfig=str(self.kubeconfig))
-
-    def _aggregation_flags(self) -> list[str]:
-        """The aggregation layer: kube-apiserver proxies aggregated APIs (the console's)
-        with its front-proxy client certificate and names the user in these headers;
-        extension servers read all of it from kube-system/extension-apiserver-authentication."""
-        pki = self.pki
-        return [
-            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
-            f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
-            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
-        ]
 
     def _audit_flags(self) -> list[str]:
         if not self.audit:
@@ -331,17 +347,7 @@ class ControlPlane:
                      "-subj", "/CN=zmachine-local-ca", cwd=pki)  # fmt: skip
             _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
             _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-        # Its own CA, as kubeadm does: a user certificate from the cluster CA must never
-        # pass for the front proxy (which may name any user).
-        if not (pki / "front-proxy-client.crt").exists():
-            _openssl(*_NEW_EC_KEY, "front-proxy-ca.key", "-x509", "-out", "front-proxy-ca.crt",
-                     "-days", "365", "-subj", "/CN=zmachine-local-front-proxy-ca",
-                     cwd=pki)  # fmt: skip
-            _openssl(*_NEW_EC_KEY, "front-proxy-client.key", "-out", "front-proxy-client.csr",
-                     "-subj", f"/CN={FRONT_PROXY_CLIENT}", cwd=pki)  # fmt: skip
-            _openssl("x509", "-req", "-in", "front-proxy-client.csr", "-CA", "front-proxy-ca.crt",
-                     "-CAkey", "front-proxy-ca.key", "-CAcreateserial",
-                     "-out", "front-proxy-client.crt", "-days", "365", cwd=pki)  # fmt: skip
+        make_front_proxy_pki(pki)
 
     def _client_cert(self, user: str, groups: list[str]) -> tuple[Path, Path]:
         pki = self.pki

@@ -95,23 +95,24 @@ AGENT_CIDR = "10.235.0.0/24"  # the agent's node-local bridge, unused by the exa
 NODE_NAME = "local"
 
 
-def _example_flist() -> Path:
-    """The busybox root filesystem that examples/busybox.yaml boots, packed as an rfs flist."""
+def example_flist(directory: Path = EXAMPLES) -> Path:
+    """The busybox root filesystem that examples/busybox.yaml boots, packed as an rfs flist
+    (with its store) into `directory`."""
     from controller.flist.pack import pack
 
-    flist = EXAMPLES / "busybox.fl"
+    flist = directory / "busybox.fl"
     if flist.exists():
         return flist
     say(f"packing the example flist {flist}")
-    root = CACHE / "example-root"
+    root = directory / "example-root"
     shutil.rmtree(root, ignore_errors=True)
     for d in ("bin", "etc", "root", "tmp", "proc", "sys", "dev"):
         (root / d).mkdir(parents=True)
     shutil.copy2("/bin/busybox", root / "bin/busybox")
     for applet in ("sh", "echo", "cat", "ls", "sleep", "ip", "ping", "hostname", "poweroff"):
         (root / "bin" / applet).symlink_to("busybox")
-    EXAMPLES.mkdir(parents=True, exist_ok=True)
-    pack(root, flist, [f"dir://{EXAMPLES / 'store'}"], progress=True)
+    pack(root, flist, [f"dir://{directory / 'store'}"], progress=True)
+    shutil.rmtree(root)
     return flist
 
 
@@ -171,7 +172,7 @@ def up() -> int:
     subprocess.run(
         [*kubectl, "create", "namespace", "zmachine-system"], capture_output=True, check=False
     )
-    flist, guest, pki = _example_flist(), _guest_kernel(), dev_pki()
+    flist, guest, pki = example_flist(), _guest_kernel(), dev_pki()
     network()
     alive = running()
     if "agent" not in alive:

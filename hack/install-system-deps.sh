@@ -19,6 +19,11 @@ packages=(
   nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
   chromium                               # the console page's browser test (Playwright drives it)
   nftables tcpdump                       # NAT of private networks; the overlay capture test
+  yggdrasil                              # planetary NICs: the node's Yggdrasil router
+  prometheus                             # promtool (alert rules and their tests); the cluster's Prometheus
+  containerd runc containernetworking-plugins  # `make cluster`: the node's runtime and pod network
+  iptables conntrack curl                # `make cluster`: kube-proxy's rules; readiness probes
+  buildah debootstrap                    # hack/build-images.sh: the images, on a local Debian base
 )
 missing=()
 for p in "${packages[@]}"; do

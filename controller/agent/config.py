@@ -13,6 +13,7 @@ from typing import Literal
 
 from controller.agent.errors import InvalidSpec
 from controller.agent.rpc.tls import ServerTLS
+from controller.agent.runtime.layout import check_state_dir
 
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 AccelChoice = Literal["auto", "kvm", "tcg"]
@@ -48,9 +49,12 @@ class AgentConfig:
     flist_dirs: tuple[Path, ...] = ()  # where file:// flists may be read from
     firmware: Path | None = None  # cloud-hypervisor's disk-boot firmware (image mode)
     vmm_binary: Path | None = None  # run this instead of cloud-hypervisor from PATH
+    memory_capacity: int | None = None  # what the agent hands out; None: physical memory
     virtiofsd: Path | None = None  # the Rust virtiofsd; None: found on PATH
     wireguard_go: Path | None = None  # the private networks' overlay; None: found on PATH
     underlay_address: str = ""  # this node's address other nodes' overlays reach
+    public_interface: str | None = None  # the uplink bridged to public NICs; None: no publicIP
+    yggdrasil: Path | None = None  # the planetary router; None: found on PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -126,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--hypervisor cloud-hypervisor; tests use a stand-in VMM here)",
     )
     p.add_argument(
+        "--memory-capacity",
+        type=int,
+        default=None,
+        help="bytes of guest memory the node hands out (default: its physical memory); "
+        "more than physical only with --vmm-binary, whose stand-in VMMs allocate none",
+    )
+    p.add_argument(
         "--virtiofsd",
         default=_env("virtiofsd"),
         help="the Rust virtiofsd (hack/build-virtiofsd.sh); default: 'virtiofsd' on PATH, "
@@ -153,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("underlay-address"),
         help="IP other nodes reach this node's overlay at (default: --advertise-address's host)",
     )
+    p.add_argument(
+        "--yggdrasil",
+        default=_env("yggdrasil"),
+        help="yggdrasil binary, the node's planetary router (default: on PATH)",
+    )
+    p.add_argument(
+        "--public-interface",
+        default=_env("public-interface"),
+        help="interface of the node namespace bridged to guests' public NICs (publicIP); "
+        "dedicate it to guests: the node's own addresses on it stop serving the node",
+    )
     p.add_argument("--lease-namespace", default=_env_str("lease-namespace", "zmachine-system"))
     p.add_argument("--restart-backoff", type=float, default=float(_env_str("restart-backoff", "2")))
     p.add_argument("--crash-loop-limit", type=int, default=int(_env_str("crash-loop-limit", "5")))
@@ -160,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitor-interval", type=float, default=float(_env_str("monitor-interval", "2"))
     )
     return p
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_config(argv: Sequence[str]) -> AgentConfig:
@@ -177,6 +203,13 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
             )
         if not os.access(vmm_binary, os.X_OK) or not vmm_binary.is_file():
             raise InvalidSpec(f"--vmm-binary {a.vmm_binary} is not an executable file")
+    if a.memory_capacity is not None and (
+        a.memory_capacity <= 0 or (a.memory_capacity > host_memory() and vmm_binary is None)
+    ):
+        raise InvalidSpec(
+            f"--memory-capacity {a.memory_capacity} must be positive and at most the host's "
+            f"{host_memory()} bytes (more only with a stand-in --vmm-binary)"
+        )
     tls: ServerTLS | None = None
     if a.insecure_dev:
         host = a.listen.rsplit(":", 1)[0].strip("[]")
@@ -194,9 +227,11 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
                 "or pass --insecure-dev for plaintext on loopback"
             )
         tls = ServerTLS(Path(a.tls_ca), Path(a.tls_cert), Path(a.tls_key))
+    state_dir = Path(a.state_dir).resolve()
+    check_state_dir(state_dir)
     return AgentConfig(
         listen=a.listen,
-        state_dir=Path(a.state_dir).resolve(),
+        state_dir=state_dir,
         node_name=a.node_name,
         bridge=a.bridge,
         netns=a.netns or None,
@@ -209,9 +244,12 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         flist_dirs=tuple(Path(d).resolve() for d in a.flist_dir),
         firmware=Path(a.firmware).resolve() if a.firmware else None,
         vmm_binary=vmm_binary,
+        memory_capacity=a.memory_capacity,
         virtiofsd=Path(a.virtiofsd).resolve() if a.virtiofsd else None,
         wireguard_go=Path(a.wireguard_go).resolve() if a.wireguard_go else None,
         underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),
+        public_interface=a.public_interface or None,
+        yggdrasil=Path(a.yggdrasil).resolve() if a.yggdrasil else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

@@ -40,7 +40,9 @@ async def serve(config: AgentConfig) -> None:
     provisioner = Provisioner(config)
     # May boot a KVM probe guest once (seconds): do it now, off the event loop.
     hv = await asyncio.to_thread(provisioner.hypervisor_info)
-    machines = Machines(StateStore(config.machines_dir), provisioner, bus)
+    machines = Machines(
+        StateStore(config.machines_dir), provisioner, bus, memory=config.memory_capacity
+    )
     await machines.adopt_all()
 
     server = grpc.aio.server()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,16 @@ class Registrar:
         self.coordination = client.CoordinationV1Api(api)
         self.core = client.CoreV1Api(api)
         self.log = log.bind(node=reg.node_name)
+        # Its own thread: in the shared default executor the heartbeat queued behind a
+        # burst of provisioning work and the Lease expired on a node that was fine.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat")
 
     async def run(self) -> None:
         """Heartbeat until cancelled; API errors are logged and retried, never fatal."""
         while True:
             try:
                 info = await self.node_info()
-                await asyncio.to_thread(self.beat, info)
+                await asyncio.get_running_loop().run_in_executor(self._thread, self.beat, info)
             # urllib3's errors (MaxRetryError when the API server is unreachable, timeouts)
             # are no OSError: without them here one outage would end the heartbeat for good.
             except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -58,8 +62,8 @@ class Registrar:
 
     def beat(self, info: Any) -> None:
         current = self._ensure_node()
+        self._renew_lease()  # first: a slow status write must not make the Lease late
         self._patch_status(current, info)
-        self._renew_lease()
 
     def _ensure_node(self) -> dict[str, Any]:
         """The node's ZmachineNode as stored, created or its spec corrected first."""
@@ -108,6 +112,8 @@ class Registrar:
             "agentVersion": info.agent_version,
             "wireguardPublicKey": info.wireguard_public_key or None,
             "underlayAddress": info.underlay_address or None,
+            "publicInterface": info.public_interface or None,
+            "planetaryPeer": info.planetary_peer or None,
             "labels": self._labels(),
             "conditions": set_condition(
                 existing, "Ready", True, "AgentReady", "agent answers and renews its Lease", None

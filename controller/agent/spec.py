@@ -28,6 +28,9 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NETWORK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FLIST_SCHEMES = ("http", "https", "file")
+# The networks of the public and planetary NICs in a machine's record (reserved in the API).
+PUBLIC_NETWORK = "pub"
+PLANETARY_NETWORK = "ygg"
 
 
 class RestartPolicy(StrEnum):
@@ -80,6 +83,17 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class PublicInterface:
+    """A public NIC on the node's public bridge (network/public.py): CIDRs and gateways
+    from a ZmachinePublicIPPool; either family may be absent."""
+
+    ipv4: str = ""
+    gateway4: str = ""
+    ipv6: str = ""
+    gateway6: str = ""
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     flist: str
     cpu: int
@@ -94,6 +108,8 @@ class MachineSpec:
     paused: bool = False
     hostname: str = ""
     ssh_keys: tuple[str, ...] = ()
+    public: PublicInterface | None = None
+    planetary: bool = False
 
     def boot_hash(self) -> str:
         """Digest of everything that needs a new VM to change (all but ``paused``)."""
@@ -116,6 +132,7 @@ class MachineSpec:
                 "interfaces": tuple(Interface(**i) for i in data["interfaces"]),
                 "restart_policy": RestartPolicy(data["restart_policy"]),
                 "ssh_keys": tuple(data["ssh_keys"]),
+                "public": PublicInterface(**data["public"]) if data.get("public") else None,
             }
         )
 
@@ -245,6 +262,40 @@ def _validate_network(where: str, spec: MachineSpec) -> None:
                 raise InvalidSpec(f"{field}.ip {nic.ip!r} is not IPv4") from exc
         if nic.subnet:
             validate_private(field, nic, ip)
+    if spec.public is not None:
+        _validate_public(f"{where}: spec.network.publicIP", spec.public)
+
+
+def _validate_public(field: str, pub: PublicInterface) -> None:
+    """Each family given is an address with its prefix and a gateway inside that prefix."""
+    if not pub.ipv4 and not pub.ipv6:
+        raise InvalidSpec(f"{field}: neither an IPv4 nor an IPv6 address is given")
+    for family, cidr, gw in ((4, pub.ipv4, pub.gateway4), (6, pub.ipv6, pub.gateway6)):
+        if not cidr:
+            continue
+        try:
+            iface = ipaddress.ip_interface(cidr)
+            gateway = ipaddress.ip_address(gw)
+        except ValueError as exc:
+            raise InvalidSpec(f"{field}: IPv{family} {cidr!r} via {gw!r}: {exc}") from exc
+        if iface.version != family or "/" not in cidr:
+            raise InvalidSpec(f"{field}: {cidr!r} is not an IPv{family} address with a prefix")
+        if gateway not in iface.network or gateway == iface.ip:
+            raise InvalidSpec(
+                f"{field}: IPv{family} {cidr} needs a gateway of its own prefix, not {gw!r}"
+            )
+
+
+def validate_planetary_peer(field: str, uri: str) -> None:
+    """A router to dial: tls://<IP>:<port> (what agents report), nothing else."""
+    url = urlparse(uri)
+    try:
+        ipaddress.ip_address(url.hostname or "")
+        port = url.port
+    except ValueError as exc:
+        raise InvalidSpec(f"{field} {uri!r}: not tls://<IP>:<port>: {exc}") from exc
+    if url.scheme != "tls" or port is None or url.path or url.query:
+        raise InvalidSpec(f"{field} {uri!r}: not tls://<IP>:<port>")
 
 
 def validate_private(field: str, nic: Interface, ip: ipaddress.IPv4Address | None) -> None:

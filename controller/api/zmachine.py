@@ -228,7 +228,8 @@ class MachineNetwork(KubeModel):
     mycelium: Mycelium | None = None
     """Attach a mycelium interface."""
     public_ip: Annotated[bool, Field(alias="publicIP")] = False
-    """Attach a public interface with an address from the node's public range."""
+    """Attach a public interface with an address of each family a ZmachinePublicIPPool
+    has, bridged to the node's public interface; the default route goes through it."""
 
 
 GpuId = Annotated[
@@ -381,7 +382,9 @@ class ZmachineStatus(KubeModel):
     mycelium_ip: Annotated[str | None, Field(alias="myceliumIP")] = None
     """Mycelium address."""
     public_ip: Annotated[str | None, Field(alias="publicIP")] = None
-    """Public IPv4 and/or IPv6 address."""
+    """Public IPv4 address with its prefix length (spec.network.publicIP)."""
+    public_ipv6: Annotated[str | None, Field(alias="publicIPv6")] = None
+    """Public IPv6 address with its prefix length (spec.network.publicIP)."""
     console_url: Annotated[str | None, Field(alias="consoleURL")] = None
     """API path of the serial console (a websocket through the API server; `kubectl
     zmachine console NAME` uses it)."""

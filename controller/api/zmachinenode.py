@@ -55,6 +55,11 @@ class ZmachineNodeStatus(KubeModel):
     (no wireguard-go, or no underlay address)."""
     underlay_address: str | None = None
     """Where other nodes reach this node's overlay."""
+    public_interface: str | None = None
+    """The interface public NICs are bridged to; absent: no spec.network.publicIP here."""
+    planetary_peer: str | None = None
+    """Where other nodes' Yggdrasil routers reach this node's (tls://IP:port); absent: no
+    spec.network.planetary here."""
     labels: dict[str, str] = {}
     """Labels of the Kubernetes node, matched against spec.nodeSelector."""
     conditions: Conditions = []

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -45,7 +46,13 @@ def mount_command(
 
 
 def is_mounted(path: Path) -> bool:
-    return os.path.abspath(path) in syscalls.mountpoints()
+    return any_mounted([path])
+
+
+def any_mounted(paths: Iterable[Path]) -> bool:
+    """Whether any of ``paths`` is a mount point, from one read of the mount table."""
+    points = syscalls.mountpoints()
+    return any(os.path.abspath(p) in points for p in paths)
 
 
 def wait_mounted(mountpoint: Path, timeout: float) -> None:
@@ -55,6 +62,18 @@ def wait_mounted(mountpoint: Path, timeout: float) -> None:
         if time.monotonic() >= deadline:
             raise FlistMountError(f"not mounted after {timeout:.1f}s", path=str(mountpoint))
         time.sleep(0.05)
+
+
+async def wait_mounted_async(mountpoint: Path, alive: Callable[[], bool]) -> None:
+    """:func:`wait_mounted` for an event loop (the caller bounds it), failing early once
+    the server is gone. It holds no thread while it sleeps: a burst of mounts waiting in
+    threads filled the default executor, and the agent's Lease heartbeat, queued behind
+    them, expired. Each look reads the whole mount table (tens of ms with a few hundred
+    mounts on a loaded machine): in a thread, not on the loop."""
+    while not await asyncio.to_thread(is_mounted, mountpoint):
+        if not alive():
+            raise FlistMountError("the mount server exited before mounting", path=str(mountpoint))
+        await asyncio.sleep(0.25)
 
 
 def unmount(mountpoint: Path) -> None:

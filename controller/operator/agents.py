@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -65,27 +65,34 @@ class Agent:
     address: str
     raw: AgentClient
 
+    def _error(self, method: str, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        metrics.AGENT_CALL_ERRORS.labels(method=method, code=code.name).inc()
+        detail = f"{exc.details() or code.name} ({code.name})"
+        if code == grpc.StatusCode.NOT_FOUND:
+            return MachineNotFound(f"agent at {self.address}: {detail}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return NodeOutOfCapacity(f"agent at {self.address} refused {method}: {detail}")
+        if code in _REJECTED:
+            return AgentRejected(f"agent at {self.address} refused {method}: {detail}")
+        return AgentUnavailable(f"agent at {self.address} did not answer {method}: {detail}")
+
     async def _call(self, method: str, call: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
         try:
             return await call()
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            metrics.AGENT_CALL_ERRORS.labels(method=method, code=code.name).inc()
-            detail = f"{exc.details() or code.name} ({code.name})"
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise MachineNotFound(f"agent at {self.address}: {detail}") from exc
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise NodeOutOfCapacity(
-                    f"agent at {self.address} refused {method}: {detail}"
-                ) from exc
-            if code in _REJECTED:
-                raise AgentRejected(f"agent at {self.address} refused {method}: {detail}") from exc
-            raise AgentUnavailable(
-                f"agent at {self.address} did not answer {method}: {detail}"
-            ) from exc
+            raise self._error(method, exc) from exc
         finally:
             metrics.AGENT_CALL_SECONDS.labels(method=method).observe(time.monotonic() - started)
+
+    async def watch(self) -> AsyncIterator[pb.Event]:
+        """The agent's event stream (WATCHING first), until it breaks: then a typed error."""
+        try:
+            async for event in self.raw.watch_events():
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise self._error("WatchEvents", exc) from exc
 
     async def deploy(
         self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec
@@ -113,3 +120,6 @@ class Agent:
         return await self._call(
             "ApplyNetwork", lambda: self.raw.apply_network(network_id, peers, network)
         )
+
+    async def apply_planetary(self, peers: Sequence[str]) -> pb.ApplyPlanetaryResponse:
+        return await self._call("ApplyPlanetary", lambda: self.raw.apply_planetary(peers))

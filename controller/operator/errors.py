@@ -57,6 +57,12 @@ class NetworkMisfit(ControllerError):
     reason = "InvalidNetworkIP"
 
 
+class PublicIPExhausted(ControllerError):
+    """spec.network.publicIP: every ZmachinePublicIPPool is fully held (or none exists)."""
+
+    reason = "NoPublicIP"
+
+
 class NetworkFull(ControllerError):
     """The network's range has no /24 left for one more node."""
 

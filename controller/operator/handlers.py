@@ -1,39 +1,42 @@
-"""kopf handlers: Zmachines are converged on every change and every few seconds; nodes are
-tracked from their watch and judged by the node monitor. Admission already checked the spec."""
+"""kopf handlers: kopf only watches Zmachines and ZmachineNodes. The worker
+(controller.operator.worker) converges and deletes Zmachines when something changed, and
+the node monitor judges nodes. Admission already checked the spec.
+
+No kopf change handler is registered: kopf would add its own bookkeeping writes to every
+object (a last-handled-configuration annotation per change); the worker keeps the finalizer
+itself."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
-import pydantic
 import structlog
 
 from controller.agent.network import addressing
-from controller.api import conditions as cond
-from controller.api.zmachine import GROUP, PLURAL, VERSION, Phase
+from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
 from controller.operator import metrics, networks
-from controller.operator.errors import ControllerError
 from controller.operator.nodes import NodeMonitor
-from controller.operator.reconcile import Runtime, Target, converge, release
+from controller.operator.reconcile import Runtime
 from controller.operator.status import StatusWriter
+from controller.operator.worker import Worker
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
-FINALIZER = f"{GROUP}/finalizer"
-RESYNC_SECONDS = 5.0
+# How often each ZmachineNetwork's overlay peers and options are pushed to its nodes.
+NETWORK_SYNC_SECONDS = 5.0
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own identity, so that other kopf operators on the cluster never collide with us.
-    settings.persistence.finalizer = FINALIZER
+    # Not the worker's finalizer: kopf removes its own from objects no handler of its needs.
+    settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -49,78 +52,11 @@ def _runtime(memo: kopf.Memo) -> Runtime:
     return runtime
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-async def reconcile(
-    memo: kopf.Memo,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    **kwargs: Any,
-) -> None:
-    """On every change, and every few seconds even without one, so that what the node
-    reports is compared with the spec (a timer call has no `reason`)."""
-    if meta.get("deletionTimestamp"):
-        return
-    started = time.monotonic()
-    target = Target.of(meta)
-    out = StatusWriter(body, status, patch, target.generation)
-    result = "error"
-    try:
-        await converge(_runtime(memo), target, spec, out)
-        result = "ok"
-    except pydantic.ValidationError as exc:
-        message = f"spec is invalid: {_first_error(exc)}"
-        out.condition(cond.READY, False, "InvalidSpec", message)
-        out.phase_to(Phase.FAILED, "InvalidSpec", message)
-        result = "invalid"
-    except ControllerError as exc:
-        out.set("message", str(exc))
-    finally:
-        metrics.RECONCILES.labels(result=result).inc()
-        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-    trigger = str(kwargs.get("reason") or "resync")
-    level = log.debug if trigger == "resync" else log.info
-    level(
-        "reconciled",
-        namespace=target.namespace,
-        name=target.name,
-        uid=target.uid,
-        trigger=trigger,
-        phase=out.phase,
-        result=result,
-    )
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def on_delete(
-    memo: kopf.Memo,
-    status: Mapping[str, Any],
-    meta: Mapping[str, Any],
-    body: kopf.Body,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    target = Target.of(meta)
-    out = StatusWriter(body, status, patch, target.generation)
-    out.set("phase", Phase.TERMINATING.value)
-    try:
-        await release(_runtime(memo), target, status, meta, out)
-    except ControllerError as exc:
-        out.set("message", str(exc))
-        raise kopf.TemporaryError(str(exc), delay=RESYNC_SECONDS) from exc
-    log.info("released", namespace=target.namespace, name=target.name, uid=target.uid)
-    out.event("Deleted", "everything on the node is gone")
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def track_zmachine(
     memo: kopf.Memo,
     event: Mapping[str, Any],
+    body: kopf.Body,
     meta: Mapping[str, Any],
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
@@ -129,12 +65,15 @@ async def track_zmachine(
     """Async, like every handler here: kopf runs sync handlers in threads, and these
     dicts are read by the event loop."""
     uid = str(meta.get("uid"))
+    worker: Worker = memo["worker"]
     if event.get("type") == "DELETED":
         metrics.PHASES.observe(uid, None)
         _runtime(memo).forget(uid)
+        worker.forget(uid)
         return
     metrics.PHASES.observe(uid, status.get("phase"))
     _runtime(memo).inventory.observe_zmachine(uid, meta, spec, status.get("nodeName"))
+    worker.observe(body)
 
 
 @kopf.on.event(GROUP, VERSION, NODE_PLURAL)
@@ -148,14 +87,23 @@ async def track_node(
     **_: Any,
 ) -> None:
     runtime = _runtime(memo)
+    monitor: NodeMonitor = memo["monitor"]
     if event.get("type") == "DELETED":
         node = runtime.inventory.nodes.get(name)
         runtime.inventory.forget_node(name)
+        monitor.watches.stop(name)
         if node is not None:
             await runtime.agents.forget(node.address)
+        runtime.kick_node(name, "node")
         log.warning("node deleted", node=name)
     else:
+        was = runtime.inventory.nodes.get(name)
         runtime.inventory.observe_node(name, meta, spec, status)
+        node = runtime.inventory.nodes[name]
+        if node.address:
+            monitor.watches.ensure(name, node.address)
+        if was is not None and was.ready != node.ready:
+            runtime.kick_node(name, "node")
 
 
 IN_USE = "InUse"
@@ -163,7 +111,13 @@ IN_USE = "InUse"
 
 @kopf.on.create(GROUP, VERSION, NETWORK_PLURAL)
 @kopf.on.resume(GROUP, VERSION, NETWORK_PLURAL)
-@kopf.timer(GROUP, VERSION, NETWORK_PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    NETWORK_PLURAL,
+    interval=NETWORK_SYNC_SECONDS,
+    initial_delay=NETWORK_SYNC_SECONDS,
+)
 async def network_status(
     memo: kopf.Memo,
     meta: Mapping[str, Any],
@@ -211,25 +165,24 @@ async def network_delete(
         out.condition(IN_USE, True, "Used", message)
         out.set("machines", len(names))
         raise kopf.TemporaryError(
-            f"ZmachineNetwork {namespace}/{name} is {message}", delay=RESYNC_SECONDS
+            f"ZmachineNetwork {namespace}/{name} is {message}", delay=NETWORK_SYNC_SECONDS
         )
     log.info("network released", namespace=namespace, network=name, uid=meta.get("uid"))
 
 
 @kopf.on.startup()
-async def start_node_monitor(memo: kopf.Memo, **_: Any) -> None:
+async def start_background(memo: kopf.Memo, **_: Any) -> None:
     monitor: NodeMonitor = memo["monitor"]
-    memo["monitor_task"] = asyncio.create_task(monitor.run(), name="node monitor")
+    worker: Worker = memo["worker"]
+    memo["tasks"] = [
+        asyncio.create_task(worker.run(), name="reconcile worker"),
+        asyncio.create_task(monitor.run(worker.synced), name="node monitor"),
+    ]
 
 
 @kopf.on.cleanup()
-async def stop_node_monitor(memo: kopf.Memo, **_: Any) -> None:
-    task: asyncio.Task[None] | None = memo.get("monitor_task")
-    if task is not None:
+async def stop_background(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.get("tasks") or []:
         task.cancel()
-
-
-def _first_error(exc: pydantic.ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"spec.{where}: {err['msg']}"
+    monitor: NodeMonitor = memo["monitor"]
+    monitor.watches.stop_all()

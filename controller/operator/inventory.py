@@ -7,7 +7,7 @@ two Zmachines created together never both take the last free slot of a node.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ class NodeView:
     renewing: bool = True
     wireguard_key: str = ""  # the node's overlay key; empty: no private networks there
     underlay: str = ""  # where other nodes reach its overlay
+    public_interface: str = ""  # bridged to public NICs; empty: no publicIP there
+    planetary_peer: str = ""  # its Yggdrasil router's URI; empty: no planetary there
 
     @property
     def cpu(self) -> int:
@@ -61,6 +63,46 @@ class Placement:
     request: Request
     namespace: str
     name: str
+
+
+class Placements(dict[str, Placement]):
+    """Placements by Zmachine uid that keep each node's totals as they change, so that
+    a placement decision costs O(nodes), not O(nodes x placements)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.totals: dict[str, tuple[int, int, int]] = {}  # node -> (cpu, memory, count)
+
+    def _add(self, p: Placement, sign: int) -> None:
+        cpu, memory, count = self.totals.get(p.node, (0, 0, 0))
+        total = (cpu + sign * p.request.cpu, memory + sign * p.request.memory, count + sign)
+        if total[2]:
+            self.totals[p.node] = total
+        else:
+            self.totals.pop(p.node, None)
+
+    def __setitem__(self, uid: str, placement: Placement) -> None:
+        old = self.get(uid)
+        if old is not None:
+            self._add(old, -1)
+        super().__setitem__(uid, placement)
+        self._add(placement, 1)
+
+    def __delitem__(self, uid: str) -> None:
+        self._add(self[uid], -1)
+        super().__delitem__(uid)
+
+    def setdefault(self, uid: str, placement: Placement) -> Placement:
+        if uid not in self:
+            self[uid] = placement
+        return self[uid]
+
+    def pop(self, uid: str, default: Any = None) -> Any:
+        if uid not in self:
+            return default
+        placement = self[uid]
+        del self[uid]
+        return placement
 
 
 def quantity_bytes(value: Any) -> int:
@@ -86,9 +128,15 @@ def cpu_ratio(meta: Mapping[str, Any], default: float) -> float:
 class Inventory:
     cpu_ratio: float = 10.0
     nodes: dict[str, NodeView] = field(default_factory=dict)
-    placements: dict[str, Placement] = field(default_factory=dict)  # by Zmachine uid
+    placements: Placements = field(default_factory=Placements)  # by Zmachine uid
     deleted_nodes: dict[str, float] = field(default_factory=dict)  # name -> monotonic
     started: float = field(default_factory=time.monotonic)
+    # Called when room may have appeared: a node joined, became Ready or grew, a placement
+    # went away. Pending Zmachines are tried again then, not on a timer.
+    on_capacity: Callable[[], None] = lambda: None
+
+    def capacity_changed(self) -> None:
+        self.on_capacity()
 
     def observe_node(
         self,
@@ -109,7 +157,7 @@ class Inventory:
             since = since if since is not None else time.monotonic()
         self.deleted_nodes.pop(name, None)
         renewing = previous.renewing if previous is not None else False
-        self.nodes[name] = NodeView(
+        node = self.nodes[name] = NodeView(
             name=name,
             address=str(spec.get("address", "")),
             cores=int(allocatable.get("cpu", 0)),
@@ -123,10 +171,19 @@ class Inventory:
             lease_namespace=str(spec.get("leaseNamespace") or ""),
             wireguard_key=str(status.get("wireguardPublicKey") or ""),
             underlay=str(status.get("underlayAddress") or ""),
+            public_interface=str(status.get("publicInterface") or ""),
+            planetary_peer=str(status.get("planetaryPeer") or ""),
             conditions=[dict(c) for c in status.get("conditions") or []],
             finalizers=list(meta.get("finalizers") or []),
             renewing=renewing,
         )
+        if node.ready and (
+            previous is None
+            or not previous.ready
+            or (previous.cpu, previous.memory, previous.labels)
+            != (node.cpu, node.memory, node.labels)
+        ):
+            self.capacity_changed()
 
     def mark_unready(self, name: str) -> None:
         node = self.nodes.get(name)
@@ -161,11 +218,12 @@ class Inventory:
         # An object whose status has not caught up yet keeps the placement taken for it.
 
     def forget_zmachine(self, uid: str) -> None:
-        self.placements.pop(uid, None)
+        if self.placements.pop(uid, None) is not None:
+            self.capacity_changed()
 
     def used(self, node: str) -> Request:
-        here = [p.request for p in self.placements.values() if p.node == node]
-        return Request(sum(r.cpu for r in here), sum(r.memory for r in here))
+        cpu, memory, _ = self.placements.totals.get(node, (0, 0, 0))
+        return Request(cpu, memory)
 
-    def machines_on(self, node: str) -> list[Placement]:
-        return [p for p in self.placements.values() if p.node == node]
+    def count_on(self, node: str) -> int:
+        return self.placements.totals.get(node, (0, 0, 0))[2]

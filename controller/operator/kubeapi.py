@@ -19,6 +19,7 @@ from kubernetes import client
 from controller.api.zmachine import GROUP, PLURAL, VERSION
 from controller.api.zmachinenetwork import PLURAL as NETWORK_PLURAL
 from controller.api.zmachinenode import PLURAL as NODE_PLURAL
+from controller.api.zmachinepublicippool import PLURAL as POOL_PLURAL
 from controller.kube import ApiException, get_object, micro_time
 from controller.operator.errors import ControllerError
 
@@ -82,17 +83,56 @@ class Kube:
             return None
         return get_object(found)
 
-    async def set_node(
-        self, namespace: str, name: str, resource_version: str, node: str | None
+    async def _patch(
+        self, what: str, namespace: str, name: str, body: dict[str, Any], status: bool
     ) -> dict[str, Any]:
-        """Write status.nodeName only if the object is still at `resource_version`."""
-        body = {"metadata": {"resourceVersion": resource_version}, "status": {"nodeName": node}}
+        """A merge patch of a Zmachine (its status subresource with `status`); the object
+        as written."""
+        fn = (
+            self.custom.patch_namespaced_custom_object_status
+            if status
+            else self.custom.patch_namespaced_custom_object
+        )
         found = await self._call(
-            f"{'bind' if node else 'unbind'} zmachine {namespace}/{name}",
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, body,
-        )  # fmt: skip
+            f"{what} zmachine {namespace}/{name}", fn, GROUP, VERSION, namespace, PLURAL, name, body
+        )
         return get_object(found)
+
+    async def set_node(
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str,
+        node: str | None,
+        status: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write status.nodeName (and `status`, in the same write) only if the object is
+        still at `resource_version`."""
+        body = {
+            "metadata": {"resourceVersion": resource_version},
+            "status": {**(status or {}), "nodeName": node},
+        }
+        return await self._patch("bind" if node else "unbind", namespace, name, body, True)
+
+    async def set_finalizers(
+        self, namespace: str, name: str, resource_version: str, finalizers: list[str]
+    ) -> dict[str, Any]:
+        """Replace metadata.finalizers only if the object is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers}}
+        return await self._patch("set finalizers of", namespace, name, body, False)
+
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self._patch("patch status of", namespace, name, {"status": status}, True)
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        found = await self._call(
+            "list zmachinenodes", self.custom.list_cluster_custom_object, GROUP, VERSION,
+            NODE_PLURAL,
+        )  # fmt: skip
+        items: list[dict[str, Any]] = get_object(found).get("items", [])
+        return items
 
     async def list_zmachines(self, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every Zmachine, or those of `namespace`."""
@@ -130,6 +170,20 @@ class Kube:
             GROUP, VERSION, namespace, NETWORK_PLURAL, name, body,
         )  # fmt: skip
         return get_object(found)
+
+    async def list_pools(self) -> list[dict[str, Any]]:
+        return await self._list(POOL_PLURAL, None)
+
+    async def patch_pool_status(
+        self, name: str, resource_version: str, status: dict[str, Any]
+    ) -> None:
+        """Write the pool's status only if it is still at `resource_version`."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        await self._call(
+            f"patch zmachinepublicippool {name} status",
+            self.custom.patch_cluster_custom_object_status,
+            GROUP, VERSION, POOL_PLURAL, name, body,
+        )  # fmt: skip
 
     async def patch_node(self, name: str, body: dict[str, Any], status: bool) -> None:
         fn = (

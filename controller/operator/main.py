@@ -22,7 +22,8 @@ from controller.operator.inventory import Inventory
 from controller.operator.kubeapi import Kube
 from controller.operator.leader import LeaderElector, LeaseTiming, standby_health
 from controller.operator.nodes import NodeMonitor
-from controller.operator.reconcile import Runtime
+from controller.operator.reconcile import METRICS_INTERVAL, Runtime
+from controller.operator.worker import Worker
 
 
 def _secret_reader(core: client.CoreV1Api) -> Any:
@@ -128,6 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a VM must look orphaned (no Zmachine placed on its node) before the "
         "controller asks the node to remove it",
     )
+    parser.add_argument(
+        "--resync-period",
+        type=float,
+        default=300.0,
+        help="seconds between the safety-net reconciliations of each Zmachine (each at a "
+        "random time in the period); changes are pushed by agents and the API server",
+    )
+    parser.add_argument(
+        "--status-metrics-interval",
+        type=float,
+        default=METRICS_INTERVAL,
+        help="least seconds between two snapshots of a Zmachine's usage in status.metrics; "
+        "0 writes none (the live figures are on the agents' /metrics)",
+    )
     args = parser.parse_args(argv)
     try:
         timing = LeaseTiming(
@@ -162,15 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         kube=Kube(api),
         delete_timeout=args.delete_timeout,
         node_lost_timeout=args.node_lost_timeout,
+        metrics_interval=args.status_metrics_interval,
     )
+    metrics.NODES.inventory = runtime.inventory
     monitor = NodeMonitor(runtime, namespaces=args.namespace, orphan_grace=args.orphan_grace)
-    assert handlers.FINALIZER  # the import registers the handlers with kopf
+    worker = Worker(runtime, namespaces=args.namespace, resync_period=args.resync_period)
+    assert handlers.track_zmachine  # the import registers the handlers with kopf
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
-        memo=kopf.Memo(runtime=runtime, monitor=monitor),
+        memo=kopf.Memo(runtime=runtime, monitor=monitor, worker=worker),
     )
     if elector is not None:
         elector.release()

@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from controller.api.zmachine import Phase
+from controller.operator.inventory import Inventory
 
 RECONCILES = Counter(
     "zmachine_reconciles_total", "Reconciliations of Zmachines by result.", ["result"]
@@ -27,6 +28,19 @@ TIME_TO_RUNNING = Histogram(
     "Time from a Zmachine's creation to its first Running phase.",
     buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600),
 )
+
+WATCH_EVENTS = Counter(
+    "zmachine_agent_watch_events_total", "Messages received on node agents' event streams."
+)
+WATCH_RECONNECTS = Counter(
+    "zmachine_agent_watch_reconnects_total", "Node agent event streams opened again."
+)
+KICKS = Counter(
+    "zmachine_reconcile_triggers_total",
+    "Reconciliations asked for, by cause (change, agent, capacity, resync).",
+    ["cause"],
+)
+STATUS_WRITES = Counter("zmachine_status_writes_total", "Status patches of Zmachines.")
 
 
 class PhaseCollector(Collector):
@@ -51,6 +65,44 @@ class PhaseCollector(Collector):
 
 PHASES = PhaseCollector()
 REGISTRY.register(PHASES)
+
+
+class NodeCollector(Collector):
+    """Per registered node: Ready, and what it can take against what is placed on it, for
+    the alerts on a lost agent and a full node (charts/.../templates/prometheusrule.yaml)."""
+
+    def __init__(self) -> None:
+        self.inventory: Inventory | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "zmachine_node_ready", "1 if the node's agent is Ready.", labels=["node"]
+        )
+        allocatable = GaugeMetricFamily(
+            "zmachine_node_allocatable",
+            "What a node can take: vCPUs (cores times the allocation ratio), memory bytes.",
+            labels=["node", "resource"],
+        )
+        allocated = GaugeMetricFamily(
+            "zmachine_node_allocated",
+            "What the Zmachines placed on a node request: vCPUs, memory bytes.",
+            labels=["node", "resource"],
+        )
+        inventory = self.inventory or Inventory()
+        for node in list(inventory.nodes.values()):
+            used = inventory.used(node.name)
+            ready.add_metric([node.name], 1.0 if node.ready else 0.0)
+            for family, cpu, memory in (
+                (allocatable, node.cpu, node.memory),
+                (allocated, used.cpu, used.memory),
+            ):
+                family.add_metric([node.name, "cpu"], cpu)
+                family.add_metric([node.name, "memory"], memory)
+        yield from (ready, allocatable, allocated)
+
+
+NODES = NodeCollector()
+REGISTRY.register(NODES)
 
 
 def serve(port: int) -> None:

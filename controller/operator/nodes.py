@@ -23,6 +23,7 @@ from controller.api.zmachinenode import LEASE_NAMESPACE_DEFAULT
 from controller.kube import LeaseObserver
 from controller.operator.errors import ControllerError
 from controller.operator.inventory import NodeView
+from controller.operator.machines import NodeWatches
 from controller.operator.reconcile import Runtime, placement_of
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
@@ -41,8 +42,17 @@ class NodeMonitor:
     suspects: dict[tuple[str, str], float] = field(default_factory=dict)
     published: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> status
     first_seen: dict[str, str] = field(default_factory=dict)  # node -> Lease version at start
+    watches: NodeWatches = field(init=False)
 
-    async def run(self) -> None:
+    def __post_init__(self) -> None:
+        self.watches = NodeWatches(
+            self.rt.agents, self.rt.machines, lambda uid: self.rt.kick(uid, "agent")
+        )
+
+    async def run(self, synced: asyncio.Event | None = None) -> None:
+        """`synced`: set once the caches are filled; no node is judged before."""
+        if synced is not None:
+            await synced.wait()
         while True:
             await self.tick()
             await asyncio.sleep(self.interval)
@@ -74,6 +84,8 @@ class NodeMonitor:
             # gives a Lease seen first a whole duration, a dead agent's Lease included).
             first = self.first_seen.setdefault(node.name, version)
             node.renewing = first != version
+            if node.renewing:
+                self.rt.inventory.capacity_changed()
         # By our own clock since the Lease last changed, never the agent's renewTime against
         # our wall clock; a Lease first seen after our start gets its whole duration.
         if (lease is not None and not self.leases.expired(lease)) or not node.ready:
@@ -81,6 +93,7 @@ class NodeMonitor:
         # Only the controller turns Ready false; the agent turns it true with each heartbeat.
         log.warning("node lease expired", node=node.name)
         self.rt.inventory.mark_unready(node.name)
+        self.rt.kick_node(node.name, "node")
         ready = cond.set_condition(
             node.conditions,
             "Ready", False, "LeaseExpired", "the agent stopped renewing its Lease", None,
@@ -99,7 +112,7 @@ class NodeMonitor:
         used = self.rt.inventory.used(node.name)
         status = {
             "used": {"cpu": used.cpu, "memory": f"{used.memory // (1024 * 1024)}Mi"},
-            "machines": len(self.rt.inventory.machines_on(node.name)),
+            "machines": self.rt.inventory.count_on(node.name),
         }
         if self.published.get(node.name) != status:
             await self.rt.kube.patch_node(node.name, {"status": status}, status=True)
@@ -113,7 +126,10 @@ class NodeMonitor:
         looked orphaned for the grace period and the API server confirms it. Returns the
         uids removed."""
         agent = self.rt.agents.client(node.address)
-        machines = await agent.list()
+        if node.name in self.rt.machines.synced:  # pushed by the node: no List needed
+            machines = self.rt.machines.machines(node.name)
+        else:
+            machines = await agent.list()
         now = time.monotonic()
         seen: set[tuple[str, str]] = set()
         removed = []

@@ -6,17 +6,18 @@ import asyncio
 import datetime
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.spec import PLANETARY_NETWORK, PUBLIC_NETWORK
 from controller.api import conditions as cond
 from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
-from controller.operator import metrics, networks
+from controller.operator import metrics, networks, planetary, publicips
 from controller.operator.agents import AgentPool
 from controller.operator.errors import (
     AgentRejected,
@@ -25,11 +26,13 @@ from controller.operator.errors import (
     NetworkMisfit,
     NetworkUnavailable,
     NodeOutOfCapacity,
+    PublicIPExhausted,
     SecretUnavailable,
     UnsupportedSpec,
 )
-from controller.operator.inventory import Inventory, Placement, request_of
+from controller.operator.inventory import Inventory, NodeView, Placement, request_of
 from controller.operator.kubeapi import Conflict, Gone, Kube, age_seconds
+from controller.operator.machines import MachineCache
 from controller.operator.placement import Decision, choose_node, resize_misfit
 from controller.operator.status import StatusWriter
 from controller.operator.translate import (
@@ -42,7 +45,7 @@ from controller.operator.translate import (
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger(__name__)
 
-METRICS_INTERVAL = datetime.timedelta(seconds=30)
+METRICS_INTERVAL = 600.0  # default seconds between status.metrics snapshots (0: never)
 _BOOT = {
     pb.BOOT_MODE_CONTAINER: BootMode.CONTAINER,
     pb.BOOT_MODE_VM: BootMode.VM,
@@ -60,8 +63,9 @@ _PHASE = {
 
 AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
 PROVISION_FAILED = "ProvisionFailed"  # the agent's reason: provisioning failed, host cleaned
-STARTUP_NODE_GRACE = 20.0  # the agents' Lease duration
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 10.0, 300.0
+STARTUP_NODE_GRACE = 20.0  # the agents' Lease duration
+AGAIN_SECONDS = 10.0  # a missing Secret or an unreachable agent is looked at again after
 
 
 @dataclass
@@ -76,6 +80,25 @@ class Runtime:
     node_lost_timeout: float = 300.0
     placements_seeded: bool = False
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What the agents run, pushed by their event streams (controller.operator.machines).
+    machines: MachineCache = field(default_factory=MachineCache)
+    metrics_interval: float = METRICS_INTERVAL
+    # Zmachines no node could take: reconciled again when capacity changes.
+    pending: set[str] = field(default_factory=set)
+    # Asks for a reconciliation of a uid (the worker's queue); `cause` feeds a metric.
+    kick: Callable[[str, str], None] = lambda uid, cause: None
+    # Takes an object as one of our own writes returned it (the worker's view of it).
+    seen: Callable[[Mapping[str, Any]], None] = lambda found: None
+
+    def later(self, uid: str, delay: float, cause: str) -> None:
+        """Reconcile `uid` again after `delay` seconds (a timer, not a resync of all)."""
+        asyncio.get_running_loop().call_later(delay, self.kick, uid, cause)
+
+    def kick_node(self, node: str, cause: str) -> None:
+        """Every Zmachine placed on `node` (its health changed)."""
+        for uid in [u for u, p in self.inventory.placements.items() if p.node == node]:
+            self.kick(uid, cause)
+
     locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # uid -> node -> monotonic expiry: nodes that refused the Zmachine for lack of capacity.
     avoid: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -95,12 +118,15 @@ class Runtime:
         now = time.monotonic()
         if uid not in self.retries:  # just seen failed: the first retry after the base delay
             self.retries[uid] = (0, now + RETRY_BASE_SECONDS)
+            self.later(uid, RETRY_BASE_SECONDS, "retry")
             return False
         attempts, due = self.retries[uid]
         if now < due:
+            self.later(uid, due - now, "retry")
             return False
         delay = min(RETRY_BASE_SECONDS * 2 ** (attempts + 1), RETRY_MAX_SECONDS)
         self.retries[uid] = (attempts + 1, now + delay)
+        self.later(uid, delay, "retry")
         return True
 
     def avoided(self, uid: str) -> set[str]:
@@ -113,8 +139,12 @@ class Runtime:
         return set(nodes)
 
     def forget(self, uid: str) -> None:
-        """Drop every per-object entry once the Zmachine is gone from the API."""
+        """Drop every per-object entry once the Zmachine is gone from the API. Not the
+        node's machine cache: it mirrors the agents, which prune it with their Deleted
+        events; a VM still there (released without the node's confirmation) is an orphan,
+        and orphan collection reads the cache to find it."""
         self.inventory.forget_zmachine(uid)
+        self.pending.discard(uid)
         self.avoid.pop(uid, None)
         self.retries.pop(uid, None)
         lock = self.locks.get(uid)
@@ -194,8 +224,12 @@ async def converge(
                 if not await _unbind(rt, target, node_name, out, "NodeLost", why):
                     return
                 node_name = None
+        wants = Wants(
+            public=bool(spec.network and spec.network.public_ip),
+            planetary=bool(spec.network and spec.network.planetary),
+        )
         if not node_name:
-            node_name = await _place(rt, target, raw_spec, spec, att, out)
+            node_name = await _place(rt, target, raw_spec, spec, att, wants, out)
             if node_name is None:
                 return
         elif spec.node_name and spec.node_name != node_name:
@@ -214,16 +248,30 @@ async def converge(
         node = rt.inventory.nodes.get(node_name)
         if node is None or not node.ready:
             _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
+            if not spec.node_name:  # placed elsewhere once the node is lost for good
+                left = rt.node_lost_timeout - rt.inventory.lost_for(node_name)
+                rt.later(target.uid, max(left, 0.0) + 1.0, "node-lost")
             return
         out.condition(cond.NODE_READY, True, "NodeReady", f"node {node_name} is Ready")
         agent = rt.agents.client(node.address)
         machine: pb.Machine | None = None
         try:
-            machine = await agent.get(target.uid)
+            if wants.planetary:
+                # Every pass: nodes that joined since are dialled too.
+                await agent.apply_planetary(planetary.peers_for(node_name, rt.inventory.nodes))
+            seq = rt.machines.seq
+            if node_name in rt.machines.synced:
+                machine = rt.machines.get(node_name, target.uid)
+            else:
+                # The node's event stream is down or not synced yet: ask, and ask again
+                # until it is back (its resync then reports every change).
+                machine = await agent.get(target.uid)
+                rt.later(target.uid, AGAIN_SECONDS, "unsynced")
             if machine is None or machine.generation < target.generation:
                 refusal = await _deploy_refusal(rt, target, raw_spec, node_name, machine)
                 if refusal is not None:
                     if machine is not None:
+                        rt.pending.add(target.uid)  # the resize waits for room
                         _report(out, target, machine)
                         out.condition(
                             cond.PROVISIONED, False, "ResizeUnschedulable", refusal,
@@ -245,17 +293,36 @@ async def converge(
                     network = await networks.ensure_subnet(rt.kube, att, node_name)
                     ip = str(att.ip) if att.ip else None  # else the node's IPAM picks one
                     interfaces.append(networks.agent_interface(network, node_name, ip))
+                public = None
+                if wants.public:
+                    async with rt.placement_lock:  # placed earlier, or publicIP added since
+                        held = await publicips.allocate(
+                            rt.kube, target.uid, f"{target.namespace}/{target.name}"
+                        )
+                    public = held.to_pb()
                 response = await agent.deploy(
-                    target.ref(), target.generation, agent_spec(spec, target.name, env, interfaces)
+                    target.ref(),
+                    target.generation,
+                    agent_spec(spec, target.name, env, interfaces, public),
                 )
+                first = machine is None
                 machine = response.machine
+                rt.machines.put(node_name, machine, unless_after=seq)
+                if not wants.public:
+                    # publicIP dropped (or never asked): the node runs without it now.
+                    await publicips.release(rt.kube, target.uid)
                 if response.changed:
-                    out.event("Deployed", f"generation {target.generation} sent to {node_name}")
                     logger.info("deployed", node=node_name, generation=target.generation)
+                    if first and machine.state == pb.MACHINE_STATE_PROVISIONING:
+                        # The status written with the placement says it; the agent's
+                        # stream brings the outcome (or the next pass asks).
+                        return
+                    out.event("Deployed", f"generation {target.generation} sent to {node_name}")
             assert machine is not None  # env_to_deploy deploys whenever the agent had none
-        except SecretUnavailable as exc:
+        except (SecretUnavailable, PublicIPExhausted) as exc:
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc))
             out.phase_to(Phase.PENDING, exc.reason, str(exc))
+            rt.later(target.uid, AGAIN_SECONDS, "secret")  # Secrets are not watched
             return
         except NodeOutOfCapacity as exc:
             if machine is None and not spec.node_name:
@@ -263,7 +330,8 @@ async def converge(
                 rt.avoid.setdefault(target.uid, {})[node_name] = time.monotonic() + AVOID_SECONDS
                 await _unbind(rt, target, node_name, out, exc.reason, str(exc))
                 return
-            # Pinned, or a resize: the node keeps what it runs; the next pass tries again.
+            # Pinned, or a resize: the node keeps what it runs; tried again when room appears.
+            rt.pending.add(target.uid)
             out.condition(cond.PROVISIONED, False, exc.reason, str(exc), target.generation)
             if machine is None:
                 out.phase_to(Phase.PENDING, exc.reason, str(exc))
@@ -283,10 +351,14 @@ async def converge(
             message = f"node {node_name}: {exc}"
             out.condition(cond.READY, None, "AgentUnreachable", message, _running(machine))
             out.phase_to(Phase.UNKNOWN, "AgentUnreachable", message)
+            rt.later(target.uid, AGAIN_SECONDS, "unreachable")
             return
         _report(out, target, machine)
-        if machine.state in (pb.MACHINE_STATE_RUNNING, pb.MACHINE_STATE_PAUSED):
-            await _sample_metrics(agent, target, out, logger)
+        if rt.metrics_interval > 0 and machine.state in (
+            pb.MACHINE_STATE_RUNNING,
+            pb.MACHINE_STATE_PAUSED,
+        ):
+            await _sample_metrics(agent, target, out, logger, rt.metrics_interval)
 
 
 def _refused(
@@ -354,11 +426,13 @@ async def _place(
     raw_spec: Mapping[str, Any],
     spec: ZmachineSpec,
     att: networks.Attachment | None,
+    wants: Wants,
     out: StatusWriter,
 ) -> str | None:
     """Choose a node and make the choice durable (status.nodeName, written with the
     object's resourceVersion) before anything is deployed. A node serving the Zmachine's
-    network gets its /24 of it first (a subnet outlives a lost bind: the node keeps it)."""
+    network gets its /24 of it first (a subnet outlives a lost bind: the node keeps it),
+    and a Zmachine with publicIP its addresses (released when it is deleted)."""
     request = request_of(raw_spec)
     async with rt.placement_lock:
         if not rt.placements_seeded:
@@ -377,24 +451,33 @@ async def _place(
             spec.node_selector,
             pinned=spec.node_name,
             avoid=rt.avoided(target.uid),
-            misfit=att.misfit if att is not None else None,
+            misfit=_misfits(att, wants),
         )
-        if decision.node is not None and att is not None:
-            try:
+        try:
+            if decision.node is not None and att is not None:
                 await networks.ensure_subnet(rt.kube, att, decision.node)
-            except (NetworkFull, NetworkMisfit) as exc:
-                decision = Decision(None, "Unschedulable", str(exc))
+            if decision.node is not None and wants.public:
+                await publicips.allocate(rt.kube, target.uid, f"{target.namespace}/{target.name}")
+        except (NetworkFull, NetworkMisfit, PublicIPExhausted) as exc:
+            decision = Decision(None, "Unschedulable", str(exc))
         if decision.node is None:
+            rt.pending.add(target.uid)
             out.set("observedGeneration", target.generation)
             out.condition(cond.SCHEDULED, False, decision.reason, decision.message)
             out.phase_to(Phase.PENDING, decision.reason, decision.message)
             return None
+        rt.pending.discard(target.uid)
         # Reserved before the write, so that placements running meanwhile count it.
         rt.inventory.placements[target.uid] = Placement(
             decision.node, request, target.namespace, target.name
         )
+    # What the Zmachine says from now on goes out with the placement, in one write: the
+    # first Deploy follows at once, and the agent's stream reports what comes of it.
+    out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
+    out.phase_to(Phase.PROVISIONING, decision.reason, f"{decision.message}; deploying")
+    with_placement = dict(out.patch.status)
     try:
-        node = await _bind(rt, target, decision.node)
+        node = await _bind(rt, target, decision.node, with_placement)
     except BaseException:
         rt.inventory.forget_zmachine(target.uid)
         raise
@@ -406,20 +489,43 @@ async def _place(
             node, request, target.namespace, target.name
         )
         return node
-    out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
-    out.phase_to(Phase.SCHEDULED, decision.reason, decision.message)
+    out.written(with_placement)
     return node
+
+
+@dataclass(frozen=True)
+class Wants:
+    """The node-dependent interfaces a Zmachine asks for besides its private one."""
+
+    public: bool
+    planetary: bool
+
+
+def _misfits(
+    att: networks.Attachment | None, wants: Wants
+) -> Callable[[NodeView], str | None] | None:
+    """Why a node cannot serve the Zmachine's network attachments, if it cannot."""
+    asked = [
+        att.misfit if att else None,
+        publicips.misfit if wants.public else None,
+        planetary.misfit if wants.planetary else None,
+    ]
+    checks = [c for c in asked if c is not None]
+    if not checks:
+        return None
+    return lambda node: next((why for check in checks if (why := check(node))), None)
 
 
 def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
     """Right after a start, a Ready node whose Lease has not been seen renewed yet may be
     alive or dead: wait one Lease duration for it rather than pile every placement onto
-    the nodes that happened to renew first. True: the Zmachine waits (Pending; the next
-    pass places it)."""
+    the nodes that happened to renew first. True: the Zmachine waits (Pending)."""
     unsure = sorted(n.name for n in rt.inventory.nodes.values() if n.ready and not n.renewing)
     left = STARTUP_NODE_GRACE - (time.monotonic() - rt.inventory.started)
     if not unsure or left <= 0:
         return False
+    rt.pending.add(target.uid)  # placed as soon as they renew (a capacity change)...
+    rt.later(target.uid, left, "startup")  # ...or once they had their chance
     message = f"waiting up to {left:.0f}s for nodes {', '.join(unsure)} to renew their Leases"
     out.set("observedGeneration", target.generation)
     out.condition(cond.SCHEDULED, False, "WaitingForNodes", message)
@@ -427,13 +533,13 @@ def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
     return True
 
 
-async def _bind(rt: Runtime, target: Target, node: str) -> str | None:
-    """Write the placement; the node that stands afterwards, or None if the object is gone.
-    A placement someone else made meanwhile wins over ours."""
+async def _bind(rt: Runtime, target: Target, node: str, status: dict[str, Any]) -> str | None:
+    """Write the placement (with `status`); the node that stands afterwards, or None if the
+    object is gone. A placement someone else made meanwhile wins over ours."""
     version = target.resource_version
     for _ in range(3):
         try:
-            await rt.kube.set_node(target.namespace, target.name, version, node)
+            rt.seen(await rt.kube.set_node(target.namespace, target.name, version, node, status))
             return node
         except Conflict:
             found = await rt.kube.zmachine(target.namespace, target.name)
@@ -474,6 +580,7 @@ async def _unbind(
         "placement cleared", namespace=target.namespace, name=target.name, uid=target.uid,
         node=node, reason=reason, why=why,
     )  # fmt: skip
+    rt.kick(target.uid, "unbound")  # placed again by the next pass, not the next resync
     return True
 
 
@@ -521,10 +628,17 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     )
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
-    if machine.interfaces:
-        nic = machine.interfaces[0]
-        out.set("ip", nic.ip or None)
-        out.set("ipv6", nic.ipv6 or None)
+    private = [
+        n for n in machine.interfaces if n.network not in (PUBLIC_NETWORK, PLANETARY_NETWORK)
+    ]
+    if private:
+        out.set("ip", private[0].ip or None)
+        out.set("ipv6", private[0].ipv6 or None)
+    public = next((n for n in machine.interfaces if n.network == PUBLIC_NETWORK), None)
+    ygg = next((n for n in machine.interfaces if n.network == PLANETARY_NETWORK), None)
+    out.set("planetaryIP", (ygg.ipv6 or None) if ygg else None)
+    out.set("publicIP", (public.ip or None) if public else None)
+    out.set("publicIPv6", (public.ipv6 or None) if public else None)
     if machine.restarts > int(out.current.get("restartCount") or 0):
         out.event("Restarted", f"the node restarted the VM ({machine.restarts} so far)", True)
     out.set("restartCount", machine.restarts)
@@ -547,13 +661,19 @@ def _observe_time_to_running(target: Target) -> None:
 
 
 async def _sample_metrics(
-    agent: Any, target: Target, out: StatusWriter, logger: structlog.stdlib.BoundLogger
+    agent: Any,
+    target: Target,
+    out: StatusWriter,
+    logger: structlog.stdlib.BoundLogger,
+    interval: float,
 ) -> None:
+    """A coarse snapshot in status (the live figures are the agent's /metrics): at most
+    one status write per `interval` per Zmachine for it."""
     previous = (out.current.get("metrics") or {}).get("sampledAt")
     now = datetime.datetime.now(datetime.UTC)
     if previous:
         taken = datetime.datetime.fromisoformat(str(previous))
-        if now - taken < METRICS_INTERVAL:
+        if (now - taken).total_seconds() < interval:
             return
     try:
         stats = await agent.stats(target.uid)

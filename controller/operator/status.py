@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -11,19 +11,30 @@ from controller.api import conditions
 from controller.api.zmachine import Phase
 
 _WARNING_PHASES = (Phase.FAILED, Phase.UNKNOWN)
+# (type, reason, message) -> posts an Event about the object.
+Poster = Callable[[str, str, str], None]
 
 
 class StatusWriter:
     """Accumulates status changes into kopf's patch, skipping values that are already set."""
 
     def __init__(
-        self, body: kopf.Body, status: Mapping[str, Any], patch: kopf.Patch, generation: int | None
+        self,
+        body: kopf.Body,
+        status: Mapping[str, Any],
+        patch: kopf.Patch,
+        generation: int | None,
+        post: Poster | None = None,
     ) -> None:
+        """`post`: where Events go; kopf's per-object poster unless given."""
         self.body = body
-        self.current = status
+        self._post = post or self._kopf_event
+        self.current: dict[str, Any] = dict(status)
         self.patch = patch
         self.generation = generation
         self.conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
+        self._initial_phase = status.get("phase")
+        self._phase_event: tuple[str, str, str] | None = None
 
     @property
     def phase(self) -> str | None:
@@ -51,14 +62,29 @@ class StatusWriter:
             self.patch.status["conditions"] = self.conditions
 
     def phase_to(self, phase: Phase, reason: str, message: str) -> None:
-        previous = self.phase
+        """The Event for a transition waits for `flush`: one pass that goes through
+        several phases (Scheduled, then Provisioning) posts one Event, for where it ends."""
         self.set("phase", phase.value)
         self.set("message", message)
-        if previous != phase.value:
-            kind = "Warning" if phase in _WARNING_PHASES else "Normal"
-            kopf.event(self.body, type=kind, reason=reason, message=f"{phase.value}: {message}")
+        kind = "Warning" if phase in _WARNING_PHASES else "Normal"
+        self._phase_event = (kind, reason, f"{phase.value}: {message}")
+
+    def written(self, fields: Mapping[str, Any]) -> None:
+        """`fields` of the pending patch were written by other means (with the placement):
+        they count as current and leave the patch."""
+        for key, value in fields.items():
+            self.current[key] = value
+            if self.patch.status.get(key) == value:
+                del self.patch.status[key]
+
+    def flush(self) -> None:
+        """Post the phase transition's Event, if the phase changed."""
+        if self._phase_event is not None and self.phase != self._initial_phase:
+            self._post(*self._phase_event)
+        self._phase_event = None
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
-        kopf.event(
-            self.body, type="Warning" if warning else "Normal", reason=reason, message=message
-        )
+        self._post("Warning" if warning else "Normal", reason, message)
+
+    def _kopf_event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message)

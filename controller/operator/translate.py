@@ -29,14 +29,8 @@ def refuse_unsupported(spec: ZmachineSpec) -> None:
         asked.append("spec.gpu (GPU passthrough)")
     if spec.corex:
         asked.append("spec.corex")
-    network = spec.network
-    if network is not None:
-        if network.planetary:
-            asked.append("spec.network.planetary (Yggdrasil)")
-        if network.mycelium is not None:
-            asked.append("spec.network.mycelium")
-        if network.public_ip:
-            asked.append("spec.network.publicIP")
+    if spec.network is not None and spec.network.mycelium is not None:
+        asked.append("spec.network.mycelium")
     if asked:
         raise UnsupportedSpec(f"not supported by the node agents yet: {', '.join(asked)}")
 
@@ -89,8 +83,10 @@ def agent_spec(
     name: str,
     env: dict[str, str],
     interfaces: Sequence[pb.NetworkInterface] = (),
+    public: pb.PublicInterface | None = None,
 ) -> pb.ZmachineSpec:
-    """`interfaces`: the private interface with its network as placed on the node."""
+    """`interfaces`: the private interface with its network as placed on the node;
+    `public`: the addresses the Zmachine holds from a ZmachinePublicIPPool."""
     volumes = [
         pb.Volume(
             name=v.name,
@@ -114,4 +110,6 @@ def agent_spec(
         paused=spec.paused,
         hostname=hostname_label(name),
         ssh_keys=ssh_keys,
+        public=public,
+        planetary=bool(spec.network and spec.network.planetary),
     )

@@ -136,10 +136,12 @@ class AgentProcess:
         failed test must not leave them running."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        machines = self.call("list")
-        assert isinstance(machines, list)
-        for m in machines:
-            self.call("delete", m.ref.uid)
+
+        async def go() -> None:  # all at once: a teardown after a burst has many
+            async with self.client() as c:
+                await asyncio.gather(*(c.delete(m.ref.uid) for m in await c.list()))
+
+        asyncio.run(go())
 
     def deploy_settled(
         self, ref: pb.ZmachineRef, generation: int, spec: pb.ZmachineSpec, timeout: float = 180
@@ -184,16 +186,21 @@ class EventRecorder:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._task: asyncio.Future[None] | None = None
+        self._watching = threading.Event()
 
     async def _watch(self) -> None:
         async with self._agent.client() as c:
             async for event in c.watch_events(self._uid):
-                self.events.append(event)
+                if event.type == pb.EVENT_TYPE_WATCHING:
+                    self._watching.set()
+                else:
+                    self.events.append(event)
 
     def start(self) -> None:
         self._thread.start()
         self._task = asyncio.run_coroutine_threadsafe(self._watch(), self._loop)  # type: ignore[assignment]
-        time.sleep(0.5)  # the stream is open before the test acts
+        # The agent says so once the subscription is in place: the test may act.
+        assert self._watching.wait(30), "the agent did not open the event stream"
 
     def types(self) -> list[str]:
         return [pb.EventType.Name(e.type) for e in self.events]

@@ -17,6 +17,7 @@ import pytest
 from controller.agent.rpc.client import AgentClient
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.tls import ClientTLS, write_dev_pki
+from controller.agent.runtime.layout import STATE_DIR_MAX
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process
 
@@ -183,7 +184,10 @@ def test_unknown_uid_is_not_found(agent: AgentProcess) -> None:
     assert agent.call("delete", "no-such-uid") is False
 
 
-def test_insecure_dev_serves_plaintext_on_loopback_only(tmp_path: Path, agent_pki: Path) -> None:
+def test_insecure_dev_serves_plaintext_on_loopback_only(
+    tmp_path_factory: pytest.TempPathFactory, agent_pki: Path
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("plain")  # short: the state dir has a length budget
     plain = AgentProcess(tmp_path / "state", agent_pki, [], insecure=True)
     plain.start()
     try:
@@ -197,3 +201,15 @@ def test_insecure_dev_serves_plaintext_on_loopback_only(tmp_path: Path, agent_pk
     )  # fmt: skip
     assert refused.returncode == 2
     assert "only on loopback" in refused.stderr
+
+
+def test_a_state_dir_too_deep_for_vm_sockets_is_refused_at_start() -> None:
+    deep = Path("/tmp/zm-deep") / ("d" * (STATE_DIR_MAX + 1 - len("/tmp/zm-deep/")))
+    refused = subprocess.run(
+        [sys.executable, "-m", "controller.agent.main", "serve", "--insecure-dev",
+         "--listen", "127.0.0.1:0", "--state-dir", str(deep)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"--state-dir {deep} is {STATE_DIR_MAX + 1} bytes long" in refused.stderr
+    assert not deep.exists()

@@ -150,7 +150,7 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert argv[:4] == ["nsenter", "--net=/run/netns/zmns", "--", "qemu-system-x86_64"]
     joined = " ".join(argv)
     for part in (
-        "-machine q35,accel=tcg,memory-backend=ram0",
+        "-machine q35,memory-backend=ram0 -accel tcg,tb-size=64",
         "-cpu max -smp 2 -m 512M",
         "-object memory-backend-memfd,id=ram0,size=512M,share=on",
         f"-kernel {tmp_path / 'vmlinuz'} -initrd {tmp_path / 'initramfs.img'}",

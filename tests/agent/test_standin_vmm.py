@@ -191,6 +191,9 @@ def agent(
         yield proc
 
 
+SHARE = "shared" + "-x" * 15  # the longest volume name: its socket must still fit
+
+
 def standin_spec(
     flist: Path, policy: pb.RestartPolicy.ValueType = pb.RESTART_POLICY_ALWAYS
 ) -> pb.ZmachineSpec:
@@ -201,11 +204,11 @@ def standin_spec(
         interfaces=[pb.NetworkInterface(network="lan")],
         volumes=[
             pb.Volume(name="data", kind=pb.VOLUME_KIND_DISK, size_bytes=16 << 20),
-            pb.Volume(name="shared", kind=pb.VOLUME_KIND_SHARE),
+            pb.Volume(name=SHARE, kind=pb.VOLUME_KIND_SHARE),
         ],
         mounts=[
             pb.Mount(name="data", mountpoint="/data"),
-            pb.Mount(name="shared", mountpoint="/srv"),
+            pb.Mount(name=SHARE, mountpoint="/srv"),
         ],
         restart_policy=policy,
     )
@@ -225,7 +228,7 @@ def test_agent_runs_a_machine_on_the_standin(
     sockets = {
         a[a.index("--socket-path") + 1] for a in _processes_naming(UID) if "--socket-path" in a
     }
-    assert {Path(s).name for s in sockets} == {"vfs-root.sock", "vfs-shared.sock"}, sockets
+    assert {Path(s).name for s in sockets} == {"vfs-root.sock", "vfs-0.sock"}, sockets
     wait_for("the boot duration", lambda: get(agent, UID).boot_duration_seconds > 0, 30)
 
     paused = agent.call("pause", UID)
@@ -261,3 +264,47 @@ def _processes_naming(uid: str) -> list[list[str]]:
             if any(uid in a for a in argv):
                 found.append(argv)
     return found
+
+
+def _flist_servers(agent: AgentProcess) -> list[int]:
+    """Live FUSE flist servers under the agent's state dir."""
+    return [
+        int(e.name)
+        for e in os.scandir("/proc")
+        if e.name.isdigit()
+        and (argv := cmdline(int(e.name)))
+        and "controller.flist.cli" in argv
+        and any(str(agent.state_dir) in a for a in argv)
+    ]
+
+
+def _all_running(agent: AgentProcess, uids: list[str]) -> None:
+    def running() -> bool:
+        return all(in_state(agent, uid, pb.MACHINE_STATE_RUNNING) for uid in uids)
+
+    wait_for("Running", running, 60)
+
+
+@pytest.mark.fuse
+def test_machines_from_one_flist_share_one_mount_through_an_agent_crash(
+    agent: AgentProcess, agent_busybox_flist: Path, agent_netns: str
+) -> None:
+    uids = [f"{UID}-{i}" for i in range(3)]
+    spec = pb.ZmachineSpec(flist=f"file://{agent_busybox_flist}", cpu=1, memory_bytes=256 << 20)
+    for uid in uids:
+        agent.call("deploy", pb.ZmachineRef(namespace="default", name=uid, uid=uid), 1, spec)
+    _all_running(agent, uids)
+    servers = _flist_servers(agent)
+    assert len(servers) == 1, servers
+
+    agent.kill()  # its records name the mount: the next agent reuses it
+    agent.start()
+    _all_running(agent, uids)
+    assert _flist_servers(agent) == servers
+
+    for uid in uids[:-1]:
+        assert agent.call("delete", uid) is True
+    assert _flist_servers(agent) == servers, "the last machine still uses it"
+    assert agent.call("delete", uids[-1]) is True
+    assert _flist_servers(agent) == []
+    assert leaks([agent.state_dir], agent_netns) == []

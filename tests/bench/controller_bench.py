@@ -92,7 +92,7 @@ def section(f: dict[str, float], idle: float) -> str:
             f"{f['all_reconciled_s']:.1f} s ({f['per_second']:.1f} per second)",
         ),
         (
-            "writes to the objects at rest (5 s resync running)",
+            "writes to the objects at rest",
             f"{f['idle_writes_per_object_minute']:.2f} per Zmachine per minute",
         ),
         (
@@ -113,8 +113,8 @@ watch, reconcile, placement, status patch and events; idle writes counted by a w
 |---|---|
 {table}
 
-At rest the resync compares desired and reported state every 5 s but patches only what changed,
-so an idle fleet costs the API server reads, not writes.
+At rest nothing is reconciled but the jittered safety net (each Zmachine once per 300 s), which
+patches only what changed, so an idle fleet costs the API server nothing.
 """
 
 

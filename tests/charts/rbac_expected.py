@@ -18,6 +18,8 @@ CONTROLLER_CLUSTER = _rules(
     (ZOS, "zmachinenodes/status", "get patch update"),
     (ZOS, "zmachinenetworks", "get list watch patch update"),
     (ZOS, "zmachinenetworks/status", "get patch update"),
+    (ZOS, "zmachinepublicippools", "list"),
+    (ZOS, "zmachinepublicippools/status", "patch"),
     ("", "events", "create patch"),
     ("events.k8s.io", "events", "create patch"),
     ("", "secrets", "get"),
@@ -34,6 +36,10 @@ AGENT_CLUSTER = _rules(
     ("", "nodes", "get"),
 )
 AGENT_NAMESPACED = _rules(("coordination.k8s.io", "leases", "get create update patch"))
+# The post-delete hook (templates/uninstall-hook.yaml): the agents' registrations go once the
+# agent pods are gone.
+UNINSTALL_CLUSTER = _rules((ZOS, "zmachinenodes", "list delete"))
+UNINSTALL_NAMESPACED = _rules(("", "pods", "list"), ("coordination.k8s.io", "leases", "delete"))
 SUB = "subresources.zos.threefold.io"
 # The console server: find a Zmachine and its node, ask whether a user may use it.
 CONSOLE_CLUSTER = _rules(
@@ -47,6 +53,8 @@ EXPECTED: dict[tuple[str, str], Rules] = {
     ("ClusterRole", "agent"): AGENT_CLUSTER,
     ("Role", "agent"): AGENT_NAMESPACED,
     ("ClusterRole", "console-server"): CONSOLE_CLUSTER,
+    ("ClusterRole", "uninstall"): UNINSTALL_CLUSTER,
+    ("Role", "uninstall"): UNINSTALL_NAMESPACED,
 }
 # ClusterRoles for users to bind (docs/console.md), by their fixed names.
 USER_ROLES: dict[str, Rules] = {

@@ -1,5 +1,5 @@
-"""The images cannot be built here (no Docker engine); their Dockerfiles are parsed and held
-to what the chart and pyproject.toml expect of them."""
+"""The Dockerfiles, parsed and held to what the chart and pyproject.toml expect of them (the
+images themselves are built with buildah and run in tests/cluster)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ class Instruction:
     args: str
 
 
-def parse(name: str) -> list[list[Instruction]]:
-    """Instructions per build stage, continuation lines joined and comments dropped."""
+def instructions(name: str) -> list[list[Instruction]]:
+    """The ARGs before the first FROM, then the instructions of each build stage;
+    continuation lines joined and comments dropped."""
     text = (REPO / name).read_text()
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    stages: list[list[Instruction]] = []
+    stages: list[list[Instruction]] = [[]]
     for line in joined.splitlines():
         if not line.strip():
             continue
@@ -37,6 +38,17 @@ def parse(name: str) -> list[list[Instruction]]:
     return stages
 
 
+def parse(name: str) -> list[list[Instruction]]:
+    """Instructions per build stage."""
+    return instructions(name)[1:]
+
+
+def build_args(name: str) -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults."""
+    preamble = instructions(name)[0]
+    return dict(i.args.partition("=")[::2] for i in preamble if i.keyword == "ARG")
+
+
 def last(stage: list[Instruction], keyword: str) -> str | None:
     found = [i.args for i in stage if i.keyword == keyword]
     return found[-1] if found else None
@@ -44,16 +56,20 @@ def last(stage: list[Instruction], keyword: str) -> str | None:
 
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 IMAGES = {
-    "Dockerfile.controller": ("python:3.11-slim", "zmachine-controller"),
-    "Dockerfile.agent": ("debian:bookworm-slim", "zmachine-agent"),
+    "Dockerfile.controller": "zmachine-controller",
+    "Dockerfile.agent": "zmachine-agent",
 }
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_final_image_runs_the_console_script(name: str) -> None:
-    base, script = IMAGES[name]
+    script = IMAGES[name]
     final = parse(name)[-1]
-    assert final[0].args == base
+    # The base is a build argument (hack/build-images.sh passes a local debootstrap); the
+    # published build gets Debian 12, whose python3.11 the Debian-packaged venv is made with.
+    assert final[0].args == "${BASE_IMAGE}"
+    assert build_args(name)["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert all(stage[0].args.startswith("${") for stage in parse(name)), "a base not an ARG"
     entrypoint = json.loads(last(final, "ENTRYPOINT") or "null")
     assert entrypoint == [script], "exec form, so signals reach the process"
     assert script in SCRIPTS, f"{script} is not in [project.scripts]"

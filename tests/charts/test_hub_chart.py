@@ -51,7 +51,7 @@ def test_hub_with_a_token_secret(helm: Helm) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (("hub.enabled=true", "hub.auth=basic"), "hub.auth must be tokenReview or tokenSecret"),
+        (("hub.enabled=true", "hub.auth=basic"), "at '/hub/auth': value must be one of"),
         (("hub.enabled=true", "hub.auth=tokenSecret"), "needs hub.tokenSecret"),
     ],
 )

@@ -68,6 +68,7 @@ def test_console_server_reads_the_request_header_settings_only(docs: list[Manife
         ("Deployment", "controller", "controller"),
         ("DaemonSet", "agent", "agent"),
         ("Deployment", "console", "console-server"),
+        ("Job", "uninstall", "uninstall"),
     ],
 )
 def test_roles_are_bound_to_the_pods_service_account(

@@ -27,6 +27,7 @@ from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
 from tests.charts.helm import Helm, build_helm
 from tests.e2e.conftest import start_controller
+from tests.faults.invariants import leaks
 from tests.netns import bridged_netns
 from tests.operator.conftest import wait_for
 
@@ -170,19 +171,22 @@ def console_env(
         server = ConsoleServer(cluster, base, agent_pki)
 
         def teardown() -> None:
-            # The controller deletes it through the agent; delete_all is the safety net
-            # (VMs and their mounts outlive the agent by design).
-            cluster.kubectl("delete", "zm", NAME, "-n", ns, "--timeout=120s", check=False)
-            with contextlib.suppress(Exception):
-                agent.delete_all()
+            # The controller deletes it through the agent, which must leave nothing behind;
+            # only if it did not does the offline sweep run, so later tests start clean.
+            deleted = cluster.kubectl("delete", "zm", NAME, "-n", ns, "--timeout=120s",
+                                      check=False)  # fmt: skip
+            left = leaks([agent.state_dir], netns)
             controller.terminate()
             controller.wait(30)
             agent.stop()
             server.stop()
-            sweep(agent)
+            if deleted.returncode or left:
+                sweep(agent)
             # Cluster-wide and not helm's: a chart installed later in the session owns them.
             for role in roles:
                 cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], check=False)
+            assert deleted.returncode == 0, f"deleting {NAME}: {deleted.stderr}"
+            assert left == [], f"deleting {NAME} left {left}"
 
         stack.callback(teardown)
         agent.start()
@@ -198,11 +202,10 @@ def console_env(
             print(log.read_text()[-4000:], agent.log_text())
             raise
         yield env
-    sweep(agent)  # again, with the netns gone: nothing may be left at all
 
 
 def sweep(agent: AgentProcess) -> None:
-    """Offline, as `make down` does: whatever a refused Delete left (VMMs, mounts, loop
+    """Offline, as `make down` does: whatever a failed Delete left (VMMs, mounts, loop
     devices and helpers outlive the agent by design) must not outlive the test."""
     for _ in range(3):  # a killed helper's mounts may take a moment to go
         swept = subprocess.run(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _VMS = re.compile(r"/vms/([0-9A-Za-z-]+)/")
+_FLISTS = "/flists/"  # the node's shared flist mounts (one server per distinct flist)
 
 
 def _cmdlines() -> Iterator[tuple[int, list[str]]]:
@@ -92,16 +93,35 @@ class OneVmmPerUid:
         assert not self.violations, f"more than one VMM for one uid: {self.violations[:5]}"
 
 
+def _held_elsewhere(device: str) -> bool:
+    """A mount namespace made while the device was mounted (another project's cluster or
+    container runtime on this host) holds its own copy of the mount: the agent's unmount
+    cannot reach it and the autoclear device goes with that namespace (rootlayer.unmount
+    says so in a warning). Not an agent's leak."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(f"{entry.path}/ns/mnt") != ours and f" {device} " in Path(
+                entry.path, "mountinfo"
+            ).read_text(errors="replace"):
+                return True
+        except OSError:
+            continue  # gone, or a kernel thread
+    return False
+
+
 def leaks(state_dirs: Iterable[Path], netns: str | None = None) -> list[str]:
     """Everything an agent made for a VM that still exists: processes (VMM, virtiofsd,
-    FUSE mounts), mounts, loop devices, taps and machine records."""
+    FUSE mounts, shared or not), mounts, loop devices, taps and machine records."""
     roots = [d.resolve() for d in state_dirs]
     found: list[str] = []
     for pid, argv in _cmdlines():
         if (
             pid != os.getpid()
             and not _is_zombie(pid)
-            and any(_VMS.search(a) and _under(a, roots) for a in argv)
+            and any((_VMS.search(a) or _FLISTS in a) and _under(a, roots) for a in argv)
         ):
             found.append(f"process {pid}: {' '.join(argv)[:200]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -112,7 +132,11 @@ def leaks(state_dirs: Iterable[Path], netns: str | None = None) -> list[str]:
         ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    found += [f"loop {line.strip()}" for line in losetup.stdout.splitlines() if _under(line, roots)]
+    found += [
+        f"loop {line.strip()}"
+        for line in losetup.stdout.splitlines()
+        if _under(line, roots) and not _held_elsewhere(line.split()[0])
+    ]
     if netns is not None:
         links = subprocess.run(
             ["ip", "-n", netns, "-o", "link", "show", "type", "tun"],
@@ -121,7 +145,7 @@ def leaks(state_dirs: Iterable[Path], netns: str | None = None) -> list[str]:
         found += [f"tap {line.split(':')[1].strip()}" for line in links.stdout.splitlines()]
     for root in roots:
         found += [f"record {p}" for p in (root / "machines").glob("*.json")]
-        vms = root / "vms"
-        if vms.is_dir():
-            found += [f"vm dir {p}" for p in vms.iterdir()]
+        for kind in ("vms", "flists"):
+            if (root / kind).is_dir():
+                found += [f"{kind} dir {p}" for p in (root / kind).iterdir()]
     return found

@@ -8,6 +8,7 @@ sampler."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import pytest
 
 from controller.agent.rpc.client import AgentClient
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.agent.runtime.layout import VMPaths
 from tests.agent.agent_harness import AgentProcess, EventRecorder
 from tests.agent.conftest import standin_agent_process
 from tests.agent.test_agent_vm import wait_for
@@ -265,7 +267,7 @@ def agent(
     agent_busybox_flist: Path,
 ) -> Iterator[AgentProcess]:
     """No faults; backoff 1 s, 2 s; the third exit in a row is a crash loop."""
-    state = tmp_path_factory.mktemp("supervised") / "state"
+    state = tmp_path_factory.mktemp("sup") / "state"
     agent = new_agent(
         state, agent_pki, agent_netns, agent_standin_guest_dir, agent_busybox_flist,
         "--crash-loop-limit", "2",
@@ -361,15 +363,16 @@ def test_failed_first_provisioning_is_undone_kept_as_failed_and_retried(
 def test_a_share_failing_to_start_leaves_no_virtiofsd(
     agent: AgentProcess, agent_busybox_flist: Path, agent_netns: str
 ) -> None:
-    """virtiofsd for the root starts, the one for a share with a 36-character name does
-    not (its socket path is past the 108-byte limit): the failed provisioning must stop
-    the root's daemon too."""
+    """virtiofsd for the root starts, the one for the share does not (its pid file is
+    locked, as by a stale daemon): the failed provisioning must stop the root's daemon too."""
     uid = "share-fails"
     spec = standin_spec(agent_busybox_flist)
-    spec.volumes[1].name = spec.mounts[1].name = "s" * 36
-    sock = agent.state_dir.resolve() / "vms" / uid / "run" / f"vfs-{'s' * 36}.sock"
-    assert len(str(sock)) > 107, "the state dir is too short to make the socket path fail"
-    with OneVmmPerUid([agent.state_dir]).watching():
+    assert spec.volumes[1].kind == pb.VOLUME_KIND_SHARE  # the VM's first share
+    sock = VMPaths.for_uid(agent.state_dir.resolve(), uid).share_socket(0)
+    sock.parent.mkdir(parents=True)
+    holder = sock.with_name(sock.name + ".pid").open("w")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with holder, OneVmmPerUid([agent.state_dir]).watching():
         deploy(agent, uid, spec)
         m = wait_state(agent, uid, pb.MACHINE_STATE_FAILED, timeout=30)
         assert m.reason == "ProvisionFailed" and "virtiofsd" in m.message, m.message

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,10 @@ class Fleet:
     flist: Path
     log: Path
     controller: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
 
     def start_controller(self) -> None:
+        self.metrics_port = free_port()
         with self.log.open("ab") as out:
             self.controller = subprocess.Popen(
                 [
@@ -57,7 +60,7 @@ class Fleet:
                     "--agent-tls-dir",
                     str(self.pki),
                     "--metrics-port",
-                    str(free_port()),
+                    str(self.metrics_port),
                     "--health-port",
                     str(free_port()),
                     "--delete-timeout",
@@ -204,6 +207,45 @@ def test_controller_killed_in_a_burst_of_creations_and_deletions(fleet: Fleet) -
         assert placed == set(NODES)  # spread over both nodes
         fleet.kubectl("delete", "zm", "--all", "--wait=true", "--timeout=300s")
         wait_for(lambda: not vmm_pids_by_uid(fleet.state_dirs()), timeout=60, what="every VMM gone")
+
+
+def _agent_calls(fleet: Fleet) -> dict[str, float]:
+    """The controller's calls to agents so far, by method (its /metrics)."""
+    url = f"http://127.0.0.1:{fleet.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    calls: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("zmachine_agent_call_duration_seconds_count{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            calls[method] = float(line.rsplit(" ", 1)[1])
+    return calls
+
+
+def test_state_changes_are_pushed_and_rest_costs_no_calls(fleet: Fleet) -> None:
+    """At rest the controller asks the agents nothing and writes nothing; a change on the
+    node reaches the status at once, far inside the safety-net period (300 s here)."""
+    with OneVmmPerUid(fleet.state_dirs()).watching():
+        fleet.apply(["pushed"])
+        wait_for(
+            lambda: _phases(fleet).get("pushed") == "Running",
+            timeout=120, what="pushed Running", on_timeout=fleet.diagnose,
+        )  # fmt: skip
+        time.sleep(3)  # the Booted event and its status write
+        version = fleet.zmachines()["pushed"]["metadata"]["resourceVersion"]
+        calls = _agent_calls(fleet)
+        time.sleep(15)
+        assert _agent_calls(fleet) == calls  # no Get, Stats or List while nothing happens
+        assert fleet.zmachines()["pushed"]["metadata"]["resourceVersion"] == version
+        uid = fleet.zmachines()["pushed"]["metadata"]["uid"]
+        os.kill(vmm_pids_by_uid(fleet.state_dirs())[uid][0], signal.SIGKILL)
+        # The agent restarts the VMM and says so on its stream; the controller writes it.
+        wait_for(
+            lambda: fleet.zmachines()["pushed"]["status"].get("restartCount") == 1,
+            timeout=30, what="the restart in status", on_timeout=fleet.diagnose,
+        )  # fmt: skip
+        assert _agent_calls(fleet).get("Get", 0) == calls.get("Get", 0)
+        fleet.kubectl("delete", "zm", "pushed", "--wait=true", "--timeout=120s")
 
 
 def test_stopped_agent_goes_unknown_and_returns_with_the_same_vm(fleet: Fleet) -> None:

@@ -157,14 +157,14 @@ def lease_renewals(plane: ControlPlane, name: str, user: str) -> list[str]:
 
 
 def test_controller_and_agent_ride_out_an_api_server_restart(
-    plane: ControlPlane, tmp_path: Path
+    plane: ControlPlane, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """kube-apiserver stops and starts again (etcd keeps the data): the same controller and
     agent processes reconnect: the leader keeps its Lease (the outage is shorter than the
     renew deadline), handles a Zmachine created afterwards, and the agent's heartbeat
     resumes, so its node is Ready again."""
     leader_user, agent_user = "controller-steady", "agent-steady"
-    state = tmp_path / "agent-state"
+    state = tmp_path_factory.mktemp("steady") / "agent"  # short: the state dir has a budget
     agent = AgentProcess(
         state, tmp_path / "no-pki",
         ["--kubeconfig", str(plane.user_kubeconfig(agent_user, ["system:masters"])),

@@ -39,6 +39,7 @@ class FakeNodeAgent:
     deploys: list[tuple[str, int]] = field(default_factory=list)
     specs: dict[str, pb.ZmachineSpec] = field(default_factory=dict)  # last one sent per uid
     peers: dict[str, list[pb.WireguardPeer]] = field(default_factory=dict)  # per network uid
+    planetary_peers: list[str] = field(default_factory=list)  # the last ApplyPlanetary
     deletes: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # set: Deploy proceeds; unset: Deploy waits on it
     refuse: Exception | None = None
@@ -80,6 +81,10 @@ class FakeNodeAgent:
         assert network.network_id == network_id
         self.peers[network_id] = list(peers)
         return pb.ApplyNetworkResponse(present=True)
+
+    async def apply_planetary(self, peers: Sequence[str]) -> pb.ApplyPlanetaryResponse:
+        self.planetary_peers = list(peers)
+        return pb.ApplyPlanetaryResponse(running=bool(self.machines))
 
     async def stats(self, uid: str) -> pb.MachineStats:
         return pb.MachineStats(uid=uid)
@@ -177,6 +182,7 @@ async def run_converge(rt: Runtime, body: dict[str, Any]) -> StatusWriter:
     )
     out.generation = int(body["metadata"]["generation"])
     await converge(rt, Target.of(body["metadata"]), body["spec"], out)
+    out.flush()
     return out
 
 

@@ -169,7 +169,7 @@ def test_a_failed_provisioning_is_deployed_again_with_backoff(
 ) -> None:
     """The agent undoes a failed provisioning and keeps the record FAILED/ProvisionFailed;
     only the controller can try again, and it does, later and later."""
-    monkeypatch.setattr(reconcile, "RETRY_BASE_SECONDS", 0.3)
+    monkeypatch.setattr(reconcile, "RETRY_BASE_SECONDS", 1.0)  # wide: a loaded machine
     fleet, rt, body = world.deployed(named, nodeName="node-a")
     agent, uid = fleet.by_address["node-a"], body["metadata"]["uid"]
 
@@ -180,12 +180,12 @@ def test_a_failed_provisioning_is_deployed_again_with_backoff(
     fail()
     asyncio.run(run_converge(rt, world.body(named)))
     assert len(agent.deploys) == 1  # just seen failed: not at once
-    time.sleep(0.4)
+    time.sleep(1.2)
     asyncio.run(run_converge(rt, world.body(named)))
     assert len(agent.deploys) == 2
     fail()
     asyncio.run(run_converge(rt, world.body(named)))
     assert len(agent.deploys) == 2  # the second retry waits twice as long
-    time.sleep(0.7)
+    time.sleep(2.2)
     asyncio.run(run_converge(rt, world.body(named)))
     assert len(agent.deploys) == 3

@@ -4,6 +4,7 @@ network, hypervisor drivers): what the agent asks of them, in its own terms."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import subprocess
@@ -21,16 +22,26 @@ from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.network import addressing, wireguard
 from controller.agent.network import local as network
 from controller.agent.network.private import PrivateNetworks
+from controller.agent.network.public import PublicBridge
+from controller.agent.network.yggdrasil import ROUTED, Planetary, find_yggdrasil, guest_address
 from controller.agent.runtime.console import ConsoleStream
 from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.runtime.state import MachineRecord, NicStatus
-from controller.agent.spec import Interface, VolumeKind, hostname_label
+from controller.agent.spec import (
+    PLANETARY_NETWORK,
+    PUBLIC_NETWORK,
+    Interface,
+    VolumeKind,
+    hostname_label,
+)
 from controller.flist.meta import RunSettings
 
 log = structlog.get_logger(__name__)
 
 NAMESERVERS = ("8.8.8.8", "1.1.1.1")
+PUBLIC_TAP = "p"
+PLANETARY_TAP = "y"
 WATCH_DRAIN_SECONDS = 2.0  # for a watch to read the last output of a stopped VMM
 
 
@@ -60,6 +71,11 @@ class HostBoot:
         self.private = PrivateNetworks(
             config.node_name, config.state_dir, config.netns, self.wireguard_go,
             self.wireguard_key,
+        )  # fmt: skip
+        self.public = PublicBridge(config.netns, config.public_interface)
+        self.planetary = Planetary(
+            config.netns, config.state_dir, find_yggdrasil(config.yggdrasil),
+            config.underlay_address,
         )  # fmt: skip
         self.driver = hypervisor.select_hypervisor(
             config.hypervisor,
@@ -119,19 +135,42 @@ class HostBoot:
                 ipv6 = str(v6.network_address + ip.packed[3])
             mac = network.mac_address(rec.ref.uid, i)
             nics.append(NicStatus(nic.network, str(ip), mac, tap, ipv6))
+        if (pub := rec.spec.public) is not None:
+            # After the private NIC, as zos orders them; the MAC as zos derives it.
+            tap = network.tap_name(rec.ref.uid, 0, PUBLIC_TAP)
+            await asyncio.to_thread(self.public.attach, tap, f"zmachine {rec.ref}")
+            ipv4, ipv6 = (
+                str(ipaddress.ip_interface(c).ip) if c else "" for c in (pub.ipv4, pub.ipv6)
+            )
+            nics.append(NicStatus(PUBLIC_NETWORK, ipv4, network.zos_mac(tap), tap, ipv6))
+        if rec.spec.planetary:
+            tap = network.tap_name(rec.ref.uid, 0, PLANETARY_TAP)
+            subnet = await asyncio.to_thread(self.planetary.attach, tap, f"zmachine {rec.ref}")
+            mac = network.zos_mac(f"ygg:{tap}")
+            address = str(guest_address(subnet, mac))
+            nics.append(NicStatus(PLANETARY_NETWORK, "", mac, tap, address))
         return nics
 
     async def ensure_taps(self, rec: MachineRecord) -> None:
         for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False):
             bridge = await self._bridge(nic)
             await asyncio.to_thread(network.create_tap, n.tap, bridge, self.config.netns)
+        for n in rec.nics:
+            if n.network == PUBLIC_NETWORK:
+                await asyncio.to_thread(self.public.attach, n.tap, f"zmachine {rec.ref}")
+            elif n.network == PLANETARY_NETWORK:
+                await asyncio.to_thread(self.planetary.attach, n.tap, f"zmachine {rec.ref}")
 
     async def delete_nics(self, rec: MachineRecord) -> None:
         # Recorded taps, plus the names a half-finished create_nics may have made.
-        taps = {n.tap for n in rec.nics}
+        public = network.tap_name(rec.ref.uid, 0, PUBLIC_TAP)
+        planetary = network.tap_name(rec.ref.uid, 0, PLANETARY_TAP)
+        taps = {n.tap for n in rec.nics} - {public, planetary}
         taps |= {network.tap_name(rec.ref.uid, i) for i in range(len(rec.spec.interfaces))}
         for tap in sorted(taps):
             await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
+        await asyncio.to_thread(self.public.detach, public)
+        await asyncio.to_thread(self.planetary.detach, planetary)
         self.ipam.release(rec.ref.uid)
         for nic in rec.spec.interfaces:
             if nic.subnet:
@@ -165,10 +204,7 @@ class HostBoot:
                 mounts.append(seed.Mount(dev, m.mountpoint))
             else:
                 mounts.append(seed.Mount(vol.name, m.mountpoint, fstype="virtiofs"))
-        interfaces = [
-            _seed_interface(nic, n, self.ipam)
-            for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False)
-        ]
+        interfaces = seed_interfaces(rec, self.ipam)
         config = seed.SeedConfig(
             instance_id=rec.ref.uid,
             hostname=rec.spec.hostname or hostname_label(rec.ref.name),
@@ -185,20 +221,21 @@ class HostBoot:
     # ----------------------------------------------------------------- processes
 
     def vm_config(self, rec: MachineRecord, p: VMPaths) -> vmconfig.VMConfig:
-        shares, disks = [], []
+        shares: list[vmconfig.FsShare] = []
+        disks: list[vmconfig.Disk] = []
         for v in rec.spec.volumes:
             path = p.volume(v.name, v.kind is VolumeKind.DISK)
             if v.kind is VolumeKind.DISK:
                 disks.append(vmconfig.Disk(path))
             else:
-                shares.append(vmconfig.FsShare(v.name, p.run / f"vfs-{v.name}.sock", path))
+                shares.append(vmconfig.FsShare(v.name, p.share_socket(len(shares)), path))
         if rec.boot_mode == vmconfig.BootMode.IMAGE:
             # No kernel and no virtio-fs root: the firmware boots the boot disk, first.
             disks.insert(0, disks.pop(_disk_index(rec, image.boot_disk(rec.spec))))
             kernel, initrd, cmdline = None, None, ""
         else:
             assets = vmconfig.detect_boot(p.rootfs, self._guest_dir())
-            shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.run / "vfs-root.sock", p.rootfs))
+            shares.insert(0, vmconfig.FsShare(vmconfig.ROOT_TAG, p.root_share_socket, p.rootfs))
             kernel, initrd = assets.kernel, assets.initrd
             cmdline = vmconfig.kernel_cmdline(
                 assets.mode, rec.spec.entrypoint, nonce=rec.boot_nonce
@@ -284,6 +321,11 @@ class HostBoot:
                 await asyncio.wait_for(asyncio.shield(task), WATCH_DRAIN_SECONDS)
             except TimeoutError:
                 task.cancel()
+            except asyncio.CancelledError:
+                # A watch that ended cancelled is over; it must not cancel this caller (a
+                # Delete would answer CANCELLED). Only our own cancellation goes on.
+                if not task.cancelled():
+                    raise
         if forget and (stream := self.consoles.pop(rec.ref.uid, None)) is not None:
             stream.close()
 
@@ -396,6 +438,48 @@ def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
         return 0, 0
     stats = json.loads(out.stdout)[0].get("stats64", {})
     return int(stats.get("rx", {}).get("bytes", 0)), int(stats.get("tx", {}).get("bytes", 0))
+
+
+def seed_interfaces(rec: MachineRecord, local: network.IPAllocator) -> list[seed.Interface]:
+    """Private NICs, then the public one. As zos: a family the public NIC has gets its
+    default route there only; else the private NIC keeps its gateway."""
+    out = [
+        _seed_interface(nic, n, local)
+        for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False)
+    ]
+    ygg = next((n for n in rec.nics if n.network == PLANETARY_NETWORK), None)
+    pub = rec.spec.public
+    nic = next((n for n in rec.nics if n.network == PUBLIC_NETWORK), None)
+    if pub is None or nic is None:
+        return out + _planetary_seed(ygg)
+    out = [
+        dataclasses.replace(
+            i,
+            gateway4=None if pub.ipv4 else i.gateway4,
+            gateway6=None if pub.ipv6 else i.gateway6,
+        )
+        for i in out
+    ]
+    out.append(
+        seed.Interface(
+            mac=nic.mac,
+            addresses=[c for c in (pub.ipv4, pub.ipv6) if c],
+            gateway4=pub.gateway4 or None,
+            gateway6=pub.gateway6 or None,
+        )
+    )
+    return out + _planetary_seed(ygg)
+
+
+def _planetary_seed(nic: NicStatus | None) -> list[seed.Interface]:
+    """Its address in the node's /64, and 200::/7 via the bridge's ::1, as zos routes it."""
+    if nic is None:
+        return []
+    v6 = ipaddress.IPv6Interface(f"{nic.ipv6}/64")
+    gateway = str(v6.network.network_address + 1)
+    return [
+        seed.Interface(mac=nic.mac, addresses=[str(v6)], routes=[seed.Route(str(ROUTED), gateway)])
+    ]
 
 
 def _seed_interface(nic: Interface, n: NicStatus, local: network.IPAllocator) -> seed.Interface:

@@ -31,10 +31,11 @@ from controller.agent.errors import (
 )
 from controller.agent.guest import boot, confined, image, rootlayer
 from controller.agent.guest import exitmarker as guestexit
+from controller.agent.guest.flistmounts import FlistMounts
 from controller.agent.guest.vmconfig import RUN_LOG
 from controller.agent.hypervisor import ExitRecord, GuestEvent, log_tail
 from controller.agent.runtime.layout import VMPaths
-from controller.agent.runtime.procs import spawn_detached, terminate
+from controller.agent.runtime.procs import terminate
 from controller.agent.runtime.state import MachineRecord, State
 from controller.agent.spec import MachineSpec, Ref, Volume, VolumeKind, human_size, root_size
 from controller.flist import bootmode, fetch, meta, mount, overlay
@@ -45,7 +46,6 @@ log = structlog.get_logger(__name__)
 # Printed by the container-mode initramfs right before it hands over to the entrypoint.
 BOOTED_MARKER = b"zm-init: switching root"
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
-MOUNT_TIMEOUT = 30.0
 
 # Called between provisioning steps with the fault point just passed (faults.POINTS) and
 # what comes next (progress shown by Get); Machines sets it.
@@ -60,6 +60,7 @@ class Provisioner:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host = boot.HostBoot(config)
+        self.flists = FlistMounts(config.state_dir, config.flist_cache)
         self.checkpoint: Checkpoint = no_checkpoint
         # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
         # virtiofsd(s) the reboot disconnected.
@@ -111,7 +112,7 @@ class Provisioner:
     async def provision(self, rec: MachineRecord) -> None:
         p = self.paths(rec)
         lg = self._log(rec)
-        for d in (p.root, p.run, p.lower):
+        for d in (p.root, p.run):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         step = "flist"
         try:
@@ -173,7 +174,7 @@ class Provisioner:
         size = root_size(rec.spec)
         exists = p.root_image.exists()
         small = exists and await asyncio.to_thread(rootlayer.fs_size, p.root_image) < size
-        if mount.is_mounted(p.layer) and not small:
+        if not small and await _mounted(p.layer):
             return
         if small:
             await self._unmount_root(rec)
@@ -209,11 +210,11 @@ class Provisioner:
         if not await asyncio.to_thread(image.is_blank, disk):
             self._log(rec).info("boot disk in use, image not copied", disk=vol.name)
             return
-        await self._mount_flist(rec, flist)
+        lower = await self._acquire_flist(rec, flist)
         try:
-            src = bootmode.detect_boot_mode(p.lower).image
+            src = bootmode.detect_boot_mode(lower).image
             if src is None:
-                raise Unavailable(f"{p.lower}: the mounted flist has no /image.raw")
+                raise Unavailable(f"{lower}: the mounted flist has no /image.raw")
             what = f"spec.volumes[{index}] ({vol.name!r}, the boot disk)"
 
             def shown(percent: int) -> None:  # Get shows it while Provisioning
@@ -221,22 +222,33 @@ class Provisioner:
 
             await asyncio.to_thread(image.write_image, src, disk, vol.size_bytes, what, shown)
         finally:
-            await asyncio.to_thread(mount.unmount, p.lower)
-            for h in [h for h in rec.helpers if h.marker == str(p.lower)]:
-                await terminate(h)  # the FUSE server, done once unmounted
-            rec.helpers = [h for h in rec.helpers if h.marker != str(p.lower)]
+            await self._release_flist(rec)  # only for the copy: a running VM holds none
 
-    async def _mount_flist(self, rec: MachineRecord, flist: Path) -> None:
-        p = self.paths(rec)
-        argv = mount.mount_command(flist, p.lower, self.config.flist_cache)
-        ref = spawn_detached(argv, p.mount_log, str(p.lower))
-        rec.helpers = [h for h in rec.helpers if h.alive()] + [ref]
+    async def _acquire_flist(self, rec: MachineRecord, flist: Path) -> Path:
+        """The node's shared mount of ``flist``, named in the record (saved at the next
+        checkpoint) so that an agent restart counts this VM as its user."""
+        key = self.flists.key(flist)
+        if rec.flist_mount and rec.flist_mount != key:
+            await self._release_flist(rec)
         try:
-            await asyncio.to_thread(mount.wait_mounted, p.lower, MOUNT_TIMEOUT)
+            lower = await self.flists.acquire(rec.ref.uid, flist)
         except Exception as exc:
+            log_file = self.flists.path(key).parent / "mount.log"
             raise ProvisionFailed(
-                f"zmachine {rec.ref}", "flist mount", exc, log_tail(p.mount_log)
+                f"zmachine {rec.ref}", "flist mount", exc, log_tail(log_file)
             ) from exc
+        rec.flist_mount = key
+        return lower
+
+    async def _release_flist(self, rec: MachineRecord) -> None:
+        if rec.flist_mount:
+            await self.flists.release(rec.ref.uid, rec.flist_mount)
+            rec.flist_mount = ""
+
+    def claim_flist(self, rec: MachineRecord) -> None:
+        """After a restart, before anything runs: this record's VM uses its mount."""
+        if rec.flist_mount:
+            self.flists.adopt(rec.ref.uid, rec.flist_mount)
 
     async def _volumes(self, rec: MachineRecord, format_disks: bool) -> None:
         """Share directories, and disks as sparse files, formatted ext4 when new if
@@ -267,7 +279,7 @@ class Provisioner:
         path, image = p.volume(v.name, disk=False), p.share_image(v.name)
         if image.exists():
             current = await asyncio.to_thread(rootlayer.fs_size, image)
-            if current >= v.size_bytes and mount.is_mounted(path):
+            if current >= v.size_bytes and await _mounted(path):
                 return
             await asyncio.to_thread(rootlayer.unmount, image, path)
             if current < v.size_bytes:
@@ -354,20 +366,21 @@ class Provisioner:
         p = self.paths(rec)
         if rec.boot_mode == bootmode.BootMode.IMAGE.value:
             return
-        if not mount.is_mounted(p.lower):
+        lower = self.flists.path(rec.flist_mount) if rec.flist_mount else None
+        if lower is None or not await _mounted(lower):
             if flist is None:
                 flist = await asyncio.to_thread(
                     fetch.fetch_flist, rec.spec.flist, self.config.flist_cache
                 )
-            await self._mount_flist(rec, flist)
+            lower = await self._acquire_flist(rec, flist)
         await self._mount_layer(rec)  # before the overlay: upper and work live in it
-        if not mount.is_mounted(p.rootfs):
-            await asyncio.to_thread(overlay.mount_overlay, p.lower, p.upper, p.work, p.rootfs)
+        if not await _mounted(p.rootfs):
+            await asyncio.to_thread(overlay.mount_overlay, lower, p.upper, p.work, p.rootfs)
 
     async def _unmount_root(self, rec: MachineRecord) -> None:
         """The overlay, then the root image under it; the flist mount stays."""
         p = self.paths(rec)
-        if mount.is_mounted(p.rootfs):
+        if await _mounted(p.rootfs):
             await asyncio.to_thread(overlay.unmount_overlay, p.rootfs)
         await asyncio.to_thread(rootlayer.unmount, p.root_image, p.layer)
 
@@ -461,13 +474,14 @@ class Provisioner:
         rec.nics = []
         await self._unmount_root(rec)
         await self._unmount_shares(rec)
-        if mount.is_mounted(p.lower):
+        await self._release_flist(rec)
+        if await _mounted(p.lower):  # a VM provisioned by an agent before shared mounts
             await asyncio.to_thread(mount.unmount, p.lower)
         for h in rec.helpers:
             await terminate(h)
         rec.helpers = []
         shares = [p.volume(v.name, disk=False) for v in rec.spec.volumes]
-        if any(mount.is_mounted(d) for d in (p.rootfs, p.lower, p.layer, *shares)):
+        if await _mounted(p.rootfs, p.lower, p.layer, *shares):
             raise Unavailable(f"zmachine {rec.ref}: {p.root} still has a busy mount; retry")
         if not keep_data:
             if p.root.exists():
@@ -475,6 +489,13 @@ class Provisioner:
         else:
             p.seed.unlink(missing_ok=True)
         self._log(rec).info("torn down", keep_data=keep_data)
+
+
+async def _mounted(*paths: Path) -> bool:
+    """Whether any of ``paths`` is a mount point. One read of the mount table, in a thread:
+    with a few hundred mounts on a loaded host a read takes tens of milliseconds, and a
+    burst of deletions reading it on the event loop stalled the agent's RPCs."""
+    return await asyncio.to_thread(mount.any_mounted, paths)
 
 
 def rotate(path: Path, limit: int) -> None:

@@ -8,6 +8,7 @@ Content-Length either).
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ API_PREFIX = "/api/v1/"
 # httpx logs every request at INFO through stdlib logging (several a second per VM);
 # failures are raised here and logged by the caller.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+# Plain HTTP over a UNIX socket: TLS is never used, but httpx builds an SSL context for each
+# transport unless given one, loading certifi's CA bundle every time. That was two thirds of
+# an agent's CPU in a burst of VMs (py-spy, docs/benchmarks.md). Built once, here.
+_UNUSED_TLS = ssl.create_default_context()
 
 
 class CloudHypervisorAPIError(HypervisorError):
@@ -36,7 +41,7 @@ class CloudHypervisorAPI:
         """Send one request; returns the decoded JSON body, or None for an empty one."""
         what = f"{method} {API_PREFIX}{endpoint}"
         # One connection per request: the VMM may be gone between two calls.
-        transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
+        transport = httpx.AsyncHTTPTransport(uds=str(self.socket), verify=_UNUSED_TLS)
         try:
             async with httpx.AsyncClient(
                 transport=transport, base_url=f"http://localhost{API_PREFIX}", timeout=self.timeout

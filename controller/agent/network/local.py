@@ -33,9 +33,10 @@ class NetworkError(Unavailable):
     """A tap or bridge operation failed on the node."""
 
 
-def tap_name(uid: str, index: int) -> str:
-    """``zm`` + 10 hex chars of sha256(uid) + ``n<index>``: stable and at most 15 chars."""
-    name = f"zm{hashlib.sha256(uid.encode()).hexdigest()[:10]}n{index}"
+def tap_name(uid: str, index: int, kind: str = "n") -> str:
+    """``zm`` + 10 hex chars of sha256(uid) + ``<kind><index>``: stable and at most 15 chars.
+    ``kind``: ``n`` private NICs, ``p`` the public one (zos: ``t-``/``p-``)."""
+    name = f"zm{hashlib.sha256(uid.encode()).hexdigest()[:10]}{kind}{index}"
     if len(name) > IFNAMSIZ:
         raise ValueError(f"nic index {index} of {uid!r} is too large for a tap name")
     return name
@@ -46,6 +47,37 @@ def mac_address(uid: str, index: int) -> str:
     digest = hashlib.sha256(f"{uid}:{index}".encode()).digest()
     first = (digest[0] | 0x02) & 0xFE  # set "locally administered", clear "multicast"
     return ":".join(f"{b:02x}" for b in (first, *digest[1:6]))
+
+
+# zos keeps MACs out of three reserved stretches; each range is (low bound of the first two
+# bytes, high bound of the tail the range check compares), as its ifaceutil package does.
+_MAC_RANGES = ((b"\x00\x03", b"\x00\x51\xff"), (b"\x00\x54", b"\x90\x00\xff"))
+_MAC_LAST = (b"\x90\x02", b"\xff\xff\xff\xff\xff\xfe")
+
+
+def _zos_mac_valid(mac: bytes) -> bool:
+    (low1, high1), (low2, high2) = _MAC_RANGES
+    if mac[3:] <= high1:
+        return mac[:2] >= low1
+    if mac[3:] <= high2:
+        return mac[:2] >= low2 and mac[:2] != b"\x33\x33"
+    return mac <= _MAC_LAST[1] and mac[:2] >= _MAC_LAST[0]
+
+
+def zos_mac(data: str) -> str:
+    """The MAC zos derives from a string (its public, yggdrasil and mycelium NICs): 6 bytes
+    of md5, locally administered and unicast, sliding along the digest (then rehashing it)
+    until they leave the reserved ranges."""
+    data_bytes = data.encode()
+    while True:
+        # Marking a byte changes the digest itself, which is what a second round hashes.
+        digest = bytearray(hashlib.md5(data_bytes, usedforsecurity=False).digest())
+        for offset in range(len(digest) - 5):
+            digest[offset] = (digest[offset] | 2) & 0xFE
+            mac = bytes(digest[offset : offset + 6])
+            if _zos_mac_valid(mac):
+                return ":".join(f"{b:02x}" for b in mac)
+        data_bytes = bytes(digest)
 
 
 def netns_argv(netns: str | None) -> list[str]:

@@ -90,6 +90,10 @@ class AgentClient:
         request = pb.ApplyNetworkRequest(network_id=network_id, peers=peers, network=network)
         return await self._stub.ApplyNetwork(request, timeout=self.timeout)
 
+    async def apply_planetary(self, peers: Sequence[str]) -> pb.ApplyPlanetaryResponse:
+        request = pb.ApplyPlanetaryRequest(peers=peers)
+        return await self._stub.ApplyPlanetary(request, timeout=self.timeout)
+
     async def stats(self, uid: str) -> pb.MachineStats:
         return await self._stub.Stats(pb.MachineRequest(uid=uid), timeout=self.timeout)
 

@@ -17,6 +17,7 @@ from controller.agent.spec import (
     Interface,
     MachineSpec,
     Mount,
+    PublicInterface,
     Ref,
     RestartPolicy,
     Volume,
@@ -80,6 +81,8 @@ def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
         paused=spec.paused,
         hostname=spec.hostname,
         ssh_keys=tuple(spec.ssh_keys),
+        public=public_from_pb(spec.public) if spec.HasField("public") else None,
+        planetary=spec.planetary,
     )
 
 
@@ -124,6 +127,10 @@ def event_to_pb(event: Event) -> pb.Event:
         message=event.message,
         time=_timestamp(event.time),
     )
+
+
+def public_from_pb(p: pb.PublicInterface) -> PublicInterface:
+    return PublicInterface(p.ipv4, p.gateway4, p.ipv6, p.gateway6)
 
 
 def interface_from_pb(n: pb.NetworkInterface) -> Interface:

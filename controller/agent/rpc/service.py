@@ -30,9 +30,9 @@ from controller.agent.rpc.convert import (
 )
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2_grpc as pb_grpc
-from controller.agent.runtime.events import EventBus
-from controller.agent.runtime.machines import Machines, host_memory
-from controller.agent.spec import validate_private
+from controller.agent.runtime.events import EventBus, EventType, Overflow
+from controller.agent.runtime.machines import Machines
+from controller.agent.spec import validate_planetary_peer, validate_private
 
 log = structlog.get_logger(__name__)
 Req = TypeVar("Req")
@@ -134,8 +134,19 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Any
     ) -> AsyncIterator[pb.Event]:
-        async for event in self.bus.subscribe(request.uid):
-            yield event_to_pb(event)
+        subscription = self.bus.subscribe(request.uid)
+        try:
+            yield pb.Event(type=pb.EVENT_TYPE_WATCHING)
+            async for event in subscription.events():
+                message = event_to_pb(event)
+                if event.type is not EventType.DELETED and event.ref.uid in self.machines.records:
+                    message.machine.CopyFrom(self._machine(event.ref.uid))
+                yield message
+        except Overflow as exc:
+            log.warning("event watcher fell behind; it must resync", error=str(exc))
+            await context.abort(grpc.StatusCode.ABORTED, f"watcher fell behind: {exc}; resync")
+        finally:
+            subscription.close()
 
     @mapped
     async def NodeInfo(self, request: pb.NodeInfoRequest, context: Any) -> pb.NodeInfoResponse:
@@ -144,7 +155,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
     async def node_info(self) -> pb.NodeInfoResponse:
         """Also what the node registration publishes on its ZmachineNode."""
         cpus = os.cpu_count() or 1
-        memory = host_memory()
+        memory = self.machines.memory
         used_cpu = sum(r.spec.cpu for r in self.machines.records.values())
         hv = self.prov.hypervisor_info()
         return pb.NodeInfoResponse(
@@ -159,6 +170,8 @@ class AgentService(pb_grpc.AgentServiceServicer):
             hardware_acceleration=hv.accelerated,
             agent_version=__version__,
             machines=len(self.machines.records),
+            public_interface=self.prov.host.public.available(),
+            planetary_peer=self.prov.host.planetary.peer_uri(),
             **self.prov.host.overlay_identity(),
         )
 
@@ -177,6 +190,15 @@ class AgentService(pb_grpc.AgentServiceServicer):
             self.prov.host.private.apply, request.network_id, peers, nic
         )
         return pb.ApplyNetworkResponse(present=present)
+
+    @mapped
+    async def ApplyPlanetary(
+        self, request: pb.ApplyPlanetaryRequest, context: Any
+    ) -> pb.ApplyPlanetaryResponse:
+        for i, peer in enumerate(request.peers):
+            validate_planetary_peer(f"peers[{i}]", peer)
+        running = await asyncio.to_thread(self.prov.host.planetary.apply_peers, list(request.peers))
+        return pb.ApplyPlanetaryResponse(running=running)
 
     @mapped
     async def Stats(self, request: pb.MachineRequest, context: Any) -> pb.MachineStats:

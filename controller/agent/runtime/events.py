@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import structlog
@@ -26,6 +26,7 @@ class EventType(StrEnum):
     FAILED = "Failed"
     DELETED = "Deleted"
     ADOPTED = "Adopted"
+    BOOTED = "Booted"
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,45 @@ class Event:
     time: float = 0.0
 
 
-class EventBus:
-    """Every subscriber gets its own bounded queue; a slow one loses its oldest events
-    rather than stalling the agent."""
+class Overflow(Exception):
+    """The subscriber fell more than a queue behind: it lost events and must resync."""
 
-    def __init__(self, queue_size: int = 1024) -> None:
-        self._queues: set[asyncio.Queue[Event]] = set()
-        self._size = queue_size
+
+@dataclass(eq=False)
+class Subscription:
+    """Registered from creation on: nothing published after it is missed."""
+
+    bus: EventBus
+    uid: str
+    queue: asyncio.Queue[Event | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.bus.size)
+        self.bus.subscriptions.add(self)
+
+    def close(self) -> None:
+        self.bus.subscriptions.discard(self)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Raises Overflow when events were dropped (None marks the loss)."""
+        try:
+            while True:
+                event = await self.queue.get()
+                if event is None:
+                    raise Overflow(f"more than {self.bus.size} events behind")
+                if not self.uid or event.ref.uid == self.uid:
+                    yield event
+        finally:
+            self.close()
+
+
+class EventBus:
+    """Every subscriber gets its own bounded queue; a slow one is cut off (it resyncs)
+    rather than stalling the agent or silently missing a state change."""
+
+    def __init__(self, queue_size: int = 4096) -> None:
+        self.subscriptions: set[Subscription] = set()
+        self.size = queue_size
 
     def publish(self, event: Event) -> None:
         if not event.time:
@@ -58,18 +91,15 @@ class EventBus:
             state=event.state.value,
             reason=event.reason,
         )
-        for q in self._queues:
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(event)
+        for sub in list(self.subscriptions):
+            if sub.queue.full():
+                # Drop everything queued and leave the loss marker alone in the queue.
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(None)
+                sub.close()
+                continue
+            sub.queue.put_nowait(event)
 
-    async def subscribe(self, uid: str = "") -> AsyncIterator[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue(self._size)
-        self._queues.add(q)
-        try:
-            while True:
-                event = await q.get()
-                if not uid or event.ref.uid == uid:
-                    yield event
-        finally:
-            self._queues.discard(q)
+    def subscribe(self, uid: str = "") -> Subscription:
+        return Subscription(self, uid)

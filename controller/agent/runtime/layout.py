@@ -12,6 +12,23 @@ from pathlib import Path
 
 from controller.agent.errors import InvalidSpec
 
+# A unix socket path holds at most 107 bytes (sun_path is 108 with its NUL). A VM's sockets
+# are <state>/vms/<uid>/run/<name>; names are short and never carry a volume name (36 bytes
+# of name under the default state dir would not fit), so the state dir has a fixed budget.
+SUN_PATH_MAX = 107
+ROOT_SHARE_SOCKET = "vfs-root.sock"  # the longest socket name (shares are vfs-<index>.sock)
+STATE_DIR_MAX = SUN_PATH_MAX - len(f"/vms/{'u' * 36}/run/{ROOT_SHARE_SOCKET}")
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Refuse a state dir too deep for the VMs' sockets (virtiofsd would refuse to start)."""
+    size = len(str(state_dir).encode())
+    if size > STATE_DIR_MAX:
+        raise InvalidSpec(
+            f"--state-dir {state_dir} is {size} bytes long; the VM sockets under it need it "
+            f"at most {STATE_DIR_MAX} bytes (a unix socket path holds 107)"
+        )
+
 
 @dataclass(frozen=True)
 class VMPaths:
@@ -60,6 +77,14 @@ class VMPaths:
     @property
     def run(self) -> Path:  # sockets
         return self.root / "run"
+
+    @property
+    def root_share_socket(self) -> Path:
+        return self.run / ROOT_SHARE_SOCKET
+
+    def share_socket(self, index: int) -> Path:
+        """By the share's place in the spec: its name could overflow the socket path."""
+        return self.run / f"vfs-{index}.sock"
 
     @property
     def seed(self) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from controller.agent.config import host_memory
 from controller.agent.errors import FailedPrecondition, MachineNotFound, ResourceExhausted
 from controller.agent.faults import Faults
 from controller.agent.guest.provision import Provisioner
@@ -26,10 +26,6 @@ from controller.agent.runtime.state import MachineRecord, State, StateStore
 from controller.agent.spec import MachineSpec, Ref, validate_ref, validate_spec
 
 log = structlog.get_logger(__name__)
-
-
-def host_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -59,7 +55,10 @@ class Machines:
         provisioner: Provisioner,
         bus: EventBus,
         faults: Faults | None = None,
+        memory: int | None = None,
     ) -> None:
+        """`memory`: the guest memory this node hands out (default: physical memory)."""
+        self.memory = memory or host_memory()
         self.store = store
         self.prov = provisioner
         self.bus = bus
@@ -98,7 +97,11 @@ class Machines:
         """At start-up: take over the VMs a previous agent left running, restart the rest
         per policy (through the supervisor), and go on with interrupted provisioning in
         the background."""
-        for rec in self.store.load_all():
+        records = self.store.load_all()
+        for rec in records:
+            self.prov.claim_flist(rec)  # all users counted before any mount is judged
+        await self.prov.flists.sweep()
+        for rec in records:
             self.records[rec.ref.uid] = rec
             if rec.state is State.PROVISIONING:
                 self._start(rec, rec.generation, rec.spec, EventType.DEPLOYED, resume=True)
@@ -180,6 +183,9 @@ class Machines:
             return
         rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
         rec.message = ""
+        # A guest that handed over already (a fast boot) is reported with this event,
+        # not with a Booted one a monitor period later.
+        self.prov.observe(rec)
         self.emit(rec, event)
 
     async def _checkpoint(self, rec: MachineRecord, point: str, progress: str) -> None:
@@ -270,7 +276,7 @@ class Machines:
 
     def _check_memory(self, ref: Ref, spec: MachineSpec, held: int = 0) -> None:
         """``held``: what this machine reserves already (an update may reuse it)."""
-        free = host_memory() - self.reserved_memory() + held
+        free = self.memory - self.reserved_memory() + held
         if spec.memory_bytes > free:
             raise ResourceExhausted(
                 f"zmachine {ref}: spec.memory {spec.memory_bytes} bytes exceeds the node's "

@@ -67,6 +67,7 @@ class MachineRecord:
     boot_nonce: str = ""  # per VMM start, on the kernel command line; stamps the exit marker
     exit_code: int | None = None  # the container entrypoint's last exit, from its marker
     exit_reason: str = ""  # Completed, Error, NotFound, NotExecutable, InitError
+    flist_mount: str = ""  # the node's shared flist mount this VM uses (FlistMounts key)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -98,12 +98,14 @@ class Supervisor:
         prov = self.machines.prov
         ended = await prov.guest_exit(rec)
         if ended is None:
-            changed = prov.observe(rec)
-            changed |= await prov.restart_dead_shares(rec)
+            booted = prov.observe(rec)
+            changed = await prov.restart_dead_shares(rec)
             if rec.crash_streak and time.time() - rec.started_at > self.rules.healthy_after:
                 rec.crash_streak = 0
                 changed = True
-            if changed:
+            if booted:  # watchers learn of it (Ready) without asking
+                self.machines.emit(rec, EventType.BOOTED)
+            elif changed:
                 self.machines.store.save(rec)
             return
         outcome = self._outcome(rec, ended)

@@ -143,6 +143,12 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_FAILED: _EventType.ValueType  # 8
     EVENT_TYPE_DELETED: _EventType.ValueType  # 9
     EVENT_TYPE_ADOPTED: _EventType.ValueType  # 10
+    EVENT_TYPE_BOOTED: _EventType.ValueType  # 11
+    """the guest handed over to its entrypoint (boot_duration set)"""
+    EVENT_TYPE_WATCHING: _EventType.ValueType  # 12
+    """First message of every WatchEvents stream, sent once the subscription is in place:
+    a List made after it misses nothing.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -156,6 +162,12 @@ EVENT_TYPE_RESUMED: EventType.ValueType  # 7
 EVENT_TYPE_FAILED: EventType.ValueType  # 8
 EVENT_TYPE_DELETED: EventType.ValueType  # 9
 EVENT_TYPE_ADOPTED: EventType.ValueType  # 10
+EVENT_TYPE_BOOTED: EventType.ValueType  # 11
+"""the guest handed over to its entrypoint (boot_duration set)"""
+EVENT_TYPE_WATCHING: EventType.ValueType  # 12
+"""First message of every WatchEvents stream, sent once the subscription is in place:
+a List made after it misses nothing.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -322,6 +334,8 @@ class ZmachineSpec(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     SSH_KEYS_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
+    PLANETARY_FIELD_NUMBER: _builtins.int
     flist: _builtins.str
     cpu: _builtins.int
     memory_bytes: _builtins.int
@@ -332,6 +346,8 @@ class ZmachineSpec(_message.Message):
     paused: _builtins.bool
     hostname: _builtins.str
     """empty = ref.name"""
+    planetary: _builtins.bool
+    """a NIC on the node's Yggdrasil router (an address of its 300::/64)"""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """resolved values (secrets already read by the controller)"""
@@ -344,6 +360,10 @@ class ZmachineSpec(_message.Message):
     def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkInterface]: ...
     @_builtins.property
     def ssh_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def public(self) -> Global___PublicInterface:
+        """unset: no public NIC"""
+
     def __init__(
         self,
         *,
@@ -360,10 +380,12 @@ class ZmachineSpec(_message.Message):
         paused: _builtins.bool = ...,
         hostname: _builtins.str = ...,
         ssh_keys: _abc.Iterable[_builtins.str] | None = ...,
+        public: Global___PublicInterface | None = ...,
+        planetary: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["public", b"public"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "paused", b"paused", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "paused", b"paused", "planetary", b"planetary", "public", b"public", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +698,7 @@ class Event(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
     type: Global___EventType.ValueType
     generation: _builtins.int
     state: Global___MachineState.ValueType
@@ -685,6 +708,12 @@ class Event(_message.Message):
     def ref(self) -> Global___ZmachineRef: ...
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def machine(self) -> Global___Machine:
+        """The machine as it is when the event is sent (unset for DELETED and WATCHING), so
+        that a watcher needs no Get for it.
+        """
+
     def __init__(
         self,
         *,
@@ -695,10 +724,11 @@ class Event(_message.Message):
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        machine: Global___Machine | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "ref", b"ref", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "message", b"message", "reason", b"reason", "ref", b"ref", "state", b"state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "machine", b"machine", "message", b"message", "reason", b"reason", "ref", b"ref", "state", b"state", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -755,6 +785,8 @@ class NodeInfoResponse(_message.Message):
     MACHINES_FIELD_NUMBER: _builtins.int
     WIREGUARD_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     UNDERLAY_ADDRESS_FIELD_NUMBER: _builtins.int
+    PUBLIC_INTERFACE_FIELD_NUMBER: _builtins.int
+    PLANETARY_PEER_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     hypervisor: _builtins.str
     hypervisor_version: _builtins.str
@@ -766,6 +798,10 @@ class NodeInfoResponse(_message.Message):
     """base64; empty when the node has no overlay"""
     underlay_address: _builtins.str
     """where other nodes reach this node's overlay ports"""
+    public_interface: _builtins.str
+    """the node's uplink bridged to public NICs; empty: none"""
+    planetary_peer: _builtins.str
+    """URI other nodes' Yggdrasil routers peer with; empty: none"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -785,10 +821,12 @@ class NodeInfoResponse(_message.Message):
         machines: _builtins.int = ...,
         wireguard_public_key: _builtins.str = ...,
         underlay_address: _builtins.str = ...,
+        public_interface: _builtins.str = ...,
+        planetary_peer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "planetary_peer", b"planetary_peer", "public_interface", b"public_interface", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1043,3 +1081,79 @@ class ApplyNetworkResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApplyNetworkResponse: _TypeAlias = ApplyNetworkResponse  # noqa: Y015
+
+@_typing.final
+class PublicInterface(_message.Message):
+    """A public NIC, bridged to the node's public interface: addresses from a
+    ZmachinePublicIPPool, the default routes through its gateways (as zos).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IPV4_FIELD_NUMBER: _builtins.int
+    GATEWAY4_FIELD_NUMBER: _builtins.int
+    IPV6_FIELD_NUMBER: _builtins.int
+    GATEWAY6_FIELD_NUMBER: _builtins.int
+    ipv4: _builtins.str
+    """CIDR, e.g. 203.0.113.10/24; empty: no IPv4"""
+    gateway4: _builtins.str
+    ipv6: _builtins.str
+    """CIDR, e.g. 2001:db8:1::10/64; empty: no IPv6"""
+    gateway6: _builtins.str
+    def __init__(
+        self,
+        *,
+        ipv4: _builtins.str = ...,
+        gateway4: _builtins.str = ...,
+        ipv6: _builtins.str = ...,
+        gateway6: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway4", b"gateway4", "gateway6", b"gateway6", "ipv4", b"ipv4", "ipv6", b"ipv6"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicInterface: _TypeAlias = PublicInterface  # noqa: Y015
+
+@_typing.final
+class ApplyPlanetaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URIs, e.g. tls://192.0.2.12:9943"""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPlanetaryRequest: _TypeAlias = ApplyPlanetaryRequest  # noqa: Y015
+
+@_typing.final
+class ApplyPlanetaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    """the node's router runs (it has a planetary NIC)"""
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyPlanetaryResponse: _TypeAlias = ApplyPlanetaryResponse  # noqa: Y015

@@ -99,6 +99,11 @@ class AgentServiceStub:
                 request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
                 response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
                 _registered_method=True)
+        self.ApplyPlanetary = channel.unary_unary(
+                '/zmachine.agent.v1.AgentService/ApplyPlanetary',
+                request_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryRequest.SerializeToString,
+                response_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -194,6 +199,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyPlanetary(self, request, context):
+        """The Yggdrasil peers of the node's router (the other nodes'), kept for when it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +273,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ApplyNetwork,
                     request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.FromString,
                     response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.SerializeToString,
+            ),
+            'ApplyPlanetary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPlanetary,
+                    request_deserializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryRequest.FromString,
+                    response_serializer=controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -614,6 +631,33 @@ class AgentService:
             '/zmachine.agent.v1.AgentService/ApplyNetwork',
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkRequest.SerializeToString,
             controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyNetworkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPlanetary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zmachine.agent.v1.AgentService/ApplyPlanetary',
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryRequest.SerializeToString,
+            controller_dot_agent_dot_rpc_dot_proto_dot_zmachine_dot_agent_dot_v1_dot_agent__pb2.ApplyPlanetaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,8 @@ class AgentServiceStub:
     """The overlay peers (and options) of a private network on this node; ignored
     (present=false) when no machine of the network runs here (the first Deploy sets it up).
     """
+    ApplyPlanetary: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyPlanetaryRequest, _agent_pb2.ApplyPlanetaryResponse]
+    """The Yggdrasil peers of the node's router (the other nodes'), kept for when it runs."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -100,6 +102,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """The overlay peers (and options) of a private network on this node; ignored
     (present=false) when no machine of the network runs here (the first Deploy sets it up).
     """
+    ApplyPlanetary: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyPlanetaryRequest, _agent_pb2.ApplyPlanetaryResponse]  # type: ignore[assignment]
+    """The Yggdrasil peers of the node's router (the other nodes'), kept for when it runs."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -208,5 +212,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """The overlay peers (and options) of a private network on this node; ignored
         (present=false) when no machine of the network runs here (the first Deploy sets it up).
         """
+
+    @_abc_1.abstractmethod
+    def ApplyPlanetary(
+        self,
+        request: _agent_pb2.ApplyPlanetaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ApplyPlanetaryResponse, _abc.Awaitable[_agent_pb2.ApplyPlanetaryResponse]]:
+        """The Yggdrasil peers of the node's router (the other nodes'), kept for when it runs."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
