@@ -15,8 +15,11 @@
 set -euo pipefail
 
 VERSION=2 # the recipe below; a new value builds a new directory beside the old one
-SUITE=bookworm
-MIRROR=http://deb.debian.org/debian
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+SUITE=$DEBIAN_SUITE
+MIRROR=$DEBIAN_MIRROR
 IMAGE_REF=localhost/zmachine-seed-guide-app:$SUITE-$VERSION
 
 cache=${ZM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zmachine-operator}
