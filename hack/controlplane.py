@@ -56,6 +56,12 @@ def virtiofsd_path() -> Path:
     return _built_by("build-virtiofsd.sh", timeout=1800)
 
 
+def debian_vm_root_dir() -> Path:
+    """The seed's guide guests (root/, app-image.tar), built (cached) by
+    hack/build-debian-vm-root.sh: the first build debootstraps for 9-16 minutes."""
+    return _built_by("build-debian-vm-root.sh", timeout=3600)
+
+
 def wireguard_go_path() -> Path:
     """wireguard-go pinned in hack/versions.env, built (cached) by hack/build-wireguard-go.sh."""
     return _built_by("build-wireguard-go.sh", timeout=900)

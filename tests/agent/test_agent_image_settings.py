@@ -1,5 +1,6 @@
 """A container image's run settings, kept by ``zmachine-flist pack`` in flist tags, are what the
-agent runs when the Zmachine names no entrypoint; the image's env sits under the spec's.
+agent runs when the Zmachine names no entrypoint, in the image's working directory; the image's
+env sits under the spec's.
 Real guests (QEMU/TCG) from a ``docker save`` archive packed here."""
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def image_flist(agent_busybox_flist: Path) -> Path:
     config = {
         "config": {
             "Entrypoint": ["/bin/sh", "-c"],
-            "Cmd": ["echo image-says=$GREETING/$OTHER; sleep 600"],
+            "Cmd": ["echo image-says=$GREETING/$OTHER in $(pwd); sleep 600"],
             "Env": ["GREETING=from-image", "OTHER=kept"],
+            # Not in the root: created at start, as container runtimes do.
+            "WorkingDir": "/srv/work",
         }
     }
     archive = base / "image.tar"
@@ -59,7 +62,10 @@ def agent(agent_strict: AgentProcess) -> AgentProcess:
 
 @pytest.mark.parametrize(
     ("env", "expected"),
-    [({}, "image-says=from-image/kept"), ({"GREETING": "from-spec"}, "image-says=from-spec/kept")],
+    [
+        ({}, "image-says=from-image/kept in /srv/work"),
+        ({"GREETING": "from-spec"}, "image-says=from-spec/kept in /srv/work"),
+    ],
 )
 def test_the_image_entrypoint_and_env_run_when_the_spec_leaves_them_out(
     agent: AgentProcess, image_flist: Path, env: dict[str, str], expected: str

@@ -75,8 +75,10 @@ def test_image_is_a_cidata_vfat_with_the_four_files(tmp_path: Path) -> None:
         "meta-data",
         "network-config",
         "user-data",
+        "workdir",
         "zosrc",
     ]
+    assert mread(image, "workdir") == "/\n"  # no image working directory: the root's /
     assert mread(image, "meta-data") == render(CONFIG)["meta-data"]
     assert yaml.safe_load(mread(image, "meta-data")) == {
         "instance-id": "default-web-1",
@@ -201,6 +203,8 @@ def test_ssh_keys_from_env_splits_on_newlines_and_commas() -> None:
         (SeedConfig("x", "x", nameservers=["dns.google"]), "nameservers"),
         (SeedConfig("x", "web 1"), "hostname"),
         (SeedConfig("x", "-web"), "hostname"),
+        (SeedConfig("x", "x", workdir="srv/app"), "workdir"),
+        (SeedConfig("x", "x", workdir="/srv\n/app"), "workdir"),
     ],
 )
 def test_invalid_input_names_the_field(config: SeedConfig, message: str, tmp_path: Path) -> None:

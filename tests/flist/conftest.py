@@ -11,7 +11,10 @@ import stat
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from controller.flist.mount import mount_command, unmount, wait_mounted
 from tests.flist.fake_zdb import FakeZdb
 
 MTIME = 1_700_000_000  # flists keep whole seconds
+TOKEN = "t0ken-for-alice"  # start_hub's static token
 
 
 def needs_fuse() -> pytest.MarkDecorator:
@@ -211,3 +215,42 @@ def mount_flist(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
     yield start
     for mounted in mounts:
         mounted.stop()
+
+
+@dataclass
+class RunningHub:
+    """A zmachine-hub process (start_hub)."""
+
+    url: str
+    root: Path
+    token_file: Path
+    process: subprocess.Popen[bytes]
+
+
+def start_hub(tmp_path: Path, *auth: str, max_upload_mib: int = 64) -> RunningHub:
+    """A real zmachine-hub on loopback, its root and log under ``tmp_path``; alice's token
+    (``TOKEN``) in ``token_file``."""
+    port = free_port()
+    token_file = tmp_path / "alice.token"
+    token_file.write_text(TOKEN + "\n")
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "controller.flist.hub", "--root", str(tmp_path / "hub")]
+    argv += ["--listen", f"127.0.0.1:{port}", "--public-url", url, *auth]
+    argv += ["--max-upload-mib", str(max_upload_mib)]
+    log = (tmp_path / "hub.log").open("wb")
+    process = subprocess.Popen(argv, stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
+            return RunningHub(url, tmp_path / "hub", token_file, process)
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError((tmp_path / "hub.log").read_text()) from None
+            time.sleep(0.2)
+
+
+def stop_hub(hub: RunningHub) -> None:
+    hub.process.terminate()
+    hub.process.wait(timeout=30)

@@ -8,13 +8,11 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,53 +23,25 @@ from controller.flist.meta import open_flist
 from controller.flist.stores import Router
 from controller.flist.unpack import unpack
 from hack.controlplane import ControlPlane
-from tests.flist.conftest import MTIME, assert_same_tree, free_port, make_tree, run_cli
-
-TOKEN = "t0ken-for-alice"
-
-
-@dataclass
-class RunningHub:
-    url: str
-    root: Path
-    token_file: Path
-    process: subprocess.Popen[bytes]
-
-
-def _start_hub(tmp_path: Path, *auth: str) -> RunningHub:
-    port = free_port()
-    token_file = tmp_path / "alice.token"
-    token_file.write_text(TOKEN + "\n")
-    url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "controller.flist.hub", "--root", str(tmp_path / "hub")]
-    argv += ["--listen", f"127.0.0.1:{port}", "--public-url", url, *auth]
-    argv += ["--max-upload-mib", "64"]
-    log = (tmp_path / "hub.log").open("wb")
-    process = subprocess.Popen(argv, stdout=log, stderr=log)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
-            return RunningHub(url, tmp_path / "hub", token_file, process)
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError((tmp_path / "hub.log").read_text()) from None
-            time.sleep(0.2)
-
-
-def _stop(hub: RunningHub) -> None:
-    hub.process.terminate()
-    hub.process.wait(timeout=30)
+from tests.flist.conftest import (
+    MTIME,
+    TOKEN,
+    RunningHub,
+    assert_same_tree,
+    make_tree,
+    run_cli,
+    start_hub,
+    stop_hub,
+)
 
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[RunningHub]:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# token user\n{TOKEN} alice\nother-token bob\n")
-    running = _start_hub(tmp_path, "--token-file", str(tokens))
+    running = start_hub(tmp_path, "--token-file", str(tokens))
     yield running
-    _stop(running)
+    stop_hub(running)
 
 
 def _rootfs_tar_gz(source: Path, path: Path) -> Path:
@@ -165,7 +135,7 @@ def test_service_account_tokens_through_token_review(
         f"--user={binding}",
     )  # fmt: skip
     hub_config = cluster.user_kubeconfig(binding, [])
-    hub = _start_hub(
+    hub = start_hub(
         tmp_path, "--token-review", "--audience", "zmachine-hub", "--kubeconfig", str(hub_config)
     )
     try:
@@ -189,5 +159,5 @@ def test_service_account_tokens_through_token_review(
             time.sleep(1)
         assert "HTTP 503" in refused.stderr and "cannot check tokens" in refused.stderr
     finally:
-        _stop(hub)
+        stop_hub(hub)
         cluster.kubectl("delete", "clusterrolebinding", binding, check=False)

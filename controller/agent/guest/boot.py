@@ -184,13 +184,16 @@ class HostBoot:
     ) -> None:
         """Image mode (as zos) carries no mounts, env or entrypoint: the image's own OS
         mounts its disks and runs its own init; hostname, network and keys still apply.
-        Container mode takes the entrypoint an image's flist names when the spec has none, and
-        the image's env under the spec's (as a container runtime does)."""
+        Container mode takes the entrypoint an image's flist names when the spec has none,
+        the image's env under the spec's and the image's working directory (as a container
+        runtime does: also for an entrypoint the spec gives)."""
         image_mode = rec.boot_mode == vmconfig.BootMode.IMAGE
         entrypoint, env = rec.spec.entrypoint, dict(rec.spec.env)
+        workdir = "/"
         if settings is not None and rec.boot_mode == vmconfig.BootMode.CONTAINER:
             entrypoint = entrypoint or settings.entrypoint
             env = {**settings.env, **env}
+            workdir = "/" + settings.workdir.lstrip("/")  # Docker: relative to the root
         disks = [v for v in rec.spec.volumes if v.kind is VolumeKind.DISK]
         mounts = []
         for m in () if image_mode else rec.spec.mounts:
@@ -211,6 +214,7 @@ class HostBoot:
             mounts=mounts,
             env={} if image_mode else env,
             entrypoint="" if image_mode else entrypoint,
+            workdir=workdir,
         )
         await asyncio.to_thread(seed.write_seed, config, p.seed)
 

@@ -9,6 +9,8 @@ Files (all also readable by real cloud-init in VM-mode guests):
 * ``zosrc``          shell, sourced by our initramfs: ``export K='v'`` per env var, nothing else
 * ``entrypoint``     shell, sourced by our initramfs: ``set -- 'argv0' 'arg1' ...`` (empty without
                      an entrypoint); apart from zosrc so no env name can change it
+* ``workdir``        the entrypoint's working directory inside the root, one line (``/`` by
+                     default): an image's working directory, as a container runtime uses it
 
 The image is built with mkfs.vfat + mcopy (mtools), so no loop mount and no root needed.
 The YAML stays in the block subset that hack/initramfs/seed.awk reads.
@@ -77,6 +79,7 @@ class SeedConfig:
     mounts: Sequence[Mount] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     entrypoint: str = ""  # empty: the initramfs boots /sbin/init
+    workdir: str = "/"
 
 
 def ssh_keys_from_env(value: str) -> list[str]:
@@ -94,6 +97,7 @@ def render(config: SeedConfig) -> dict[str, str]:
         "user-data": "#cloud-config\n" + _yaml(_user_data(config)),
         "zosrc": _zosrc(config),
         "entrypoint": _entrypoint(config),
+        "workdir": _workdir(config.workdir),
     }
 
 
@@ -209,6 +213,13 @@ def _entrypoint(config: SeedConfig) -> str:
             f"seed.entrypoint {config.entrypoint!r} is not a valid command: {exc}"
         ) from exc
     return header + " ".join(["set --", *(shlex.quote(a) for a in argv)]) + "\n"
+
+
+def _workdir(path: str) -> str:
+    # Read by the init with `read -r`: one line; resolved inside the root there.
+    if not path.startswith("/") or "\n" in path or "\0" in path:
+        raise InvalidSpec(f"seed.workdir {path!r} must be an absolute path on one line")
+    return path + "\n"
 
 
 def _cidr(value: str, where: str) -> str:
