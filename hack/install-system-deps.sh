@@ -15,7 +15,6 @@ packages=(
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
   libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
-  debootstrap buildah                    # the seed's guide test's guests (hack/build-debian-vm-root.sh)
   nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
   chromium                               # the console page's browser test (Playwright drives it)
   nftables tcpdump                       # NAT of private networks; the overlay capture test
@@ -23,7 +22,7 @@ packages=(
   prometheus                             # promtool (alert rules and their tests); the cluster's Prometheus
   containerd runc containernetworking-plugins  # `make cluster`: the node's runtime and pod network
   iptables conntrack curl                # `make cluster`: kube-proxy's rules; readiness probes
-  buildah debootstrap                    # hack/build-images.sh: the images, on a local Debian base
+  buildah debootstrap                    # hack/build-images.sh and build-debian-vm-root.sh: images and guests
 )
 missing=()
 for p in "${packages[@]}"; do
