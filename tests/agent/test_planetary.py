@@ -58,7 +58,7 @@ def ygg_nodes(
         agents = {}
         for node in ("node-a", "node-b"):
             netns, address = spaces[node]
-            state = tmp_path_factory.mktemp(f"ygg-{node}") / "state"
+            state = tmp_path_factory.mktemp(f"y{node}") / "state"  # short: a state dir budget
             agents[node] = agent_process(
                 state, agent_pki, netns, agent_guest_dir, net_flist.parent,
                 "--node-name", node, "--underlay-address", address,

@@ -60,7 +60,7 @@ def public_node(
             ["-n", internet, "link", "set", "inet0", "up"],
         ):  # fmt: skip
             subprocess.run(["ip", *argv], check=True)
-        state = tmp_path_factory.mktemp("public-node") / "state"
+        state = tmp_path_factory.mktemp("pub") / "state"  # short: a state dir budget
         agent = agent_process(
             state, agent_pki, node, agent_guest_dir, net_flist.parent,
             "--node-name", "node-a", "--public-interface", "wan",
