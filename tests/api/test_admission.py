@@ -225,4 +225,4 @@ def test_short_name_and_printer_columns(cluster: ControlPlane, ns: str) -> None:
     header = cluster.kubectl("get", "zm", "-n", ns).stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "NODE", "MODE", "IP", "AGE"]
     wide = cluster.kubectl("get", "zm", "-n", ns, "-o", "wide").stdout.splitlines()[0].split()
-    assert wide[-4:] == ["IPV6", "PUBLIC", "PLANETARY", "MYCELIUM"]
+    assert wide[-5:] == ["IPV6", "PUBLIC", "PUBLIC-IPV6", "PLANETARY", "MYCELIUM"]
