@@ -64,7 +64,9 @@ _PHASE = {
 AVOID_SECONDS = 300.0  # how long a node that refused a Zmachine is skipped for it
 PROVISION_FAILED = "ProvisionFailed"  # the agent's reason: provisioning failed, host cleaned
 RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 10.0, 300.0
-STARTUP_NODE_GRACE = 20.0  # the agents' Lease duration
+# Two Lease durations: a live agent renews every 10 s and the Leases are checked every 5 s,
+# so one may first be seen renewing 20 s or more after a start.
+STARTUP_NODE_GRACE = 40.0
 AGAIN_SECONDS = 10.0  # a missing Secret or an unreachable agent is looked at again after
 
 

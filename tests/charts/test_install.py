@@ -248,7 +248,10 @@ def test_controller_runs_under_its_service_account(
 
 
 def test_agent_registers_its_node_under_its_service_account(
-    release: Release, cluster: ControlPlane, tmp_path: Path
+    release: Release,
+    cluster: ControlPlane,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """The installed DaemonSet's env starts the real agent, which registers its node."""
     ds = installed(cluster, "daemonset", f"{PREFIX}-agent", NS)
@@ -264,7 +267,8 @@ def test_agent_registers_its_node_under_its_service_account(
     env |= {
         "ZMACHINE_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
         "ZMACHINE_AGENT_METRICS_PORT": str(metrics),
-        "ZMACHINE_AGENT_STATE_DIR": str(tmp_path / "state"),
+        # Short: the agent refuses a state dir too deep for its VMs' sockets.
+        "ZMACHINE_AGENT_STATE_DIR": str(tmp_path_factory.mktemp("sa") / "state"),
         # No KVM probe guest here; the hypervisor choice does not matter to registration.
         "ZMACHINE_AGENT_HYPERVISOR": "qemu",
         "ZMACHINE_AGENT_ACCEL": "tcg",

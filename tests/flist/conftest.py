@@ -6,7 +6,6 @@ import functools
 import http.server
 import os
 import random
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from controller.flist.mount import mount_command, unmount, wait_mounted
+from hack.controlplane import free_port
 from tests.flist.fake_zdb import FakeZdb
 
 MTIME = 1_700_000_000  # flists keep whole seconds
@@ -112,14 +112,6 @@ def assert_same_tree(expected: Path, actual: Path) -> None:
     assert sorted(got) == sorted(want)
     for path in want:
         assert got[path] == want[path], path
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (for servers the tests start)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def run_cli(

@@ -24,7 +24,8 @@ from controller.flist.errors import StoreError
 from controller.flist.meta import open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import Router, S3Store
-from tests.flist.conftest import assert_same_tree, free_port, make_tree, run_cli
+from hack.controlplane import free_port
+from tests.flist.conftest import assert_same_tree, make_tree, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 KEY, SECRET = "flist-key", "flist-secret/+="  # characters that need quoting in a URL

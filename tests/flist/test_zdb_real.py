@@ -21,7 +21,8 @@ from controller.flist.meta import open_flist
 from controller.flist.pack import pack
 from controller.flist.stores import Router, ZdbStore
 from controller.flist.unpack import unpack
-from tests.flist.conftest import assert_same_tree, free_port, make_tree
+from hack.controlplane import free_port
+from tests.flist.conftest import assert_same_tree, make_tree
 
 ZDB = shutil.which("zdb")
 pytestmark = pytest.mark.skipif(
