@@ -55,6 +55,7 @@ class AgentConfig:
     underlay_address: str = ""  # this node's address other nodes' overlays reach
     public_interface: str | None = None  # the uplink bridged to public NICs; None: no publicIP
     yggdrasil: Path | None = None  # the planetary router; None: found on PATH
+    mycelium: Path | None = None  # the networks' mycelium routers; None: found on PATH
     # Node registration (ZmachineNode + Lease heartbeat): on with --kubeconfig or in a pod.
     kubeconfig: str | None = None
     advertise_address: str = ""  # what the controller dials; defaults to --listen
@@ -170,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="yggdrasil binary, the node's planetary router (default: on PATH)",
     )
     p.add_argument(
+        "--mycelium",
+        default=_env("mycelium"),
+        help="mycelium binary, the routers of mycelium NICs (default: on PATH)",
+    )
+    p.add_argument(
         "--public-interface",
         default=_env("public-interface"),
         help="interface of the node namespace bridged to guests' public NICs (publicIP); "
@@ -250,6 +256,7 @@ def parse_config(argv: Sequence[str]) -> AgentConfig:
         underlay_address=_underlay(a.underlay_address, a.advertise_address or a.listen),
         public_interface=a.public_interface or None,
         yggdrasil=Path(a.yggdrasil).resolve() if a.yggdrasil else None,
+        mycelium=Path(a.mycelium).resolve() if a.mycelium else None,
         kubeconfig=a.kubeconfig,
         advertise_address=a.advertise_address or a.listen,
         lease_namespace=a.lease_namespace,

@@ -114,6 +114,7 @@ class Registrar:
             "underlayAddress": info.underlay_address or None,
             "publicInterface": info.public_interface or None,
             "planetaryPeer": info.planetary_peer or None,
+            "mycelium": info.mycelium,
             "labels": self._labels(),
             "conditions": set_condition(
                 existing, "Ready", True, "AgentReady", "agent answers and renews its Lease", None

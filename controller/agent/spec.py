@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from controller.agent.errors import InvalidSpec
+from controller.agent.network.mycelium import check_seed
 
 MIN_MEMORY = 128 << 20
 MIB, GIB = 1 << 20, 1 << 30
@@ -28,9 +29,11 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NETWORK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FLIST_SCHEMES = ("http", "https", "file")
-# The networks of the public and planetary NICs in a machine's record (reserved in the API).
+# The networks of the public, planetary and mycelium NICs in a machine's record (reserved
+# in the API).
 PUBLIC_NETWORK = "pub"
 PLANETARY_NETWORK = "ygg"
+MYCELIUM_NETWORK = "mycelium"
 
 
 class RestartPolicy(StrEnum):
@@ -110,6 +113,7 @@ class MachineSpec:
     ssh_keys: tuple[str, ...] = ()
     public: PublicInterface | None = None
     planetary: bool = False
+    mycelium_seed: str = ""  # 12 hex digits; empty: no mycelium NIC
 
     def boot_hash(self) -> str:
         """Digest of everything that needs a new VM to change (all but ``paused``)."""
@@ -264,6 +268,20 @@ def _validate_network(where: str, spec: MachineSpec) -> None:
             validate_private(field, nic, ip)
     if spec.public is not None:
         _validate_public(f"{where}: spec.network.publicIP", spec.public)
+    if spec.mycelium_seed:
+        _validate_mycelium(f"{where}: spec.network.mycelium", spec)
+
+
+def _validate_mycelium(field: str, spec: MachineSpec) -> None:
+    """A valid seed, and a private interface on a placed network: its router runs there."""
+    try:
+        if not re.fullmatch(r"[0-9a-fA-F]{12}", spec.mycelium_seed):
+            raise ValueError("it must be 12 hex digits")
+        check_seed(bytes.fromhex(spec.mycelium_seed))
+    except ValueError as exc:
+        raise InvalidSpec(f"{field}.hexSeed {spec.mycelium_seed!r}: {exc}") from exc
+    if not any(nic.subnet for nic in spec.interfaces):
+        raise InvalidSpec(f"{field}: needs a private interface on a network placed on this node")
 
 
 def _validate_public(field: str, pub: PublicInterface) -> None:

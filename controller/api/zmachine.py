@@ -207,13 +207,38 @@ class Mycelium(KubeModel):
     """A mycelium overlay interface."""
 
     network: Annotated[str, Field(min_length=1, max_length=63)]
-    """Network whose mycelium subnet the address comes from."""
-    hex_seed: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{12}$")]
-    """Six bytes as 12 hex digits; the same seed always gives the same address."""
+    """ZmachineNetwork whose mycelium router the interface joins: the network of the private
+    interface. Each node of the network runs one router, with a /64 of its own."""
+    hex_seed: Annotated[
+        str,
+        Field(
+            pattern=r"^[0-9a-fA-F]{12}$",
+            json_schema_extra=validations(
+                rule(
+                    "!(self.lowerAscii() in ['000000000000', 'ffffffffffff'])",
+                    "hexSeed must not be all zeros or all ones",
+                )
+            ),
+        ),
+    ]
+    """Six bytes as 12 hex digits: the address is the router's /64, ff0f, then these bytes,
+    so the same seed on the same node gives the same address."""
 
 
 class MachineNetwork(KubeModel):
     """Network attachments of the machine."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(
+                "!has(self.mycelium) || (has(self.interfaces) && "
+                "self.interfaces.exists(i, i.network == self.mycelium.network))",
+                "mycelium.network must be the network of a private interface "
+                "(spec.network.interfaces)",
+                ".mycelium.network",
+            )
+        )
+    )
 
     interfaces: Annotated[
         list[NetworkInterface],

@@ -60,6 +60,9 @@ class ZmachineNodeStatus(KubeModel):
     planetary_peer: str | None = None
     """Where other nodes' Yggdrasil routers reach this node's (tls://IP:port); absent: no
     spec.network.planetary here."""
+    mycelium: bool = False
+    """The node runs mycelium routers (the mycelium binary is there): spec.network.mycelium
+    can be placed here."""
     labels: dict[str, str] = {}
     """Labels of the Kubernetes node, matched against spec.nodeSelector."""
     conditions: Conditions = []

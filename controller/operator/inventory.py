@@ -45,6 +45,7 @@ class NodeView:
     underlay: str = ""  # where other nodes reach its overlay
     public_interface: str = ""  # bridged to public NICs; empty: no publicIP there
     planetary_peer: str = ""  # its Yggdrasil router's URI; empty: no planetary there
+    mycelium: bool = False  # runs mycelium routers
 
     @property
     def cpu(self) -> int:
@@ -173,6 +174,7 @@ class Inventory:
             underlay=str(status.get("underlayAddress") or ""),
             public_interface=str(status.get("publicInterface") or ""),
             planetary_peer=str(status.get("planetaryPeer") or ""),
+            mycelium=bool(status.get("mycelium")),
             conditions=[dict(c) for c in status.get("conditions") or []],
             finalizers=list(meta.get("finalizers") or []),
             renewing=renewing,

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
-from controller.agent.spec import PLANETARY_NETWORK, PUBLIC_NETWORK
+from controller.agent.spec import MYCELIUM_NETWORK, PLANETARY_NETWORK, PUBLIC_NETWORK
 from controller.api import conditions as cond
 from controller.api import subresources
 from controller.api.zmachine import BootMode, Phase, ZmachineSpec
@@ -229,6 +229,7 @@ async def converge(
         wants = Wants(
             public=bool(spec.network and spec.network.public_ip),
             planetary=bool(spec.network and spec.network.planetary),
+            mycelium=bool(spec.network and spec.network.mycelium),
         )
         if not node_name:
             node_name = await _place(rt, target, raw_spec, spec, att, wants, out)
@@ -501,6 +502,7 @@ class Wants:
 
     public: bool
     planetary: bool
+    mycelium: bool
 
 
 def _misfits(
@@ -511,11 +513,16 @@ def _misfits(
         att.misfit if att else None,
         publicips.misfit if wants.public else None,
         planetary.misfit if wants.planetary else None,
+        _no_mycelium if wants.mycelium else None,
     ]
     checks = [c for c in asked if c is not None]
     if not checks:
         return None
     return lambda node: next((why for check in checks if (why := check(node))), None)
+
+
+def _no_mycelium(node: NodeView) -> str | None:
+    return None if node.mycelium else "has no mycelium router (mycelium)"
 
 
 def _judging_nodes(rt: Runtime, target: Target, out: StatusWriter) -> bool:
@@ -631,7 +638,9 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     if machine.boot_mode in _BOOT:
         out.set("bootMode", _BOOT[machine.boot_mode].value)
     private = [
-        n for n in machine.interfaces if n.network not in (PUBLIC_NETWORK, PLANETARY_NETWORK)
+        n
+        for n in machine.interfaces
+        if n.network not in (PUBLIC_NETWORK, PLANETARY_NETWORK, MYCELIUM_NETWORK)
     ]
     if private:
         out.set("ip", private[0].ip or None)
@@ -639,6 +648,8 @@ def _report(out: StatusWriter, target: Target, machine: pb.Machine) -> None:
     public = next((n for n in machine.interfaces if n.network == PUBLIC_NETWORK), None)
     ygg = next((n for n in machine.interfaces if n.network == PLANETARY_NETWORK), None)
     out.set("planetaryIP", (ygg.ipv6 or None) if ygg else None)
+    myc = next((n for n in machine.interfaces if n.network == MYCELIUM_NETWORK), None)
+    out.set("myceliumIP", (myc.ipv6 or None) if myc else None)
     out.set("publicIP", (public.ip or None) if public else None)
     out.set("publicIPv6", (public.ipv6 or None) if public else None)
     if machine.restarts > int(out.current.get("restartCount") or 0):

@@ -29,8 +29,6 @@ def refuse_unsupported(spec: ZmachineSpec) -> None:
         asked.append("spec.gpu (GPU passthrough)")
     if spec.corex:
         asked.append("spec.corex")
-    if spec.network is not None and spec.network.mycelium is not None:
-        asked.append("spec.network.mycelium")
     if asked:
         raise UnsupportedSpec(f"not supported by the node agents yet: {', '.join(asked)}")
 
@@ -112,4 +110,7 @@ def agent_spec(
         ssh_keys=ssh_keys,
         public=public,
         planetary=bool(spec.network and spec.network.planetary),
+        mycelium_seed=spec.network.mycelium.hex_seed.lower()
+        if spec.network and spec.network.mycelium
+        else "",
     )

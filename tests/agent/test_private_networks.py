@@ -74,19 +74,24 @@ case $tag in watch*) ;; *) echo "ZMNET $tag FAIL" ;; esac
 """
 
 
-@pytest.fixture(scope="module")
-def net_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("net-flist")
+def nettest_flist(base: Path, applets: tuple[str, ...] = (), **scripts: str) -> Path:
+    """A busybox root with ping6 and ``nettest`` (and more applets and scripts), packed."""
     root = guest_busybox_root(base / "rootfs")
-    for applet in ("ping6", "[", "test"):
+    for applet in ("ping6", "[", "test", *applets):
         if applet not in GUEST_APPLETS:
             (root / "bin" / applet).symlink_to("busybox")
-    script = root / "bin/nettest"
-    script.write_text(NETTEST)
-    script.chmod(0o755)
+    for name, text in {"nettest": NETTEST, **scripts}.items():
+        script = root / "bin" / name
+        script.write_text(text)
+        script.chmod(0o755)
     flist = base / "net.fl"
     pack(root, flist, [f"dir://{base / 'store'}"])
     return flist
+
+
+@pytest.fixture(scope="module")
+def net_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return nettest_flist(tmp_path_factory.mktemp("net-flist"))
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +160,29 @@ def views(nodes: dict[str, AgentProcess]) -> dict[str, NodeView]:
     return out
 
 
+def tell_peers(
+    nodes: dict[str, AgentProcess], nets: list[networks.Network]
+) -> dict[str, NodeView]:
+    """The controller's part: each node learns the others as its overlay peers, again until
+    the node has the network (its provisioning runs in the background)."""
+    known = views(nodes)
+    assert all(v.wireguard_key and v.underlay for v in known.values())
+
+    def told() -> bool:
+        answers = []
+        for net in nets:
+            for node in net.subnets:
+                peers = networks.peers_of(net, node, known)
+                nic = networks.agent_interface(net, node, None)
+                resp = nodes[node].call("apply_network", net.uid, peers, nic)
+                assert isinstance(resp, pb.ApplyNetworkResponse)
+                answers.append(resp.present)
+        return all(answers)
+
+    wait_for("every node to have its networks", told, timeout=120)
+    return known
+
+
 def console(agent: AgentProcess, uid: str) -> str:
     machine = agent.call("get", uid)
     assert isinstance(machine, pb.Machine)
@@ -217,23 +245,7 @@ def test_two_nodes_one_network(
             nic = interface(net, node, IPS[name])
             resp = nodes[node].call("deploy", ref, 1, guest_spec(net_flist, nic, script))
             assert isinstance(resp, pb.DeployResponse)
-        # The controller's part: each node learns the other as its overlay peer, again
-        # until the node has the network (its provisioning runs in the background).
-        known = views(nodes)
-        assert all(v.wireguard_key and v.underlay for v in known.values())
-
-        def told() -> bool:
-            answers = []
-            for net in (office, other):
-                for node in net.subnets:
-                    peers = networks.peers_of(net, node, known)
-                    nic = networks.agent_interface(net, node, None)
-                    resp = nodes[node].call("apply_network", net.uid, peers, nic)
-                    assert isinstance(resp, pb.ApplyNetworkResponse)
-                    answers.append(resp.present)
-            return all(answers)
-
-        wait_for("every node to have its networks", told, timeout=120)
+        known = tell_peers(nodes, [office, other])
 
         a1 = wait_for(
             "a1 to ping b1, b1's IPv6 and the public host",

@@ -181,6 +181,26 @@ REJECTIONS: dict[str, tuple[Callable[[Manifest], object], list[str]]] = {
         _set("network", {"mycelium": {"network": "office", "hexSeed": "abcd"}}),
         ["spec.network.mycelium.hexSeed", "should match"],
     ),
+    "mycelium seed all ones": (
+        _set(
+            "network",
+            {
+                "interfaces": [{"network": "office"}],
+                "mycelium": {"network": "office", "hexSeed": "FFFFFFFFFFFF"},
+            },
+        ),
+        ["spec.network.mycelium.hexSeed", "must not be all zeros or all ones"],
+    ),
+    "mycelium without its private interface": (
+        _set(
+            "network",
+            {
+                "interfaces": [{"network": "lab"}],
+                "mycelium": {"network": "office", "hexSeed": "a1b2c3d4e5f6"},
+            },
+        ),
+        ["spec.network.mycelium.network", "must be the network of a private interface"],
+    ),
     "gpu id": (_set("gpu", ["28:00.0"]), ["spec.gpu[0]", "should match"]),
     "restart policy": (
         _set("restartPolicy", "Sometimes"),

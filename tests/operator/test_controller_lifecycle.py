@@ -100,7 +100,7 @@ def test_unsupported_fields_are_refused_not_dropped(
 ) -> None:
     manifest = valid_manifest("gpu-box", ns)
     manifest["spec"]["gpu"] = ["0000:28:00.0/1002/731f"]
-    manifest["spec"]["network"] = {"mycelium": {"network": "office", "hexSeed": "a1b2c3d4e5f6"}}
+    manifest["spec"]["corex"] = True
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(manifest))
     status = wait_for(
         lambda: (o := cluster.get("zm", "gpu-box", ns)) and o.get("status", {}).get("phase") and o,
@@ -109,6 +109,6 @@ def test_unsupported_fields_are_refused_not_dropped(
     assert status["phase"] == "Failed"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "Unsupported"
-    assert "spec.gpu" in ready["message"] and "spec.network.mycelium" in ready["message"]
+    assert "spec.gpu" in ready["message"] and "spec.corex" in ready["message"]
     assert "nodeName" not in status  # nothing was placed or deployed
     cluster.kubectl("delete", "-n", ns, "zm", "gpu-box", "--wait=true", "--timeout=60s")

@@ -19,8 +19,9 @@ from controller.agent.config import AgentConfig
 from controller.agent.errors import AgentError, FailedPrecondition, InvalidSpec
 from controller.agent.guest import image, seed, virtiofs, vmconfig
 from controller.agent.hypervisor.qemu import QemuVM
-from controller.agent.network import addressing, wireguard
+from controller.agent.network import addressing, mycelium, wireguard
 from controller.agent.network import local as network
+from controller.agent.network.mycelium import find_mycelium
 from controller.agent.network.private import PrivateNetworks
 from controller.agent.network.public import PublicBridge
 from controller.agent.network.yggdrasil import ROUTED, Planetary, find_yggdrasil, guest_address
@@ -29,6 +30,7 @@ from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.runtime.state import MachineRecord, NicStatus
 from controller.agent.spec import (
+    MYCELIUM_NETWORK,
     PLANETARY_NETWORK,
     PUBLIC_NETWORK,
     Interface,
@@ -42,6 +44,7 @@ log = structlog.get_logger(__name__)
 NAMESERVERS = ("8.8.8.8", "1.1.1.1")
 PUBLIC_TAP = "p"
 PLANETARY_TAP = "y"
+MYCELIUM_TAP = "m"
 WATCH_DRAIN_SECONDS = 2.0  # for a watch to read the last output of a stopped VMM
 
 
@@ -70,7 +73,7 @@ class HostBoot:
         self.wireguard_key = wireguard.node_key(config.state_dir / "wireguard.key")
         self.private = PrivateNetworks(
             config.node_name, config.state_dir, config.netns, self.wireguard_go,
-            self.wireguard_key,
+            self.wireguard_key, find_mycelium(config.mycelium),
         )  # fmt: skip
         self.public = PublicBridge(config.netns, config.public_interface)
         self.planetary = Planetary(
@@ -149,7 +152,20 @@ class HostBoot:
             mac = network.zos_mac(f"ygg:{tap}")
             address = str(guest_address(subnet, mac))
             nics.append(NicStatus(PLANETARY_NETWORK, "", mac, tap, address))
+        if rec.spec.mycelium_seed:
+            nics.append(await self._mycelium_nic(rec))
         return nics
+
+    async def _mycelium_nic(self, rec: MachineRecord) -> NicStatus:
+        """Last, as zos orders NICs: on the mycelium router of the private NIC's network."""
+        nic = next(n for n in rec.spec.interfaces if n.subnet)  # validate_spec: one is
+        tap = network.tap_name(rec.ref.uid, 0, MYCELIUM_TAP)
+        subnet = await asyncio.to_thread(
+            self.private.attach_mycelium, nic, tap, f"zmachine {rec.ref}: spec.network.mycelium"
+        )
+        address = mycelium.guest_address(subnet, bytes.fromhex(rec.spec.mycelium_seed))
+        mac = network.zos_mac(f"mycelium:{tap}")
+        return NicStatus(MYCELIUM_NETWORK, "", mac, tap, str(address))
 
     async def ensure_taps(self, rec: MachineRecord) -> None:
         for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False):
@@ -160,6 +176,8 @@ class HostBoot:
                 await asyncio.to_thread(self.public.attach, n.tap, f"zmachine {rec.ref}")
             elif n.network == PLANETARY_NETWORK:
                 await asyncio.to_thread(self.planetary.attach, n.tap, f"zmachine {rec.ref}")
+            elif n.network == MYCELIUM_NETWORK:
+                await self._mycelium_nic(rec)
 
     async def delete_nics(self, rec: MachineRecord) -> None:
         # Recorded taps, plus the names a half-finished create_nics may have made.
@@ -167,6 +185,7 @@ class HostBoot:
         planetary = network.tap_name(rec.ref.uid, 0, PLANETARY_TAP)
         taps = {n.tap for n in rec.nics} - {public, planetary}
         taps |= {network.tap_name(rec.ref.uid, i) for i in range(len(rec.spec.interfaces))}
+        taps.add(network.tap_name(rec.ref.uid, 0, MYCELIUM_TAP))
         for tap in sorted(taps):
             await asyncio.to_thread(network.delete_tap, tap, self.config.netns)
         await asyncio.to_thread(self.public.detach, public)
@@ -441,17 +460,22 @@ def _link_bytes(name: str, netns: str | None) -> tuple[int, int]:
 
 
 def seed_interfaces(rec: MachineRecord, local: network.IPAllocator) -> list[seed.Interface]:
-    """Private NICs, then the public one. As zos: a family the public NIC has gets its
-    default route there only; else the private NIC keeps its gateway."""
+    """Private NICs, the public one, then planetary and mycelium, in zos's order. As zos: a
+    family the public NIC has gets its default route there only; else the private NIC keeps
+    its gateway."""
     out = [
         _seed_interface(nic, n, local)
         for nic, n in zip(rec.spec.interfaces, rec.nics, strict=False)
     ]
-    ygg = next((n for n in rec.nics if n.network == PLANETARY_NETWORK), None)
+    overlays = [
+        _overlay_seed(n, ROUTED if n.network == PLANETARY_NETWORK else mycelium.ROUTED)
+        for n in rec.nics
+        if n.network in (PLANETARY_NETWORK, MYCELIUM_NETWORK)
+    ]
     pub = rec.spec.public
     nic = next((n for n in rec.nics if n.network == PUBLIC_NETWORK), None)
     if pub is None or nic is None:
-        return out + _planetary_seed(ygg)
+        return out + overlays
     out = [
         dataclasses.replace(
             i,
@@ -468,18 +492,17 @@ def seed_interfaces(rec: MachineRecord, local: network.IPAllocator) -> list[seed
             gateway6=pub.gateway6 or None,
         )
     )
-    return out + _planetary_seed(ygg)
+    return out + overlays
 
 
-def _planetary_seed(nic: NicStatus | None) -> list[seed.Interface]:
-    """Its address in the node's /64, and 200::/7 via the bridge's ::1, as zos routes it."""
-    if nic is None:
-        return []
+def _overlay_seed(nic: NicStatus, routed: ipaddress.IPv6Network) -> seed.Interface:
+    """A planetary or mycelium NIC as zos configures it: its address in the router's /64,
+    and the overlay's range (200::/7, 400::/7) via the /64's ::1."""
     v6 = ipaddress.IPv6Interface(f"{nic.ipv6}/64")
     gateway = str(v6.network.network_address + 1)
-    return [
-        seed.Interface(mac=nic.mac, addresses=[str(v6)], routes=[seed.Route(str(ROUTED), gateway)])
-    ]
+    return seed.Interface(
+        mac=nic.mac, addresses=[str(v6)], routes=[seed.Route(str(routed), gateway)]
+    )
 
 
 def _seed_interface(nic: Interface, n: NicStatus, local: network.IPAllocator) -> seed.Interface:

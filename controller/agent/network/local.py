@@ -9,6 +9,7 @@ milliseconds, so async callers can use ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import ipaddress
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from controller.agent.errors import ResourceExhausted, Unavailable
+from controller.agent.runtime.procs import ProcessRef, terminate
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +105,16 @@ def _check(result: subprocess.CompletedProcess[str], what: str) -> None:
 
 def link_exists(name: str, netns: str | None = None) -> bool:
     return _ip(netns, "link", "show", "dev", name).returncode == 0
+
+
+def wait_for_link(ref: ProcessRef, device: str, netns: str | None, what: str) -> None:
+    """Wait for a daemon just started to bring up its device; stop it if it never does."""
+    deadline = time.monotonic() + 15
+    while not link_exists(device, netns):
+        if time.monotonic() > deadline or not ref.alive():
+            asyncio.run(terminate(ref))  # callers run in worker threads, with no loop
+            raise NetworkError(f"{what} did not bring up {device}")
+        time.sleep(0.1)
 
 
 def create_tap(name: str, bridge: str, netns: str | None = None, mtu: int = 1500) -> None:

@@ -13,6 +13,8 @@ For each network with a machine on this node (``h``: 8 hex of sha256(node/networ
   nftables table ``zm_<h>`` in the node's namespace keeping guests away from the node
   itself and from other networks' links.
 
+With a mycelium NIC, the network's mycelium router runs in ``zn-<h>`` too (mycelium.py).
+
 Nothing holds an address in the node's namespace but the NAT link, so the node cannot
 reach guests and networks cannot reach each other. The state of each network (its config
 and peers) is ``<state-dir>/networks/<h>.json``; its IPAM ``<h>.ipam.json`` lists its
@@ -42,9 +44,11 @@ from controller.agent.network.local import (
     NetworkError,
     _check,
     _ip,
+    create_tap,
     link_exists,
     netns_argv,
 )
+from controller.agent.network.mycelium import MyceliumRouter, peer_uris, router_key
 from controller.agent.runtime.procs import ProcessRef, terminate
 from controller.agent.spec import Interface
 
@@ -124,12 +128,14 @@ class PrivateNetworks:
         node_netns: str | None,
         wireguard_go: Path | None,
         key: X25519PrivateKey,
+        mycelium: Path | None = None,
     ) -> None:
         self.node = node
         self.dir = state_dir / "networks"
         self.node_netns = node_netns
         self.wireguard_go = wireguard_go
         self.key = key
+        self.mycelium = mycelium
         # Deploys, deletes and peer updates of one node's networks, one at a time: a peer
         # update must not land between the steps of a set-up and be lost by it.
         self._lock = threading.Lock()
@@ -168,6 +174,11 @@ class PrivateNetworks:
 
     def bridge_of(self, nic: Interface) -> str:
         return self.names(nic.network_id).bridge
+
+    def mycelium_router(self, network_id: str) -> MyceliumRouter:
+        n = self.names(network_id)
+        secret = router_key(self.key.private_bytes_raw(), network_id)
+        return MyceliumRouter(self.mycelium, secret, self.dir, n.h, n.netns, self.node_netns)
 
     # ------------------------------------------------------------------ set up
 
@@ -316,6 +327,16 @@ table ip {n.table} {{
                        check=False)  # fmt: skip
         _run([*prefix, "nft", "-f", "-"], f"nft table {table}", stdin=rules)
 
+    def attach_mycelium(self, nic: Interface, tap: str, where: str) -> ipaddress.IPv6Network:
+        """``tap`` on the network's mycelium bridge, the network and its mycelium router
+        set up first; the router's /64."""
+        with self._lock:
+            state = self._ensure(nic)
+            router = self.mycelium_router(nic.network_id)
+            subnet = router.ensure(_mycelium_peers(state), where)
+            create_tap(tap, router.bridge, self.node_netns)
+            return subnet
+
     # ------------------------------------------------------------------ peers
 
     def apply(
@@ -341,6 +362,7 @@ table ip {n.table} {{
         if link_exists(n.wg, n.netns):
             wireguard.configure(n.wg, self.key, state.interface.listen_port, peers)
             self._routes(n, state)
+        self.mycelium_router(network_id).repeer(_mycelium_peers(state))
         return True
 
     # ------------------------------------------------------------------ tear down
@@ -367,6 +389,7 @@ table ip {n.table} {{
         state = self.load(network_id)
         ref = ProcessRef(state.wg_pid, state.wg_start, n.wg) if state and state.wg_pid else None
         self._stop_overlay_sync(ref, n)
+        self.mycelium_router(network_id).remove()
         node = self.node_netns
         self._drop_nat(n)
         for link in (n.veth, n.bridge):
@@ -382,6 +405,10 @@ table ip {n.table} {{
         """Every network this node has state for (the agent's cleanup)."""
         for state in self._states():
             self.remove(state.interface.network_id)
+
+
+def _mycelium_peers(state: NetworkState) -> tuple[str, ...]:
+    return peer_uris([a for p in state.peers for a in p.allowed_ips])
 
 
 def _drop_stale(netns: str, port: str) -> None:

@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +29,13 @@ import structlog
 
 from controller.agent.errors import FailedPrecondition
 from controller.agent.network.local import (
-    NetworkError,
     _check,
     _ip,
     create_tap,
     delete_tap,
     link_exists,
     netns_argv,
+    wait_for_link,
 )
 from controller.agent.runtime.procs import ProcessRef, spawn_detached, terminate
 
@@ -172,12 +171,7 @@ class Planetary:
         argv = [*netns_argv(self.netns), str(binary), "-useconffile", str(config),
                 "-logto", str(self.dir / "router.log")]  # fmt: skip
         ref = spawn_detached(argv, self.dir / "router.out", marker=str(self.dir))
-        deadline = time.monotonic() + 15
-        while not link_exists(DEVICE, self.netns):
-            if time.monotonic() > deadline or not ref.alive():
-                asyncio.run(terminate(ref))
-                raise NetworkError(f"yggdrasil router did not bring up {DEVICE}; see {self.dir}")
-            time.sleep(0.1)
+        wait_for_link(ref, DEVICE, self.netns, f"yggdrasil router (see {self.dir})")
         sysctl = [*netns_argv(self.netns), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]
         result = subprocess.run(sysctl, capture_output=True, text=True, timeout=30)
         _check(result, "node: IPv6 forwarding")

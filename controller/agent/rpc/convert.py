@@ -83,6 +83,7 @@ def spec_from_pb(spec: pb.ZmachineSpec) -> MachineSpec:
         ssh_keys=tuple(spec.ssh_keys),
         public=public_from_pb(spec.public) if spec.HasField("public") else None,
         planetary=spec.planetary,
+        mycelium_seed=spec.mycelium_seed,
     )
 
 

@@ -172,6 +172,7 @@ class AgentService(pb_grpc.AgentServiceServicer):
             machines=len(self.machines.records),
             public_interface=self.prov.host.public.available(),
             planetary_peer=self.prov.host.planetary.peer_uri(),
+            mycelium=self.prov.host.private.mycelium is not None,
             **self.prov.host.overlay_identity(),
         )
 

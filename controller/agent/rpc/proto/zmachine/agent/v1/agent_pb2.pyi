@@ -336,6 +336,7 @@ class ZmachineSpec(_message.Message):
     SSH_KEYS_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
     PLANETARY_FIELD_NUMBER: _builtins.int
+    MYCELIUM_SEED_FIELD_NUMBER: _builtins.int
     flist: _builtins.str
     cpu: _builtins.int
     memory_bytes: _builtins.int
@@ -348,6 +349,10 @@ class ZmachineSpec(_message.Message):
     """empty = ref.name"""
     planetary: _builtins.bool
     """a NIC on the node's Yggdrasil router (an address of its 300::/64)"""
+    mycelium_seed: _builtins.str
+    """12 hex digits: a NIC on the mycelium router of the private interface's network, its
+    address the router's /64, ff0f, then these 6 bytes. Empty: no mycelium NIC.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """resolved values (secrets already read by the controller)"""
@@ -382,10 +387,11 @@ class ZmachineSpec(_message.Message):
         ssh_keys: _abc.Iterable[_builtins.str] | None = ...,
         public: Global___PublicInterface | None = ...,
         planetary: _builtins.bool = ...,
+        mycelium_seed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["public", b"public"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "paused", b"paused", "planetary", b"planetary", "public", b"public", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "entrypoint", b"entrypoint", "env", b"env", "flist", b"flist", "hostname", b"hostname", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "mycelium_seed", b"mycelium_seed", "paused", b"paused", "planetary", b"planetary", "public", b"public", "restart_policy", b"restart_policy", "size_bytes", b"size_bytes", "ssh_keys", b"ssh_keys", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -787,6 +793,7 @@ class NodeInfoResponse(_message.Message):
     UNDERLAY_ADDRESS_FIELD_NUMBER: _builtins.int
     PUBLIC_INTERFACE_FIELD_NUMBER: _builtins.int
     PLANETARY_PEER_FIELD_NUMBER: _builtins.int
+    MYCELIUM_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     hypervisor: _builtins.str
     hypervisor_version: _builtins.str
@@ -802,6 +809,8 @@ class NodeInfoResponse(_message.Message):
     """the node's uplink bridged to public NICs; empty: none"""
     planetary_peer: _builtins.str
     """URI other nodes' Yggdrasil routers peer with; empty: none"""
+    mycelium: _builtins.bool
+    """the node runs mycelium routers for its networks' mycelium NICs"""
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -823,10 +832,11 @@ class NodeInfoResponse(_message.Message):
         underlay_address: _builtins.str = ...,
         public_interface: _builtins.str = ...,
         planetary_peer: _builtins.str = ...,
+        mycelium: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocatable", b"allocatable", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "node_name", b"node_name", "planetary_peer", b"planetary_peer", "public_interface", b"public_interface", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocatable", b"allocatable", "capacity", b"capacity", "hardware_acceleration", b"hardware_acceleration", "hypervisor", b"hypervisor", "hypervisor_version", b"hypervisor_version", "machines", b"machines", "mycelium", b"mycelium", "node_name", b"node_name", "planetary_peer", b"planetary_peer", "public_interface", b"public_interface", "underlay_address", b"underlay_address", "wireguard_public_key", b"wireguard_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
