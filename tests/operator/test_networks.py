@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from controller.agent.network import addressing
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.operator import networks
 from tests.operator.conftest import RunningController, wait_for
 from tests.operator.doubles import World, agents, run_converge
@@ -193,6 +194,38 @@ def test_a_node_without_overlay_is_not_chosen(world: World, office: str, events:
     finally:
         world.cleanup("no-overlay")
         world.cleanup("no-overlay-pinned")
+
+
+def test_mycelium_goes_to_nodes_with_routers_with_its_seed_and_reports_its_address(
+    world: World, office: str, events: Any
+) -> None:
+    fleet = agents()
+    rt = world.runtime(fleet)
+    rt.inventory.nodes["node-a"].mycelium = True
+    net = {**_nic(office), "mycelium": {"network": office, "hexSeed": "A1B2C3D4E5F6"}}
+    body = world.create("myc-one", network=net)
+    pinned = world.create("myc-pinned", network=net, nodeName="node-b")
+    try:
+        asyncio.run(run_converge(rt, body))
+        assert world.body("myc-one")["status"]["nodeName"] == "node-a"  # node-b has no router
+        uid = body["metadata"]["uid"]
+        assert fleet.by_address["node-a"].specs[uid].mycelium_seed == "a1b2c3d4e5f6"
+        out = asyncio.run(run_converge(rt, pinned))
+        assert out.patch.status["phase"] == "Pending"
+        assert "node node-b (spec.nodeName) has no mycelium router" in out.patch.status["message"]
+
+        # The node's address of the machine is reported, and not taken for the private one.
+        machine = fleet.by_address["node-a"].machines[uid]
+        machine.interfaces.extend([
+            pb.InterfaceStatus(network=office, ip="10.20.1.2"),
+            pb.InterfaceStatus(network="mycelium", ipv6="4a1:2:3:4:ff0f:a1b2:c3d4:e5f6"),
+        ])  # fmt: skip
+        out = asyncio.run(run_converge(rt, world.body("myc-one")))
+        assert out.patch.status["myceliumIP"] == "4a1:2:3:4:ff0f:a1b2:c3d4:e5f6"
+        assert out.patch.status["ip"] == "10.20.1.2"
+    finally:
+        world.cleanup("myc-one")
+        world.cleanup("myc-pinned")
 
 
 def test_an_ip_outside_the_range_fails_with_the_field(
