@@ -160,9 +160,7 @@ def views(nodes: dict[str, AgentProcess]) -> dict[str, NodeView]:
     return out
 
 
-def tell_peers(
-    nodes: dict[str, AgentProcess], nets: list[networks.Network]
-) -> dict[str, NodeView]:
+def tell_peers(nodes: dict[str, AgentProcess], nets: list[networks.Network]) -> dict[str, NodeView]:
     """The controller's part: each node learns the others as its overlay peers, again until
     the node has the network (its provisioning runs in the background)."""
     known = views(nodes)
