@@ -132,7 +132,8 @@ async def network_status(
     if meta.get("deletionTimestamp"):
         return
     prefix = spec.get("ipv6Prefix") or str(addressing.derived_ipv6_prefix(str(meta["uid"])))
-    names = await networks.users(_runtime(memo).kube, str(meta["namespace"]), str(meta["name"]))
+    worker: Worker = memo["worker"]
+    names = networks.cached_users(worker.bodies.values(), str(meta["namespace"]), str(meta["name"]))
     out = StatusWriter(body, status, patch, int(meta.get("generation") or 1))
     out.set("ipv6Prefix", prefix)
     out.set("machines", len(names))

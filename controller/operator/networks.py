@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,6 +273,16 @@ def uses(zmachine: Mapping[str, Any], network: str) -> bool:
     names = {i.get("network") for i in spec_network.get("interfaces") or []}
     names.add((spec_network.get("mycelium") or {}).get("network"))
     return network in names
+
+
+def cached_users(bodies: Iterable[Mapping[str, Any]], namespace: str, network: str) -> list[str]:
+    """`users` from the controller's cache of Zmachines: for the status it keeps, with no
+    LIST of the namespace every few seconds (deletion asks the API server)."""
+    return sorted(
+        str(z["metadata"]["name"])
+        for z in bodies
+        if z["metadata"].get("namespace") == namespace and uses(z, network)
+    )
 
 
 async def users(kube: Kube, namespace: str, network: str) -> list[str]:
