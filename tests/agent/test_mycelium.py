@@ -2,9 +2,10 @@
 
 * The address: the router's /64, ff0f, then the seed; seeds zos refuses are refused.
 * The plumbing, on every machine: one node whose agent runs a stand-in router
-  (standin_mycelium.py: no registry carries mycelium, so CI has none). The guest gets its
-  address and its route to 400::/7 and reaches its gateway; the same seed gets the same
-  address after the network left the node and came back; deleting leaves nothing.
+  (standin_mycelium.py: no registry carries mycelium, so CI has none), and the real one
+  where it is found. The guest gets its address and its route to 400::/7 and reaches its
+  gateway; the same seed gets the same address after the network left the node and came
+  back; deleting leaves nothing.
 * Two nodes with the real daemon, where a mycelium binary is found ($ZM_MYCELIUM, or on
   PATH): guests on the two nodes ping each other's mycelium addresses.
 """
@@ -77,6 +78,9 @@ def test_router_keys_are_per_network_and_stable() -> None:
     assert mycelium.router_key(key, "net-1") != mycelium.router_key(os.urandom(32), "net-1")
 
 
+NO_MYCELIUM = "no mycelium binary (set ZM_MYCELIUM or put mycelium on PATH; no registry has it)"
+
+
 def real_mycelium() -> Path | None:
     found = os.environ.get("ZM_MYCELIUM") or shutil.which("mycelium")
     return Path(found) if found else None
@@ -88,8 +92,14 @@ def myc_flist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return nettest_flist(base, ("ip", "sed"), mycgw=MYCGW)
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["stand-in", "mycelium"])
+def router_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in router everywhere; the real one too where it is found."""
+    if request.param == "mycelium":
+        real = real_mycelium()
+        if real is None:
+            pytest.skip(NO_MYCELIUM)
+        return real
     wrapper = tmp_path_factory.mktemp("standin-myc") / "mycelium"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
     wrapper.chmod(0o755)
@@ -164,9 +174,11 @@ def test_a_guest_gets_its_mycelium_address_and_gateway_and_nothing_is_left(
     agent_pki: Path,
     agent_guest_dir: Path,
     myc_flist: Path,
-    standin: Path,
+    router_binary: Path,
 ) -> None:
-    with _nodes(tmp_path_factory, agent_pki, agent_guest_dir, myc_flist, standin, ["node-a"]) as (
+    with _nodes(
+        tmp_path_factory, agent_pki, agent_guest_dir, myc_flist, router_binary, ["node-a"]
+    ) as (
         agents,
         spaces,
     ):
@@ -224,10 +236,7 @@ def _single_node(agent: AgentProcess, node_ns: str, myc_flist: Path) -> None:
 @pytest.mark.fuse
 @pytest.mark.qemu
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(
-    real_mycelium() is None,
-    reason="no mycelium binary (set ZM_MYCELIUM or put mycelium on PATH; no registry has it)",
-)
+@pytest.mark.skipif(real_mycelium() is None, reason=NO_MYCELIUM)
 def test_guests_on_two_nodes_ping_each_other_over_mycelium(
     tmp_path_factory: pytest.TempPathFactory,
     agent_pki: Path,
