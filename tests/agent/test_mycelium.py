@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import pytest
 from controller.agent.network import local, mycelium
 from controller.agent.network.private import short_id
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
+from controller.operator import networks
 from hack.controlplane import wireguard_go_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_process
@@ -215,6 +217,17 @@ def _single_node(agent: AgentProcess, node_ns: str, myc_flist: Path) -> None:
             timeout=240,
         )
         assert results(text, "gw") == ["OK"], text
+
+        # A router that dies is started again with the next peer update.
+        (pid,) = _router_processes(key_file)
+        os.kill(pid, signal.SIGKILL)
+        wait_for("the router to die", lambda: pid not in _router_processes(key_file))
+        nic_spec = networks.agent_interface(net, "node-a", None)
+        applied = agent.call("apply_network", net.uid, [], nic_spec)
+        assert isinstance(applied, pb.ApplyNetworkResponse) and applied.present
+        (restarted,) = _router_processes(key_file)
+        assert restarted != pid and f"{mycelium.DEVICE}:" in host(router, "ip", "-o", "link").stdout
+
         assert agent.call("delete", "uid-m1") is True
         # The network left the node with its last machine, router and all.
         assert host(node_ns, "ip", "-o", "link").stdout == links_before

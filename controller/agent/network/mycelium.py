@@ -217,11 +217,15 @@ class MyceliumRouter:
         _check(_ip(self.netns, "link", "set", ROUTER_PORT, "up"), ROUTER_PORT)
         return subnet
 
-    def repeer(self, peers: tuple[str, ...]) -> None:
-        """A running router restarts with new peers (its guests keep their addresses)."""
+    def keep(self, peers: tuple[str, ...]) -> None:
+        """With each peer update (the controller sends them every few seconds): a router
+        that died is started again, and one whose peers changed restarts with them (its
+        guests keep their addresses). A network without mycelium NICs has no router."""
         state = self._load()
-        if state.peers == peers or not self._running(state):
+        if not self.state_path.exists() or (state.peers == peers and self._running(state)):
             return
+        if state.pid and not self._running(state):
+            log.warning("mycelium router gone, starting it again", netns=self.netns, pid=state.pid)
         self.stop()
         self._start(self.require("mycelium peers"), peers)
 

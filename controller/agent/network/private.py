@@ -362,7 +362,7 @@ table ip {n.table} {{
         if link_exists(n.wg, n.netns):
             wireguard.configure(n.wg, self.key, state.interface.listen_port, peers)
             self._routes(n, state)
-        self.mycelium_router(network_id).repeer(_mycelium_peers(state))
+        self.mycelium_router(network_id).keep(_mycelium_peers(state))
         return True
 
     # ------------------------------------------------------------------ tear down
