@@ -91,6 +91,7 @@ async def track_node(
     if event.get("type") == "DELETED":
         node = runtime.inventory.nodes.get(name)
         runtime.inventory.forget_node(name)
+        runtime.peer_pushes.forget(node=name)
         monitor.watches.stop(name)
         if node is not None:
             await runtime.agents.forget(node.address)
@@ -144,7 +145,7 @@ async def network_status(
     if status.get("subnets"):
         rt = _runtime(memo)
         network = networks.Network.of({"metadata": meta, "spec": spec, "status": status})
-        await networks.push_peers(network, rt.inventory.nodes, rt.agents)
+        await networks.push_peers(network, rt.inventory.nodes, rt.agents, rt.peer_pushes)
 
 
 @kopf.on.delete(GROUP, VERSION, NETWORK_PLURAL)
@@ -168,6 +169,7 @@ async def network_delete(
         raise kopf.TemporaryError(
             f"ZmachineNetwork {namespace}/{name} is {message}", delay=NETWORK_SYNC_SECONDS
         )
+    _runtime(memo).peer_pushes.forget(network_uid=str(meta.get("uid")))
     log.info("network released", namespace=namespace, network=name, uid=meta.get("uid"))
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import random
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -248,18 +250,47 @@ def peers_of(network: Network, node: str, nodes: Mapping[str, NodeView]) -> list
     return peers
 
 
-async def push_peers(network: Network, nodes: Mapping[str, NodeView], agents: Any) -> None:
-    """Tell every node of the network who its peers are, and its options as they stand
-    (idempotent; a node with no machine of the network yet ignores it and is told again
-    next time)."""
+@dataclass
+class PeerPushes:
+    """What each node last said it holds of each network: a pass over a network sends a
+    node only what changed, or what it did not have yet, or, as a safety net, what it
+    acknowledged more than REFRESH_SECONDS ago (a node that lost its state learns again)."""
+
+    REFRESH_SECONDS = 60.0
+    acked: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
+
+    def due(self, key: tuple[str, str], digest: bytes) -> bool:
+        held = self.acked.get(key)
+        return held is None or held[0] != digest or time.monotonic() >= held[1]
+
+    def ack(self, key: tuple[str, str], digest: bytes) -> None:
+        refresh = self.REFRESH_SECONDS * random.uniform(0.8, 1.2)  # not all at once
+        self.acked[key] = (digest, time.monotonic() + refresh)
+
+    def forget(self, network_uid: str = "", node: str = "") -> None:
+        """A network or a node that is gone."""
+        for key in [k for k in self.acked if network_uid in ("", k[0]) and node in ("", k[1])]:
+            del self.acked[key]
+
+
+async def push_peers(
+    network: Network, nodes: Mapping[str, NodeView], agents: Any, pushes: PeerPushes
+) -> None:
+    """Tell every node of the network who its peers are, and its options as they stand,
+    unless it already acknowledged exactly that (a node with no machine of the network yet
+    ignores it and is told again next time)."""
     for node in sorted(network.subnets):
         view = nodes.get(node)
         if view is None or not view.ready:
             continue
+        peers, nic = peers_of(network, node, nodes), agent_interface(network, node, None)
+        digest = b"".join(m.SerializeToString(deterministic=True) for m in (nic, *peers))
+        if not pushes.due((network.uid, node), digest):
+            continue
         try:
-            await agents.client(view.address).apply_network(
-                network.uid, peers_of(network, node, nodes), agent_interface(network, node, None)
-            )
+            answer = await agents.client(view.address).apply_network(network.uid, peers, nic)
+            if answer.present:
+                pushes.ack((network.uid, node), digest)
         except ControllerError as exc:
             log.warning(
                 "peers not pushed", namespace=network.namespace, network=network.name,

@@ -87,6 +87,8 @@ class Runtime:
     metrics_interval: float = METRICS_INTERVAL
     # Zmachines no node could take: reconciled again when capacity changes.
     pending: set[str] = field(default_factory=set)
+    # What each node acknowledged of each network's peers (the network timer's pushes).
+    peer_pushes: networks.PeerPushes = field(default_factory=networks.PeerPushes)
     # Asks for a reconciliation of a uid (the worker's queue); `cause` feeds a metric.
     kick: Callable[[str, str], None] = lambda uid, cause: None
     # Takes an object as one of our own writes returned it (the worker's view of it).

@@ -40,6 +40,7 @@ class FakeNodeAgent:
     specs: dict[str, pb.ZmachineSpec] = field(default_factory=dict)  # last one sent per uid
     peers: dict[str, list[pb.WireguardPeer]] = field(default_factory=dict)  # per network uid
     planetary_peers: list[str] = field(default_factory=list)  # the last ApplyPlanetary
+    has_networks: bool = True  # ApplyNetwork says the node has the network
     deletes: list[str] = field(default_factory=list)
     gate: asyncio.Event | None = None  # set: Deploy proceeds; unset: Deploy waits on it
     refuse: Exception | None = None
@@ -80,7 +81,7 @@ class FakeNodeAgent:
     ) -> pb.ApplyNetworkResponse:
         assert network.network_id == network_id
         self.peers[network_id] = list(peers)
-        return pb.ApplyNetworkResponse(present=True)
+        return pb.ApplyNetworkResponse(present=self.has_networks)
 
     async def apply_planetary(self, peers: Sequence[str]) -> pb.ApplyPlanetaryResponse:
         self.planetary_peers = list(peers)

@@ -114,9 +114,10 @@ def test_each_node_gets_its_own_subnet_and_the_agent_learns_it(
         ports = {s["node"]: s["listenPort"] for s in network["status"]["subnets"]}
         assert ports == first  # one network: the first free port on each node
         # The peers each node is told: the other node, its /24, /64 and overlay address.
-        net = networks.Network.of(network)
-        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet))
-        (peer,) = fleet.by_address["node-a"].peers[network["metadata"]["uid"]]
+        net, pushes = networks.Network.of(network), networks.PeerPushes()
+        uid = network["metadata"]["uid"]
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+        (peer,) = fleet.by_address["node-a"].peers[uid]
         assert peer.public_key == "key-of-node-b"
         assert peer.endpoint == f"192.0.2.2:{first['node-b']}"
         b = ipaddress.IPv4Network(subnets["node-b"])
@@ -124,6 +125,28 @@ def test_each_node_gets_its_own_subnet_and_the_agent_learns_it(
             str(b), str(addressing.ipv6_subnet(prefix, b)),
             f"100.64.{b.network_address.packed[1]}.{b.network_address.packed[2]}/32",
         ]  # fmt: skip
+
+        # Told again only what changed, what a node did not have, or what is old.
+        def told() -> set[str]:
+            return {n for n in ("node-a", "node-b") if fleet.by_address[n].peers.pop(uid, None)}
+
+        told()
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+        assert told() == set()  # both acknowledged exactly this
+        rt.inventory.nodes["node-b"].underlay = "192.0.2.22"  # node-b moved: node-a hears it
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+        assert told() == {"node-a"}
+        fleet.by_address["node-b"].has_networks = False  # node-b lost its state
+        pushes.acked[(uid, "node-b")] = (pushes.acked[(uid, "node-b")][0], 0.0)  # refresh due
+        for _ in range(2):  # asked until it has the network again
+            asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+            assert told() == {"node-b"}
+        fleet.by_address["node-b"].has_networks = True
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+        asyncio.run(networks.push_peers(net, rt.inventory.nodes, fleet, pushes))
+        assert told() == {"node-b"}
+        pushes.forget(network_uid=uid)
+        assert not pushes.acked
     finally:
         for body in bodies:
             world.cleanup(body["metadata"]["name"])
