@@ -19,7 +19,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 SUITE=$DEBIAN_SUITE
-MIRROR=$DEBIAN_MIRROR
 IMAGE_REF=localhost/zmachine-seed-guide-app:$SUITE-$VERSION
 
 cache=${ZM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/zmachine-operator}
@@ -45,14 +44,10 @@ work=$(mktemp -d "$dest/build.XXXXXX")
 trap 'rm -rf --one-file-system "$work"' EXIT
 started=$SECONDS
 
-# The Debian base both guests start from: debootstrap's minimal variant.
-log "debootstrap --variant=minbase $SUITE (a few minutes)"
-debootstrap --variant=minbase "$SUITE" "$work/base" "$MIRROR" >&2
-cat >"$work/base/etc/apt/sources.list" <<SOURCES
-deb $MIRROR $SUITE main
-deb $MIRROR $SUITE-updates main
-deb http://deb.debian.org/debian-security $SUITE-security main
-SOURCES
+# The Debian base both guests start from (debootstrap's minimal variant), shared with the
+# images' base.
+mkdir "$work/base"
+tar -C "$work/base" -xf "$(bash "$here/debian-base.sh")"
 
 # Runs a shell script in the chroot $1 with /proc, /sys and /dev mounted in a private mount
 # namespace: the mounts go with the namespace, even when the script fails.

@@ -25,22 +25,7 @@ export BUILDAH_ISOLATION=chroot
 have_image() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 
 if ! have_image "$base"; then
-  tarball="$out/debian-${DEBIAN_SUITE}-minbase.tar"
-  if [[ ! -s "$tarball" ]]; then
-    log "debootstrap ${DEBIAN_SUITE} (minbase; a few minutes)"
-    rootfs="$(mktemp -d "$out/rootfs.XXXXXX")"
-    trap 'rm -rf "$rootfs"' EXIT
-    debootstrap --variant=minbase "$DEBIAN_SUITE" "$rootfs" "$DEBIAN_MIRROR" >&2
-    # The sources of the official image: the release, its updates and security fixes.
-    cat >"$rootfs/etc/apt/sources.list" <<SOURCES
-deb $DEBIAN_MIRROR $DEBIAN_SUITE main
-deb $DEBIAN_MIRROR $DEBIAN_SUITE-updates main
-deb http://deb.debian.org/debian-security $DEBIAN_SUITE-security main
-SOURCES
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"
-  fi
+  tarball="$(bash "$here/debian-base.sh")"
   log "importing the base as $base"
   ctr="$(buildah from scratch)"
   buildah add --quiet "$ctr" "$tarball" / >/dev/null
