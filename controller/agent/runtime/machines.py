@@ -198,7 +198,8 @@ class Machines:
         if job.cancelled:
             raise ProvisioningCancelled(point)
         rec.message = progress
-        self.store.save(rec)  # what is made so far (helpers, VMM) is known after a crash
+        # What is made so far (helpers, VMM) is known after an agent crash.
+        self.store.save(rec, durable=False)
         job.at_fault_point = True
         try:
             await self.faults.point(point)
