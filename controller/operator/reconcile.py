@@ -246,18 +246,16 @@ async def converge(
                 "at creation (delete and recreate to move it)",
             )
 
-        # Served by the console server through the API server (docs/console.md).
-        out.set(
-            "consoleURL", subresources.path(target.namespace, target.name, subresources.CONSOLE)
-        )
-        node = rt.inventory.nodes.get(node_name)
-        if node is None or not node.ready:
-            _node_unknown(rt, out, node_name, pinned=bool(spec.node_name), deleted=node is None)
+        node = _on_node(rt, target, node_name, out)
+        if node is None:
+            _node_unknown(
+                rt, out, node_name, pinned=bool(spec.node_name),
+                deleted=node_name not in rt.inventory.nodes,
+            )  # fmt: skip
             if not spec.node_name:  # placed elsewhere once the node is lost for good
                 left = rt.node_lost_timeout - rt.inventory.lost_for(node_name)
                 rt.later(target.uid, max(left, 0.0) + 1.0, "node-lost")
             return
-        out.condition(cond.NODE_READY, True, "NodeReady", f"node {node_name} is Ready")
         agent = rt.agents.client(node.address)
         machine: pb.Machine | None = None
         try:
@@ -480,6 +478,7 @@ async def _place(
     # first Deploy follows at once, and the agent's stream reports what comes of it.
     out.condition(cond.SCHEDULED, True, decision.reason, decision.message)
     out.phase_to(Phase.PROVISIONING, decision.reason, f"{decision.message}; deploying")
+    _on_node(rt, target, decision.node, out)  # else a second write at the end of this pass
     with_placement = dict(out.patch.status)
     try:
         node = await _bind(rt, target, decision.node, with_placement)
@@ -495,6 +494,18 @@ async def _place(
         )
         return node
     out.written(with_placement)
+    return node
+
+
+def _on_node(rt: Runtime, target: Target, node_name: str, out: StatusWriter) -> NodeView | None:
+    """What the status says of a Zmachine placed on ``node_name``: its console URL, and
+    that the node is Ready when it is; the node's view then, None if it is not Ready."""
+    # Served by the console server through the API server (docs/console.md).
+    out.set("consoleURL", subresources.path(target.namespace, target.name, subresources.CONSOLE))
+    node = rt.inventory.nodes.get(node_name)
+    if node is None or not node.ready:
+        return None
+    out.condition(cond.NODE_READY, True, "NodeReady", f"node {node_name} is Ready")
     return node
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from controller.agent.runtime.state import MachineRecord, StateStore
 from controller.agent.spec import MachineSpec, Ref
@@ -48,3 +50,23 @@ def test_another_nodes_key_cannot_read_it(tmp_path: Path) -> None:
     StateStore(tmp_path / "machines").save(record())
     (tmp_path / "node.key").unlink()
     assert StateStore(tmp_path / "machines").load_all() == []  # skipped, logged
+
+
+def test_only_a_durable_save_waits_for_the_disk(tmp_path: Path, monkeypatch: Any) -> None:
+    """A provisioning checkpoint is written without fsync (an agent crash keeps it; a host
+    crash leaves nothing it names running); every other save is fsynced. Both replace the
+    file whole and read back."""
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    store = StateStore(tmp_path / "machines")
+    rec = record()
+    store.save(rec)  # the first also makes the node key
+    synced.clear()
+    store.save(rec)
+    assert len(synced) == 1
+    rec.message = "starting the VMM"
+    store.save(rec, durable=False)
+    assert len(synced) == 1
+    assert [r.message for r in StateStore(tmp_path / "machines").load_all()] == [rec.message]
+    assert [p.name for p in (tmp_path / "machines").iterdir()] == ["u-1.json"]

@@ -64,8 +64,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def api_writes(cluster: ControlPlane) -> dict[str, float]:
-    """Mutating requests served so far, by resource (subresources counted with it)."""
+def api_writes(cluster: ControlPlane, detail: bool = False) -> dict[str, float]:
+    """Mutating requests served so far, by resource (subresources counted with it), or
+    with ``detail`` by verb and resource/subresource (``PATCH zmachines/status``)."""
     text = cluster.kubectl("get", "--raw", "/metrics").stdout
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -77,6 +78,9 @@ def api_writes(cluster: ControlPlane) -> dict[str, float]:
         labels = {k: v.strip('"') for k, v in labels.items()}
         if labels.get("verb") in WRITE_VERBS:
             resource = labels.get("resource", "")
+            if detail:
+                sub = labels.get("subresource", "")
+                resource = f"{labels['verb']} {resource}{'/' + sub if sub else ''}"
             out[resource] = out.get(resource, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
@@ -266,6 +270,7 @@ def measure(
             # 1. One apply of N.
             names = [f"zm-{i:05d}" for i in range(objects)]
             before = api_writes(cluster)
+            before_detail = api_writes(cluster, detail=True)
             started = time.monotonic()
             docs = yaml.safe_dump_all([manifest(n, flist) for n in names])
             cluster.kubectl("apply", "-f", "-", input=docs)
@@ -278,6 +283,7 @@ def measure(
             all_running = max(phases.running[n] for n in names) - started
             time.sleep(5)  # the last Events and status writes land
             burst = _delta(api_writes(cluster), before)
+            burst_detail = _delta(api_writes(cluster, detail=True), before_detail)
             agent_rss1 = {n: _proc_status(a.proc.pid, "VmRSS") for n, a in agents.items() if a.proc}
 
             # 2. At rest.
@@ -341,6 +347,7 @@ def measure(
         "delete_all_s": round(delete_all, 2),
         # Context for the figures above.
         "burst_writes_by_resource": burst,
+        "burst_writes_by_request": burst_detail,
         "idle_writes_by_resource": rest,
         "idle_agent_get_rpcs": idle_gets,
         "idle_seconds": idle,
@@ -379,8 +386,8 @@ def section(runs: list[dict[str, Any]]) -> str:
         for r in runs
     )
     detail = "\n".join(
-        f"- {r['objects']} objects: writes by resource, apply to all Running "
-        f"{json.dumps(r['burst_writes_by_resource'])}; at rest over {r['idle_seconds']:.0f} s "
+        f"- {r['objects']} objects: writes by request, apply to all Running "
+        f"{json.dumps(r['burst_writes_by_request'])}; at rest over {r['idle_seconds']:.0f} s "
         f"{json.dumps(r['idle_writes_by_resource'])}; agent Get RPCs at rest "
         f"{r['idle_agent_get_rpcs']:.0f}"
         for r in runs

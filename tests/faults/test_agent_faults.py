@@ -337,6 +337,41 @@ def test_vmm_killed_repeatedly_backs_off_then_fails_with_the_log_tail(
     assert leaks([agent.state_dir], agent_netns) == []
 
 
+def test_the_agent_acts_on_a_vm_at_once_not_at_its_next_round(
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_netns: str,
+    agent_standin_guest_dir: Path,
+    agent_busybox_flist: Path,
+) -> None:
+    """With the supervisor's rounds 300 s apart: a boot that was over when the VMM came
+    up (the stand-in's) is reported with the start, not by a Booted event later, and a
+    killed VMM is acted on within seconds, woken by its exit (docs/agent.md "Supervision")."""
+    state = tmp_path_factory.mktemp("wake") / "state"
+    agent = new_agent(
+        state, agent_pki, agent_netns, agent_standin_guest_dir, agent_busybox_flist,
+        "--monitor-interval", "300",
+    )  # fmt: skip
+    uid = "wake-never"
+    with agent.running():
+        events = EventRecorder(agent, uid)
+        events.start()
+        try:
+            deploy(agent, uid, standin_spec(agent_busybox_flist, pb.RESTART_POLICY_NEVER))
+            m = wait_state(agent, uid, pb.MACHINE_STATE_RUNNING)
+            assert m.boot_duration_seconds > 0, "the finished boot was not reported with it"
+            os.kill(the_vmm(agent, uid), signal.SIGKILL)
+            killed = time.monotonic()
+            m = wait_state(agent, uid, pb.MACHINE_STATE_FAILED, timeout=60)
+            assert time.monotonic() - killed < 20, "noticed by a round, not by the exit"
+            assert m.reason == "VMMExited" and "SIGKILL" in m.message, m.message
+            assert "EVENT_TYPE_BOOTED" not in events.types(), events.types()
+            assert agent.call("delete", uid) is True
+        finally:
+            events.stop()
+    assert leaks([state], agent_netns) == []
+
+
 def test_failed_first_provisioning_is_undone_kept_as_failed_and_retried(
     agent: AgentProcess, agent_busybox_flist: Path, agent_netns: str
 ) -> None:

@@ -46,6 +46,9 @@ class FakeNodeAgent:
     refuse: Exception | None = None
     unreachable: bool = False
     called: asyncio.Event = field(default_factory=asyncio.Event)  # a Deploy came in
+    # What Deploy answers: Running at once, or Provisioning (in the background) as a
+    # real agent does for a first deployment.
+    deploy_state: pb.MachineState.ValueType = pb.MACHINE_STATE_RUNNING
 
     async def get(self, uid: str) -> pb.Machine | None:
         if self.unreachable:
@@ -63,7 +66,7 @@ class FakeNodeAgent:
         if self.refuse is not None:
             raise self.refuse
         machine = pb.Machine(
-            ref=ref, generation=generation, state=pb.MACHINE_STATE_RUNNING,
+            ref=ref, generation=generation, state=self.deploy_state,
             boot_mode=pb.BOOT_MODE_VM,
         )  # fmt: skip
         self.machines[ref.uid] = machine

@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.operator import handlers, metrics
 from controller.operator.agents import AgentPool
 from controller.operator.inventory import NodeView
@@ -236,3 +237,29 @@ def test_a_zmachine_reading_a_secret_is_resynced_sooner(world: World, named: str
     finally:
         world.cleanup(f"{named}-plain")
         world.cleanup(f"{named}-secret")
+
+
+def test_the_first_pass_writes_the_status_once_with_the_placement(world: World, named: str) -> None:
+    """Everything the first pass learns (the node, the console URL, that the node is
+    Ready) goes out in the placement's write: no second status write before the node's
+    answer comes back (docs/benchmarks.md, writes per Zmachine)."""
+    fleet = agents()
+    for node in ("node-a", "node-b"):
+        fleet.by_address[node] = FakeNodeAgent(node, deploy_state=pb.MACHINE_STATE_PROVISIONING)
+    body = world.create(named)
+    uid = body["metadata"]["uid"]
+    rt = world.runtime(fleet)
+    worker = Worker(rt)
+    writes = metrics.STATUS_WRITES._value.get()
+
+    async def scenario() -> None:
+        worker.observe(body)
+        await _drain(worker)
+
+    asyncio.run(scenario())
+    assert fleet.running(uid), "not deployed"
+    status = world.body(named)["status"]
+    assert status["phase"] == "Provisioning" and status["nodeName"] in ("node-a", "node-b")
+    assert status["consoleURL"].endswith(f"/{named}/console")
+    assert any(c["type"] == "NodeReady" and c["status"] == "True" for c in status["conditions"])
+    assert metrics.STATUS_WRITES._value.get() == writes, "a status write after the placement"

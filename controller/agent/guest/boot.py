@@ -4,6 +4,7 @@ network, hypervisor drivers): what the agent asks of them, in its own terms."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -318,10 +319,12 @@ class HostBoot:
         self,
         rec: MachineRecord,
         p: VMPaths,
-        on_event: Callable[[hypervisor.GuestEvent], None],
+        on_event: Callable[[hypervisor.GuestEvent | None], None],
+        on_output: Callable[[bytes], None],
     ) -> None:
-        """Follow the VM's running VMM: serial console into its stream, guest events to
-        ``on_event``. Ends by itself when the VMM is gone."""
+        """Follow the VM's running VMM: serial console into its stream (each chunk also
+        to ``on_output``), guest events to ``on_event``, then ``None`` to it once the
+        VMM is gone. Ends by itself when the VMM is gone."""
         if rec.vmm is None:
             return
         self._cancel_watch(rec.ref.uid)
@@ -329,7 +332,19 @@ class HostBoot:
         bound = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
         console = self.console(rec, p)
         console.open_log()  # console.log exists once the VMM runs, output or not
-        self._watches[rec.ref.uid] = asyncio.create_task(_follow(vm, console, on_event, bound))
+        console.on_output = on_output
+        console.caught_up.clear()
+        task = asyncio.create_task(_follow(vm, console, on_event, bound))
+        task.add_done_callback(lambda _: on_event(None))
+        self._watches[rec.ref.uid] = task
+
+    async def console_caught_up(self, rec: MachineRecord, within: float) -> None:
+        """Wait (at most ``within`` seconds) until the VM's console reader has logged what the
+        VMM wrote before the reader opened its PTY."""
+        stream = self.consoles.get(rec.ref.uid)
+        if stream is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.caught_up.wait(), within)
 
     async def unwatch(self, rec: MachineRecord, forget: bool) -> None:
         """After the VMM stopped: let the watch read what is left, then end it.

@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 # Printed by the container-mode initramfs right before it hands over to the entrypoint.
 BOOTED_MARKER = b"zm-init: switching root"
+# How long a start waits for the console reader's first read (milliseconds normally).
+CONSOLE_CATCH_UP_SECONDS = 1.0
 BOOT_WATCH_SECONDS = 600.0  # VM-mode guests never print the marker: stop looking
 
 # Called between provisioning steps with the fault point just passed (faults.POINTS) and
@@ -62,9 +64,11 @@ class Provisioner:
         self.host = boot.HostBoot(config)
         self.flists = FlistMounts(config.state_dir, config.flist_cache)
         self.checkpoint: Checkpoint = no_checkpoint
-        # (uid, reboot) from the VMMs' event streams, for the supervisor to restart the
-        # virtiofsd(s) the reboot disconnected.
-        self.guest_events: asyncio.Queue[tuple[str, GuestEvent]] = asyncio.Queue()
+        # For the supervisor, so that it acts at once rather than at its next round:
+        # (uid, Reboot) to restart the virtiofsd(s) a reboot disconnected; (uid, None) to
+        # look at the VM now (its VMM ended, the guest stopped, or it printed the boot
+        # marker).
+        self.guest_events: asyncio.Queue[tuple[str, GuestEvent | None]] = asyncio.Queue()
 
     def paths(self, rec: MachineRecord) -> VMPaths:
         return VMPaths.for_uid(self.config.state_dir, rec.ref.uid)
@@ -385,12 +389,24 @@ class Provisioner:
         await asyncio.to_thread(rootlayer.unmount, p.root_image, p.layer)
 
     def _watch(self, rec: MachineRecord) -> None:
-        def on_event(event: GuestEvent) -> None:
-            self._log(rec).info("guest event", guest_event=event.value)
-            if event is GuestEvent.REBOOT and self.host.driver.reboot_reconnects_shares:
-                self.guest_events.put_nowait((rec.ref.uid, event))
+        uid = rec.ref.uid
 
-        self.host.watch(rec, self.paths(rec), on_event)
+        def on_event(event: GuestEvent | None) -> None:
+            if event is None:  # the VMM is gone
+                self.guest_events.put_nowait((uid, None))
+                return
+            self._log(rec).info("guest event", guest_event=event.value)
+            if event is not GuestEvent.REBOOT:
+                self.guest_events.put_nowait((uid, None))
+            elif self.host.driver.reboot_reconnects_shares:
+                self.guest_events.put_nowait((uid, event))
+
+        def on_output(data: bytes) -> None:
+            # A marker split across two reads is found by the supervisor's next round.
+            if not rec.boot_duration and BOOTED_MARKER in data:
+                self.guest_events.put_nowait((uid, None))
+
+        self.host.watch(rec, self.paths(rec), on_event, on_output)
 
     async def restart_dead_shares(self, rec: MachineRecord, wait: float = 0.0) -> bool:
         """virtiofsd again for shares whose daemon exited under a running VMM (a guest
@@ -400,6 +416,12 @@ class Provisioner:
     async def guest_exit(self, rec: MachineRecord) -> ExitRecord | None:
         """None while the guest runs; else why it ended (see hypervisor.GuestExit)."""
         return await self.host.guest_exit(rec, self.paths(rec))
+
+    async def observe_started(self, rec: MachineRecord) -> None:
+        """Right after a start: a guest that booted before its console was first read
+        (a fast boot) is recorded booted now, and reported with the start."""
+        await self.host.console_caught_up(rec, CONSOLE_CATCH_UP_SECONDS)
+        self.observe(rec)
 
     def observe(self, rec: MachineRecord) -> bool:
         """Periodic bookkeeping of a live VM: boot duration and VMM log rotation (the

@@ -18,6 +18,7 @@ and a failed reboot, and, being files, still do after an agent restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -40,12 +41,14 @@ from controller.agent.hypervisor.base import (
     version_output,
 )
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI
+from controller.agent.runtime import wakeups
 from controller.agent.runtime.procs import ProcessRef
 
 # CH's default log format: "cloud-hypervisor: 1.2s: <vcpu0> ERROR:vmm/src/cpu.rs:1440 -- ..."
 _ERROR_LINE = re.compile(r"> ERROR:")
 RUNNING_STATES = ("Running", "Paused")
-EVENT_POLL_SECONDS = 0.2
+EVENT_POLL_SECONDS = 0.2  # when the file or the process cannot be watched
+EVENT_SAFETY_SECONDS = 30.0  # a look even without a wake-up, in case one was missed
 _GUEST_EVENTS = {
     "vm/rebooting": GuestEvent.REBOOT,
     "guest/panic": GuestEvent.PANIC,
@@ -134,18 +137,24 @@ class CloudHypervisorVM(VM):
         return classify_ch_exit(read_events(self.cfg.events_file), run_log, status)
 
     async def follow_events(self, on_event: Callable[[GuestEvent], None]) -> None:
-        # CH writes the file itself; read what it added, as long as it runs.
+        # CH writes the file itself; read what it added, as long as it runs: woken when
+        # the file changes or the VMM exits, polling only where those cannot be watched.
         seen = 0
-        while True:
-            alive = self.alive()  # before reading, so the last events are not missed
-            events = read_events(self.cfg.events_file)
-            for name in event_names(events[seen:]):
-                if name in _GUEST_EVENTS:
-                    on_event(_GUEST_EVENTS[name])
-            seen = len(events)
-            if not alive:
-                return
-            await asyncio.sleep(EVENT_POLL_SECONDS)
+        with wakeups.changes(self.cfg.events_file, self.ref.pid) as (changed, watched):
+            while True:
+                changed.clear()  # before reading: a write from here on wakes the wait
+                alive = self.alive()  # before reading, so the last events are not missed
+                events = read_events(self.cfg.events_file)
+                for name in event_names(events[seen:]):
+                    if name in _GUEST_EVENTS:
+                        on_event(_GUEST_EVENTS[name])
+                seen = len(events)
+                if not alive:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait(), EVENT_SAFETY_SECONDS if watched else EVENT_POLL_SECONDS
+                    )
 
     async def pause(self) -> None:
         await self.api.pause()

@@ -23,7 +23,7 @@ import struct
 import termios
 import tty
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -63,6 +63,10 @@ class ConsoleStream:
         self._log: BinaryIO | None = None
         self._pty: int | None = None  # fd of the PTY being read, also where input goes
         self._size: tuple[int, int] | None = None  # (rows, cols) last asked for
+        self.on_output: Callable[[bytes], None] | None = None  # each chunk, once logged
+        # Set once a PTY was opened and what was waiting in it is logged: a guest that
+        # booted before then has its boot marker in console.log.
+        self.caught_up = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -105,6 +109,8 @@ class ConsoleStream:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(data)
+        if self.on_output is not None:
+            self.on_output(data)
 
     def history(self) -> bytes:
         """The most recent output (at least HISTORY_BYTES once that much was seen)."""
@@ -202,8 +208,10 @@ class ConsoleStream:
             # TCSANOW: TCSAFLUSH would drop what the VMM already wrote.
             tty.setraw(fd, termios.TCSANOW)  # bytes as typed: no echo or line editing here
         self._apply_size(fd)
+        readable()  # what the VMM wrote before we opened it, now: see caught_up
         loop.add_reader(fd, readable)
         self._pty = fd
+        self.caught_up.set()
         try:
             await closed
         finally:

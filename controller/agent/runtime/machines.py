@@ -184,8 +184,8 @@ class Machines:
         rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
         rec.message = ""
         # A guest that handed over already (a fast boot) is reported with this event,
-        # not with a Booted one a monitor period later.
-        self.prov.observe(rec)
+        # not with a Booted one right after (one status write instead of two).
+        await self.prov.observe_started(rec)
         self.emit(rec, event)
 
     async def _checkpoint(self, rec: MachineRecord, point: str, progress: str) -> None:
@@ -198,7 +198,8 @@ class Machines:
         if job.cancelled:
             raise ProvisioningCancelled(point)
         rec.message = progress
-        self.store.save(rec)  # what is made so far (helpers, VMM) is known after a crash
+        # What is made so far (helpers, VMM) is known after an agent crash.
+        self.store.save(rec, durable=False)
         job.at_fault_point = True
         try:
             await self.faults.point(point)

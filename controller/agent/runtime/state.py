@@ -101,7 +101,12 @@ class StateStore:
     def path(self, uid: str) -> Path:
         return self.directory / f"{uid}.json"
 
-    def save(self, record: MachineRecord) -> None:
+    def save(self, record: MachineRecord, durable: bool = True) -> None:
+        """Replace the record's file atomically. ``durable``: fsync it first, so that it
+        survives a host crash too; without, it survives an agent crash (the kernel has it),
+        which is all a provisioning checkpoint is for: after a host crash the processes it
+        names are gone anyway. The fsync blocks the caller (the event loop) for
+        milliseconds to, on a busy disk, a good part of a second."""
         data = record.to_json()
         env = data["spec"]["env"]
         data["spec"]["env"] = {k: self._fernet.encrypt(v.encode()).decode() for k, v in env.items()}
@@ -111,7 +116,8 @@ class StateStore:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, self.path(record.ref.uid))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,10 @@ Rules (docs/agent.md "Supervision"), as Kubernetes applies restartPolicy to cont
   and the tail of the VM's logs; a VMM that stays up ``healthy_after`` resets the streak;
 * a guest reboot keeps the VM in its VMM; a virtiofsd that exited with the reboot's
   disconnect (cloud-hypervisor) is started again at once, driven by the VMM's reboot
-  event, and every round as a fallback.
+  event, and every round as a fallback;
+* a VM is looked at as soon as its VMM exits, its guest stops or panics, or its console
+  shows the boot marker (wake-ups from the VM's follower, no polling); the rounds every
+  ``interval`` are the fallback and drive the timers (backoff, healthy_after).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Supervisor:
         self.machines = machines
         self.rules = rules
         self._next_start: dict[str, float] = {}
+        self._looking: set[str] = set()  # VMs being looked at on a wake-up
 
     async def run(self) -> None:
         events = asyncio.create_task(self._guest_events())
@@ -59,9 +63,17 @@ class Supervisor:
             events.cancel()
 
     async def _guest_events(self) -> None:
+        looks: set[asyncio.Task[None]] = set()
         while True:
             uid, event = await self.machines.prov.guest_events.get()
             if event is not GuestEvent.REBOOT:
+                # Look at it now, beside this loop: a VM that ended is stopped and
+                # restarted under its lock, which takes seconds. One look per VM at a time.
+                if uid not in self._looking and not self.machines.busy(uid):
+                    self._looking.add(uid)
+                    task = asyncio.create_task(self._look(uid))
+                    looks.add(task)
+                    task.add_done_callback(looks.discard)
                 continue
             try:
                 async with self.machines.locked(uid):
@@ -72,6 +84,14 @@ class Supervisor:
                         self.machines.store.save(rec)
             except Exception:
                 log.exception("restarting virtiofsd after a guest reboot failed", uid=uid)
+
+    async def _look(self, uid: str) -> None:
+        try:
+            await self.check(uid)
+        except Exception:
+            log.exception("supervision step failed", uid=uid)
+        finally:
+            self._looking.discard(uid)
 
     async def _rounds(self) -> None:
         while True:
