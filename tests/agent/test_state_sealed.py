@@ -58,7 +58,12 @@ def test_only_a_durable_save_waits_for_the_disk(tmp_path: Path, monkeypatch: Any
     file whole and read back."""
     synced: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     store = StateStore(tmp_path / "machines")
     rec = record()
     store.save(rec)  # the first also makes the node key
