@@ -22,10 +22,9 @@ from controller.agent.guest import image, seed, virtiofs, vmconfig
 from controller.agent.hypervisor.qemu import QemuVM
 from controller.agent.network import addressing, mycelium, wireguard
 from controller.agent.network import local as network
-from controller.agent.network.mycelium import find_mycelium
 from controller.agent.network.private import PrivateNetworks
 from controller.agent.network.public import PublicBridge
-from controller.agent.network.yggdrasil import ROUTED, Planetary, find_yggdrasil, guest_address
+from controller.agent.network.yggdrasil import ROUTED, Planetary, guest_address
 from controller.agent.runtime.console import ConsoleStream
 from controller.agent.runtime.layout import VMPaths
 from controller.agent.runtime.procs import ProcessRef, terminate
@@ -70,15 +69,15 @@ class HostBoot:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.ipam = network.IPAllocator(config.cidr, config.state_dir / "ipam.json")
-        self.wireguard_go = wireguard.find_wireguard_go(config.wireguard_go)
+        self.wireguard_go = network.find_binary("wireguard-go", config.wireguard_go)
         self.wireguard_key = wireguard.node_key(config.state_dir / "wireguard.key")
         self.private = PrivateNetworks(
             config.node_name, config.state_dir, config.netns, self.wireguard_go,
-            self.wireguard_key, find_mycelium(config.mycelium),
+            self.wireguard_key, network.find_binary("mycelium", config.mycelium),
         )  # fmt: skip
         self.public = PublicBridge(config.netns, config.public_interface)
         self.planetary = Planetary(
-            config.netns, config.state_dir, find_yggdrasil(config.yggdrasil),
+            config.netns, config.state_dir, network.find_binary("yggdrasil", config.yggdrasil),
             config.underlay_address,
         )  # fmt: skip
         self.driver = hypervisor.select_hypervisor(

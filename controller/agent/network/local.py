@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -101,6 +102,14 @@ def _ip(netns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
 def _check(result: subprocess.CompletedProcess[str], what: str) -> None:
     if result.returncode != 0:
         raise NetworkError(f"{what}: {' '.join(result.args)}: {result.stderr.strip()}")
+
+
+def find_binary(name: str, configured: Path | None) -> Path | None:
+    """A node daemon's binary: the configured path, else ``name`` on PATH, else None."""
+    if configured is not None:
+        return configured
+    found = shutil.which(name)
+    return Path(found) if found else None
 
 
 def link_exists(name: str, netns: str | None = None) -> bool:

@@ -23,7 +23,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +49,6 @@ SEED_BYTES = 6
 # Seeds zos refuses: all zeros and all ones.
 _REFUSED_SEEDS = (bytes(SEED_BYTES), b"\xff" * SEED_BYTES)
 _OVERLAY = ipaddress.IPv4Network("100.64.0.0/16")
-
-
-def find_mycelium(configured: Path | None) -> Path | None:
-    if configured is not None:
-        return configured
-    found = shutil.which("mycelium")
-    return Path(found) if found else None
 
 
 def check_seed(seed: bytes) -> None:
@@ -97,11 +89,13 @@ def peer_uris(allowed_ips: list[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class RouterState:
-    """``networks/<h>.mycelium.json``: the running router and the peers it was given."""
+    """``networks/<h>.mycelium.json``: the running router, the peers it was given, and its
+    /64 (asked of ``mycelium inspect`` once)."""
 
     pid: int = 0
     start_time: int = 0
     peers: tuple[str, ...] = ()
+    subnet: str = ""
 
 
 class MyceliumRouter:
@@ -141,7 +135,9 @@ class MyceliumRouter:
         if not self.state_path.exists():
             return RouterState()
         data = json.loads(self.state_path.read_text())
-        return RouterState(data["pid"], data["start_time"], tuple(data["peers"]))
+        return RouterState(
+            data["pid"], data["start_time"], tuple(data["peers"]), data.get("subnet", "")
+        )
 
     def _save(self, state: RouterState) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -155,13 +151,15 @@ class MyceliumRouter:
         ref = self._ref(state)
         return ref is not None and ref.alive() and link_exists(DEVICE, self.netns)
 
-    def subnet(self, binary: Path) -> ipaddress.IPv6Network:
-        """The /64 mycelium routes to this router, derived from its key by mycelium."""
+    def _write_key(self) -> None:
         if not self.key_path.exists():
             fd = os.open(self.key_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(self.secret)
             os.replace(self.key_path.with_suffix(".tmp"), self.key_path)
+
+    def _inspect(self, binary: Path) -> ipaddress.IPv6Network:
+        """The /64 mycelium routes to this router, derived from its key by mycelium."""
         argv = [str(binary), "inspect", "--json", "--key-file", str(self.key_path)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         _check(out, "mycelium inspect")
@@ -180,7 +178,9 @@ class MyceliumRouter:
         ref = spawn_detached(argv, self.log_path, marker=str(self.key_path))
         wait_for_link(ref, DEVICE, self.netns, f"mycelium router of {self.netns}")
         log.info("mycelium router started", netns=self.netns, pid=ref.pid, peers=list(peers))
-        state = RouterState(ref.pid, ref.start_time, peers)
+        state = dataclasses.replace(
+            self._load(), pid=ref.pid, start_time=ref.start_time, peers=peers
+        )
         self._save(state)
         return state
 
@@ -196,8 +196,12 @@ class MyceliumRouter:
     def ensure(self, peers: tuple[str, ...], where: str) -> ipaddress.IPv6Network:
         """Router, bridge and gateway up (idempotent, also after a reboot); the /64."""
         binary = self.require(where)
-        subnet = self.subnet(binary)
+        self._write_key()
         state = self._load()
+        if not state.subnet:
+            state = dataclasses.replace(state, subnet=str(self._inspect(binary)))
+            self._save(state)
+        subnet = ipaddress.IPv6Network(state.subnet)
         if not self._running(state) or state.peers != peers:
             self.stop()
             state = self._start(binary, peers)

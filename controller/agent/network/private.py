@@ -331,7 +331,8 @@ table ip {n.table} {{
         """``tap`` on the network's mycelium bridge, the network and its mycelium router
         set up first; the router's /64."""
         with self._lock:
-            state = self._ensure(nic)
+            # The private NIC set the network up just before (create_nics, ensure_taps).
+            state = self.load(nic.network_id) or self._ensure(nic)
             router = self.mycelium_router(nic.network_id)
             subnet = router.ensure(_mycelium_peers(state), where)
             create_tap(tap, router.bridge, self.node_netns)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -37,13 +36,6 @@ class Peer:
     public_key: str  # base64
     endpoint: str  # host:port
     allowed_ips: tuple[str, ...]
-
-
-def find_wireguard_go(configured: Path | None) -> Path | None:
-    if configured is not None:
-        return configured
-    found = shutil.which("wireguard-go")
-    return Path(found) if found else None
 
 
 def node_key(path: Path) -> X25519PrivateKey:

@@ -19,7 +19,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -45,13 +44,6 @@ BRIDGE = "zygg"
 DEVICE = "zyg0"
 PORT = 9943
 ROUTED = ipaddress.IPv6Network("200::/7")
-
-
-def find_yggdrasil(configured: Path | None) -> Path | None:
-    if configured is not None:
-        return configured
-    found = shutil.which("yggdrasil")
-    return Path(found) if found else None
 
 
 def guest_address(subnet: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Address:
