@@ -3,9 +3,9 @@
 ``ZM_AGENT_FAULTS`` holds comma-separated ``point=action`` pairs, read once at start-up:
 ``kill`` SIGKILLs the agent itself at that point, ``delay:N`` waits N seconds there
 (``ZM_AGENT_FAULTS="after-seed=kill"``, ``"after-virtiofsd=delay:90"``). The points are
-the boundaries between provisioning steps (``POINTS``); ``after-virtiofsd`` and
-``after-vmm`` are also passed on every VMM (re)start. Unset or empty: every point is a
-no-op.
+the boundaries between provisioning steps (``POINTS``); ``after-virtiofsd``,
+``after-vmm`` and ``pausing`` are also passed on every VMM (re)start. Unset or empty:
+every point is a no-op.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ POINTS = (
     "after-seed",  # the cidata seed written
     "after-virtiofsd",  # virtiofsd running for every share; the VMM not started yet
     "after-vmm",  # the VMM answers on its API socket
+    "pausing",  # a paused spec: the VMM is up and about to be paused
 )
 
 

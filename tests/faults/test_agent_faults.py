@@ -163,6 +163,37 @@ def test_agent_sigterm_while_provisioning_keeps_the_machine(
     assert leaks([state], agent_netns) == []
 
 
+def test_a_paused_spec_is_not_reported_running_while_it_is_paused(
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_pki: Path,
+    agent_netns: str,
+    agent_standin_guest_dir: Path,
+    agent_busybox_flist: Path,
+) -> None:
+    """The VMM runs for a moment before it is paused; a Get in that moment must not say
+    Running (a controller would write it to the status)."""
+    state = tmp_path_factory.mktemp("pause") / "state"
+    agent = new_agent(state, agent_pki, agent_netns, agent_standin_guest_dir, agent_busybox_flist)
+    uid = "paused-start"
+    spec = standin_spec(agent_busybox_flist)
+    spec.paused = True
+    with OneVmmPerUid([state]).watching(), cleaned_up_on_failure(agent):
+        agent.env = {FAULTS: "pausing=delay:3"}
+        with agent.running():
+            deploy(agent, uid, spec)
+            seen: list[tuple[str, str]] = []
+            deadline = time.monotonic() + 60
+            while (m := get(agent, uid)) is not None and time.monotonic() < deadline:
+                seen.append((pb.MachineState.Name(m.state), m.message))
+                if m.state != pb.MACHINE_STATE_PROVISIONING:
+                    break
+                time.sleep(0.05)
+            assert ("MACHINE_STATE_PROVISIONING", "pausing the VM") in seen, seen
+            assert seen[-1][0] == "MACHINE_STATE_PAUSED", seen
+            assert agent.call("delete", uid) is True
+    assert leaks([state], agent_netns) == []
+
+
 # --- provisioning longer than any RPC ---------------------------------------------------
 
 DELAY = 20  # seconds the agent waits after starting virtiofsd, before the VMM

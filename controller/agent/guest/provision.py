@@ -329,9 +329,13 @@ class Provisioner:
         self._watch(rec)
         await self.checkpoint(rec, "after-vmm", "VMM started")
         rec.hypervisor = self.host.info().name
-        rec.state, rec.reason, rec.message, rec.log_tail = State.RUNNING, "", "", ""
+        # Paused before the state says so: a Get between the two must never see a
+        # paused spec reported as Running.
         if rec.spec.paused:
-            await self.pause(rec)
+            await self.checkpoint(rec, "pausing", "pausing the VM")
+            await self.host.pause(rec, p)
+        rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
+        rec.reason, rec.message, rec.log_tail = "", "", ""
 
     # ----------------------------------------------------------------- runtime
 
