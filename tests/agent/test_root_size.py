@@ -133,7 +133,9 @@ def test_a_copy_of_the_mount_in_another_namespace_does_not_block_the_unmount(
 ) -> None:
     """A mount namespace made while the image is mounted (a build tool, a container
     runtime) holds its own copy; the agent's unmount still succeeds, and the loop device
-    goes with that namespace."""
+    goes with that namespace. Growing is refused while the copy is mounted (resize2fs
+    under a mounted filesystem would corrupt it, and a remount would reuse the held
+    device at its old size), and works once it is gone."""
     image, layer = tmp_path / "rootfs.ext4", tmp_path / "layer"
     rootlayer.create(image, 16 * MIB)
     rootlayer.mount(image, layer)
@@ -146,6 +148,9 @@ def test_a_copy_of_the_mount_in_another_namespace_does_not_block_the_unmount(
         rootlayer.unmount(image, layer)
         assert str(layer) not in Path("/proc/self/mountinfo").read_text()
         assert rootlayer.loop_devices(image), "the other namespace still holds the device"
+        with pytest.raises(Unavailable, match="mounted in another mount namespace"):
+            rootlayer.grow(image, 32 * MIB)
+        assert image.stat().st_size == 16 * MIB and rootlayer.fs_size(image) == 16 * MIB
     finally:
         holder.kill()
         holder.wait()
@@ -153,3 +158,5 @@ def test_a_copy_of_the_mount_in_another_namespace_does_not_block_the_unmount(
     while rootlayer.loop_devices(image):
         assert time.monotonic() < deadline, "the autoclear device outlived its last mount"
         time.sleep(0.1)
+    rootlayer.grow(image, 32 * MIB)
+    assert rootlayer.fs_size(image) == 32 * MIB

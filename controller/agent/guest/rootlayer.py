@@ -65,7 +65,16 @@ def fs_size(image: Path) -> int:
 
 
 def grow(image: Path, size: int) -> None:
-    """Grow the unmounted image's file and filesystem to ``size`` bytes."""
+    """Grow the unmounted image's file and filesystem to ``size`` bytes. Refused while a
+    loop device is still attached (another mount namespace kept a copy of the mount, see
+    ``unmount``): resizing under a mounted filesystem corrupts it, and the next mount would
+    reuse that device at its old size. The caller's retry finds it released."""
+    attached = loop_devices(image)
+    if attached:
+        raise Unavailable(
+            f"{image}: cannot grow it while it is still mounted in another mount namespace "
+            f"(through {', '.join(attached)}); retried once that namespace lets it go"
+        )
     if image.stat().st_size < size:
         os.truncate(image, size)
     # resize2fs refuses a filesystem not checked since its last mount; 1 = errors fixed.
