@@ -235,10 +235,14 @@ def environment(
         with bridged_netns("zmscl", "zmbr0", "10.200.0.1/16") as netns:
             for i in range(nodes):
                 name = f"scale-{i}"
+                # A bridge per node: a Linux bridge takes at most 1,024 ports (taps).
+                if i:
+                    for cmd in (["add", f"zmbr{i}", "type", "bridge"], ["set", f"zmbr{i}", "up"]):
+                        subprocess.run(["ip", "-n", netns, "link", *cmd], check=True)
                 agent = AgentProcess(work / name, pki, [])
                 agent.extra = [
                     "--node-name", name, "--cidr", f"10.200.{16 * (i + 1)}.0/20",
-                    "--bridge", "zmbr0", "--netns", netns,
+                    "--bridge", f"zmbr{i}", "--netns", netns,
                     "--guest-kernel-dir", str(guest_kernel_dir()),
                     "--flist-dir", str(flist.parent),
                     "--kubeconfig", str(cluster.kubeconfig),
