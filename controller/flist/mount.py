@@ -51,8 +51,7 @@ def is_mounted(path: Path) -> bool:
 
 def any_mounted(paths: Iterable[Path]) -> bool:
     """Whether any of ``paths`` is a mount point, from one read of the mount table."""
-    points = syscalls.mountpoints()
-    return any(os.path.abspath(p) in points for p in paths)
+    return syscalls.any_mountpoint(os.path.abspath(p) for p in paths)
 
 
 def wait_mounted(mountpoint: Path, timeout: float) -> None:

@@ -41,7 +41,7 @@ def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
 def unmount_overlay(target: Path) -> None:
     """Unmount the overlay at ``target``; a no-op if nothing is mounted there."""
     text = os.path.abspath(target)
-    while text in syscalls.mountpoints():
+    while syscalls.any_mountpoint([text]):
         try:
             syscalls.umount(text, syscalls.MNT_DETACH)
         except OSError as exc:

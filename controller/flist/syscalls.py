@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
+from collections.abc import Iterable
 
 MS_RDONLY = 1
 MS_NOATIME = 1024
@@ -26,16 +28,24 @@ def umount(target: str, flags: int = 0) -> None:
         raise OSError(code, os.strerror(code), target)
 
 
-def mountpoints() -> set[str]:
-    """Mount points of this mount namespace (from /proc/self/mountinfo, octal escapes decoded)."""
-    points = set()
+def _escaped(path: str) -> str:
+    """``path`` as /proc/self/mountinfo writes it (octal escapes)."""
+    return (
+        path.replace("\\", "\\134")
+        .replace(" ", "\\040")
+        .replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )
+
+
+def any_mountpoint(paths: Iterable[str]) -> bool:
+    """Whether any of ``paths`` (absolute, normalised) is a mount point of this mount
+    namespace: one read of /proc/self/mountinfo, matched against its fifth field by one
+    regular expression. The table grows by a few mounts per VM; splitting it line by line
+    in Python made each look cost O(VMs) of interpreted work, several times per deploy."""
+    alternatives = "|".join(re.escape(_escaped(p)) for p in paths)
+    if not alternatives:
+        return False
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
-        for line in handle:
-            field = line.split(" ")[4]
-            points.add(
-                field.replace("\\040", " ")
-                .replace("\\011", "\t")
-                .replace("\\012", "\n")
-                .replace("\\134", "\\")
-            )
-    return points
+        text = handle.read()
+    return re.search(f"^(?:\\S+ ){{4}}(?:{alternatives}) ", text, re.MULTILINE) is not None

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from controller.agent.runtime.procs import ProcessRef
 from controller.agent.runtime.state import MachineRecord, StateStore
 from controller.agent.spec import MachineSpec, Ref
 
@@ -52,10 +53,10 @@ def test_another_nodes_key_cannot_read_it(tmp_path: Path) -> None:
     assert StateStore(tmp_path / "machines").load_all() == []  # skipped, logged
 
 
-def test_only_a_durable_save_waits_for_the_disk(tmp_path: Path, monkeypatch: Any) -> None:
+def test_only_a_save_waits_for_the_disk(tmp_path: Path, monkeypatch: Any) -> None:
     """A provisioning checkpoint is written without fsync (an agent crash keeps it; a host
-    crash leaves nothing it names running); every other save is fsynced. Both replace the
-    file whole and read back."""
+    crash leaves nothing it names running), and only when more than its progress message
+    changed; every save is written and fsynced. Both replace the file whole and read back."""
     synced: list[int] = []
     real = os.fsync
 
@@ -70,8 +71,19 @@ def test_only_a_durable_save_waits_for_the_disk(tmp_path: Path, monkeypatch: Any
     synced.clear()
     store.save(rec)
     assert len(synced) == 1
+    path = store.path("u-1")
+    written = path.stat().st_ino
     rec.message = "starting the VMM"
-    store.save(rec, durable=False)
-    assert len(synced) == 1
-    assert [r.message for r in StateStore(tmp_path / "machines").load_all()] == [rec.message]
+    store.checkpoint(rec)
+    assert path.stat().st_ino == written, "a new message alone was written"
+    rec.helpers = [ProcessRef(pid=os.getpid(), start_time=1, marker="virtiofsd")]
+    store.checkpoint(rec)
+    assert len(synced) == 1 and path.stat().st_ino != written
+    [loaded] = StateStore(tmp_path / "machines").load_all()
+    assert loaded.helpers == rec.helpers and loaded.message == rec.message
+    written = path.stat().st_ino
+    store.checkpoint(rec)
+    assert path.stat().st_ino == written, "nothing changed, yet it was written"
+    store.remove("u-1")
+    store.checkpoint(rec)  # forgotten with the file: written again
     assert [p.name for p in (tmp_path / "machines").iterdir()] == ["u-1.json"]

@@ -105,7 +105,7 @@ def unmount(image: Path, target: Path) -> None:
     deleted image alive) and detach any loop device left on ``image``."""
     text = os.path.abspath(target)
     deadline = time.monotonic() + UNMOUNT_WAIT
-    while text in syscalls.mountpoints():
+    while syscalls.any_mountpoint([text]):
         try:
             syscalls.umount(text)
         except OSError as exc:

@@ -199,7 +199,7 @@ class Machines:
             raise ProvisioningCancelled(point)
         rec.message = progress
         # What is made so far (helpers, VMM) is known after an agent crash.
-        self.store.save(rec, durable=False)
+        self.store.checkpoint(rec)
         job.at_fault_point = True
         try:
             await self.faults.point(point)
