@@ -37,7 +37,7 @@ async def cleanup(config: AgentConfig) -> int:
         if rec.vmm is None or not rec.vmm.alive():
             rec.vmm = prov.host.find_vmm(rec)
         await prov.teardown(rec, keep_data=False)
-        store.remove(rec.ref.uid)
+        await store.remove(rec.ref.uid)
         removed += 1
         log.info("machine removed", uid=rec.ref.uid, namespace=rec.ref.namespace, name=rec.ref.name)
     # Networks outlive their machines only when a teardown failed half-way.

@@ -80,8 +80,8 @@ class Machines:
     def provisioning(self, uid: str) -> bool:
         return uid in self._jobs
 
-    def emit(self, rec: MachineRecord, type_: EventType) -> None:
-        self.store.save(rec)
+    async def emit(self, rec: MachineRecord, type_: EventType) -> None:
+        await self.store.save(rec)
         self.bus.publish(Event(type_, rec.ref, rec.generation, rec.state, rec.reason, rec.message))
 
     def get(self, uid: str) -> MachineRecord:
@@ -103,16 +103,18 @@ class Machines:
         await self.prov.flists.sweep()
         for rec in records:
             self.records[rec.ref.uid] = rec
-            if rec.state is State.PROVISIONING:
-                self._start(rec, rec.generation, rec.spec, EventType.DEPLOYED, resume=True)
-                continue
             async with self.locked(rec.ref.uid):
+                if rec.state is State.PROVISIONING:
+                    await self._start(
+                        rec, rec.generation, rec.spec, EventType.DEPLOYED, resume=True
+                    )
+                    continue
                 await self.prov.adopt(rec)
-                self.emit(rec, EventType.ADOPTED)
+                await self.emit(rec, EventType.ADOPTED)
 
     # ----------------------------------------------------------------- provisioning
 
-    def _start(
+    async def _start(
         self,
         rec: MachineRecord,
         generation: int,
@@ -121,9 +123,10 @@ class Machines:
         resume: bool = False,
     ) -> None:
         """Provision ``rec`` to (generation, spec) in the background; the record says
-        Provisioning on disk first, so an agent restart goes on with it."""
+        Provisioning on disk first, so an agent restart goes on with it. The caller holds
+        the machine's lock, so that nothing sees it Provisioning without its job."""
         rec.state, rec.reason, rec.message, rec.log_tail = State.PROVISIONING, "", "queued", ""
-        self.store.save(rec)
+        await self.store.save(rec)
         task = asyncio.create_task(self._provision(rec, generation, spec, event, resume))
         job = _Job(task, generation, spec)
         self._jobs[rec.ref.uid] = job
@@ -152,7 +155,7 @@ class Machines:
                 if rec.vmm is not None and rec.vmm.alive():
                     rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
                     rec.message = ""
-                    self.emit(rec, event)
+                    await self.emit(rec, event)
                     return
                 # virtiofsd the dead agent started (recorded at a checkpoint) must go.
                 await self.prov.stop(rec)
@@ -166,7 +169,7 @@ class Machines:
             rec.restarts = rec.crash_streak = 0
             rec.exit_code, rec.exit_reason = None, ""  # a new VM: no last exit yet
             rec.message = "fetching flist"
-            self.store.save(rec)
+            await self.store.save(rec)
             await self.prov.provision(rec)
         except asyncio.CancelledError:
             lg.info("provisioning stopped", generation=generation)
@@ -179,14 +182,14 @@ class Machines:
                 lg.exception("undoing a failed provisioning failed", error=str(undo))
             rec.vmm = None
             rec.state, rec.reason, rec.message = State.FAILED, "ProvisionFailed", str(exc)
-            self.emit(rec, EventType.FAILED)
+            await self.emit(rec, EventType.FAILED)
             return
         rec.state = State.PAUSED if rec.spec.paused else State.RUNNING
         rec.message = ""
         # A guest that handed over already (a fast boot) is reported with this event,
         # not with a Booted one right after (one status write instead of two).
         await self.prov.observe_started(rec)
-        self.emit(rec, event)
+        await self.emit(rec, event)
 
     async def _checkpoint(self, rec: MachineRecord, point: str, progress: str) -> None:
         """Between provisioning steps (and around every VMM start): record progress, stop
@@ -199,7 +202,7 @@ class Machines:
             raise ProvisioningCancelled(point)
         rec.message = progress
         # What is made so far (helpers, VMM) is known after an agent crash.
-        self.store.checkpoint(rec)
+        await self.store.checkpoint(rec)
         job.at_fault_point = True
         try:
             await self.faults.point(point)
@@ -233,7 +236,7 @@ class Machines:
                 self._check_memory(ref, spec)
                 rec = MachineRecord(ref=ref, generation=generation, spec=spec)
                 self.records[ref.uid] = rec
-                self._start(rec, generation, spec, EventType.DEPLOYED)
+                await self._start(rec, generation, spec, EventType.DEPLOYED)
                 return rec, True
             job = self._jobs.get(ref.uid)
             deployed = (job.generation, job.spec) if job else (rec.generation, rec.spec)
@@ -248,7 +251,7 @@ class Machines:
                     # Only env changed: a Secret it refers to has a new value. Roll it out.
                     if job is not None:
                         await self._cancel(ref.uid)
-                        self._start(rec, generation, spec, self._event_for(rec))
+                        await self._start(rec, generation, spec, self._event_for(rec))
                     else:
                         await self._update(rec, generation, spec)
                     return rec, True
@@ -259,14 +262,14 @@ class Machines:
                     )
                 if job is None and rec.state is State.FAILED and rec.reason == "ProvisionFailed":
                     # The documented retry: the next Deploy provisions again.
-                    self._start(rec, generation, spec, self._event_for(rec))
+                    await self._start(rec, generation, spec, self._event_for(rec))
                     return rec, True
                 return rec, False
             if job is not None:
                 # A newer generation while provisioning: stop that, then start over.
                 await self._cancel(ref.uid)
                 self._check_memory(ref, spec, held=rec.spec.memory_bytes)
-                self._start(rec, generation, spec, self._event_for(rec))
+                await self._start(rec, generation, spec, self._event_for(rec))
                 return rec, True
             await self._update(rec, generation, spec)
             return rec, True
@@ -294,11 +297,11 @@ class Machines:
             if spec.paused != rec.spec.paused:
                 await (self.prov.pause(rec) if spec.paused else self.prov.resume(rec))
             rec.generation, rec.spec = generation, spec
-            self.emit(rec, EventType.UPDATED)
+            await self.emit(rec, EventType.UPDATED)
             return
         # A new VM from the new spec, in the background; the writable layer and volumes
         # are kept (zos keeps the rootfs volume across re-provisioning too).
-        self._start(rec, generation, spec, self._event_for(rec))
+        await self._start(rec, generation, spec, self._event_for(rec))
 
     async def delete(self, uid: str) -> bool:
         # Shielded: a Delete whose RPC is cancelled half-way still finishes.
@@ -311,7 +314,7 @@ class Machines:
                 return False
             await self._cancel(uid)
             await self.prov.teardown(rec, keep_data=False)
-            self.store.remove(uid)
+            await self.store.remove(uid)
             del self.records[uid]
             self.bus.publish(Event(EventType.DELETED, rec.ref, rec.generation, rec.state))
         self._locks.pop(uid, None)
@@ -330,7 +333,7 @@ class Machines:
                 verb = "pause" if pause else "resume"
                 raise FailedPrecondition(f"zmachine {rec.ref} is {rec.state}, cannot {verb}")
             await (self.prov.pause(rec) if pause else self.prov.resume(rec))
-            self.emit(rec, EventType.PAUSED if pause else EventType.RESUMED)
+            await self.emit(rec, EventType.PAUSED if pause else EventType.RESUMED)
             return rec
 
     async def restart(self, uid: str) -> MachineRecord:
@@ -342,5 +345,5 @@ class Machines:
             rec.crash_streak = 0
             await self.prov.launch(rec)
             rec.restarts += 1
-            self.emit(rec, EventType.RESTARTED)
+            await self.emit(rec, EventType.RESTARTED)
             return rec

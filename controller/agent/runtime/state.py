@@ -9,11 +9,14 @@ with Secrets resolved, so they are sealed at rest: encrypted (Fernet) with a per
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -105,29 +108,48 @@ class StateStore:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fernet = Fernet(_node_key(key_path or directory.parent / "node.key"))
         self._saved: dict[str, bytes] = {}  # uid -> digest of the record last written
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
 
     def path(self, uid: str) -> Path:
         return self.directory / f"{uid}.json"
 
-    def save(self, record: MachineRecord) -> None:
+    async def save(self, record: MachineRecord) -> None:
         """Replace the record's file atomically, fsynced first so that it survives a host
-        crash too. The fsync blocks the caller (the event loop) for milliseconds to, on a
-        busy disk, a good part of a second."""
+        crash too; returns once it is on disk."""
         data = record.to_json()
-        self._saved[record.ref.uid] = _digest(data)
-        self._write(record.ref.uid, data, durable=True)
+        await self._write_record(record.ref.uid, data, _digest(data), durable=True)
 
-    def checkpoint(self, record: MachineRecord) -> None:
+    async def checkpoint(self, record: MachineRecord) -> None:
         """A provisioning checkpoint: written without fsync, which an agent crash survives
         (after a host crash the processes it names are gone anyway), and only when more
         than the progress message changed since the last write (two of a deploy's seven
-        steps change only the message). Record writes (a rename over the old file, which
-        ext4 flushes) took a fifth of an agent's event loop in a burst of deploys."""
+        steps change only the message)."""
         data = record.to_json()
         digest = _digest(data)
         if self._saved.get(record.ref.uid) != digest:
-            self._saved[record.ref.uid] = digest
-            self._write(record.ref.uid, data, durable=False)
+            await self._write_record(record.ref.uid, data, digest, durable=False)
+
+    async def remove(self, uid: str) -> None:
+        await self._in_order(self.path(uid).unlink, True)  # missing_ok
+        self._saved.pop(uid, None)
+
+    async def _write_record(
+        self, uid: str, data: dict[str, Any], digest: bytes, durable: bool
+    ) -> None:
+        self._saved[uid] = digest  # in submission order, as the writes
+        try:
+            await self._in_order(self._write, uid, data, durable)
+        except BaseException:
+            self._saved.pop(uid, None)  # not known to be written: the next one writes
+            raise
+
+    async def _in_order(self, write: Callable[..., object], *args: object) -> None:
+        """Run a file operation on the store's one writer thread. The event loop never
+        waits on the disk (an fsync, or a rename over the old file, which ext4 flushes:
+        a fifth of an agent's event loop in a burst of deploys), and one thread keeps the
+        order: a later save of a record never lands before an earlier one, nor a save
+        after its removal."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, write, *args)
 
     def _write(self, uid: str, data: dict[str, Any], durable: bool) -> None:
         env = data["spec"]["env"]
@@ -144,10 +166,6 @@ class StateStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def remove(self, uid: str) -> None:
-        self.path(uid).unlink(missing_ok=True)
-        self._saved.pop(uid, None)
 
     def load_all(self) -> list[MachineRecord]:
         records = []

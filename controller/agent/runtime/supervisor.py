@@ -81,7 +81,7 @@ class Supervisor:
                     if rec is None or rec.state not in (State.RUNNING, State.PAUSED):
                         continue
                     if await self.machines.prov.restart_dead_shares(rec, REBOOT_SHARE_WAIT):
-                        self.machines.store.save(rec)
+                        await self.machines.store.save(rec)
             except Exception:
                 log.exception("restarting virtiofsd after a guest reboot failed", uid=uid)
 
@@ -124,9 +124,9 @@ class Supervisor:
                 rec.crash_streak = 0
                 changed = True
             if booted:  # watchers learn of it (Ready) without asking
-                self.machines.emit(rec, EventType.BOOTED)
+                await self.machines.emit(rec, EventType.BOOTED)
             elif changed:
-                self.machines.store.save(rec)
+                await self.machines.store.save(rec)
             return
         outcome = self._outcome(rec, ended)
         bind = log.bind(zmachine=f"{rec.ref.namespace}/{rec.ref.name}", uid=rec.ref.uid)
@@ -142,11 +142,11 @@ class Supervisor:
             rec.reason = outcome.reason
             rec.message = f"{outcome.what}; restartPolicy is {policy.value}"
             rec.log_tail = prov.log_tail(rec)
-            self.machines.emit(rec, EventType.EXITED if outcome.clean else EventType.FAILED)
+            await self.machines.emit(rec, EventType.EXITED if outcome.clean else EventType.FAILED)
             return
         rec.crash_streak += 1
         if rec.crash_streak > self.rules.crash_loop_limit:
-            self._fail(
+            await self._fail(
                 rec, f"the VM ended {rec.crash_streak} times in a row (last: {outcome.what})"
             )
             return
@@ -154,7 +154,7 @@ class Supervisor:
         self._next_start[rec.ref.uid] = time.monotonic() + delay
         rec.state, rec.reason = State.RESTARTING, "BackOff"
         rec.message = f"{outcome.what}; restarting in {delay:.0f}s"
-        self.machines.emit(rec, EventType.EXITED)
+        await self.machines.emit(rec, EventType.EXITED)
 
     def _outcome(self, rec: MachineRecord, ended: ExitRecord) -> _Outcome:
         """Why the VM stopped. Our init's exit marker (container mode with an entrypoint)
@@ -185,21 +185,21 @@ class Supervisor:
             await self.machines.prov.stop(rec)
             rec.crash_streak += 1
             if rec.crash_streak > self.rules.crash_loop_limit:
-                self._fail(rec, f"restart failed {rec.crash_streak} times in a row: {exc}")
+                await self._fail(rec, f"restart failed {rec.crash_streak} times in a row: {exc}")
             else:
                 delay = self._backoff(rec)
                 self._next_start[rec.ref.uid] = time.monotonic() + delay
                 rec.message = f"restart failed, retrying in {delay:.0f}s: {exc}"
-                self.machines.store.save(rec)
+                await self.machines.store.save(rec)
             return
         rec.restarts += 1
-        self.machines.emit(rec, EventType.RESTARTED)
+        await self.machines.emit(rec, EventType.RESTARTED)
 
     def _backoff(self, rec: MachineRecord) -> float:
         delay: float = self.rules.backoff_base * 2 ** (rec.crash_streak - 1)
         return min(delay, self.rules.backoff_max)
 
-    def _fail(self, rec: MachineRecord, why: str) -> None:
+    async def _fail(self, rec: MachineRecord, why: str) -> None:
         rec.state, rec.reason, rec.message = State.FAILED, "CrashLoop", why
         rec.log_tail = self.machines.prov.log_tail(rec)
-        self.machines.emit(rec, EventType.FAILED)
+        await self.machines.emit(rec, EventType.FAILED)
