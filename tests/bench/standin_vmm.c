@@ -117,8 +117,8 @@ static void printf_(struct buf *b, const char *fmt, ...) {
     b->len += (size_t)n;
 }
 
-/* A JSON string (or null) as Python's json.dumps writes it for the ASCII paths, ids and
- * kernel command lines the driver passes; other bytes pass through as they came. */
+/* A JSON string (or null), escaped for the ASCII paths, ids and kernel command lines the
+ * driver passes; bytes above ASCII pass through as they came. */
 static void json_str(struct buf *b, const char *s) {
     if (!s) {
         puts_(b, "null");
@@ -322,7 +322,7 @@ static void event(const char *source, const char *name) {
     long long ns = (now.tv_sec - vm.started.tv_sec) * 1000000000LL + now.tv_nsec -
                    vm.started.tv_nsec;
     struct buf b = {0};
-    /* json.dumps(record, indent=2) + "\n", as the Python stand-in wrote it */
+    /* One pretty-printed record per write; the driver reads them back in order. */
     printf_(&b,
             "{\n  \"timestamp\": {\n    \"secs\": %lld,\n    \"nanos\": %lld\n  },\n"
             "  \"source\": \"%s\",\n  \"event\": \"%s\",\n  \"properties\": null\n}\n",
@@ -353,7 +353,7 @@ static void console_config(struct console *c, const char *value) {
     else if (c->socket)
         c->mode = strdup("Socket");
     else {
-        /* Python's str.capitalize: pty -> Pty, off -> Off */
+        /* capitalised as CH's ConsoleOutputMode names: pty -> Pty, off -> Off */
         char *word = option(value, "");
         c->mode = word ? word : strdup("null");
         for (char *p = c->mode; *p; p++)
@@ -553,7 +553,8 @@ static void json_object(struct buf *b, size_t n, const char *const kv[], const c
     printf_(b, "%s}", tail);
 }
 
-/* vm.info's body, key for key as json.dumps wrote the Python stand-in's dict. */
+/* vm.info's body: the parts of CH's VmInfo the driver and the tests read, in a fixed order
+ * (", " and ": " separators, as before the stand-in was C). */
 static void info_json(struct buf *b) {
     puts_(b, "{\"config\": {\"payload\": {");
     const char *sep = "";
