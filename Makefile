@@ -44,6 +44,9 @@ wireguard-go: ## build wireguard-go, the private networks' overlay, from its Go 
 versitygw: ## build versitygw, the S3 server the s3:// store tests use (cached)
 	@bash hack/build-versitygw.sh >/dev/null
 
+standin-vmm: ## build the stand-in VMM the agent tests and the scale benchmark run (cached)
+	@bash hack/build-standin-vmm.sh >/dev/null
+
 debian-vm-root: ## debootstrap the seed's guide guests: a Debian 12 VM root, a container image (cached)
 	@bash hack/build-debian-vm-root.sh >/dev/null
 
@@ -58,7 +61,7 @@ lint: $(STAMP) ## ruff, mypy and the generated-file drift checks
 	$(BIN)/mypy
 	$(BIN)/python -m controller.api.crdgen --out crds --check
 
-test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw lint ## the whole test suite (what CI runs)
+test: $(STAMP) kube-assets helm virtiofsd console-assets wireguard-go versitygw standin-vmm lint ## the whole test suite (what CI runs)
 	@# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
@@ -72,7 +75,7 @@ test-cluster: $(STAMP) kube-assets helm virtiofsd ## the chart on a real one-nod
 test-seedguide: $(STAMP) virtiofsd debian-vm-root ## the seed's guide: Debian guests from a hub, logged into over SSH (CI runs it after `make test`)
 	@$(BIN)/pytest -m seedguide tests/e2e/test_seed_guide.py $(PYTEST_ARGS)
 
-bench: $(STAMP) ## benchmarks; figures go to docs/benchmarks.md
+bench: $(STAMP) standin-vmm ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python -m tests.bench
 
 run: $(STAMP) kube-assets virtiofsd console-assets wireguard-go ## local control plane, CRDs, agent, controller, examples/
@@ -90,4 +93,4 @@ down: ## stop everything `make run` started
 clean: down ## remove the venv and local caches (not the Go-built binaries)
 	rm -rf $(VENV) $(CACHE)
 
-.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw debian-vm-root generate lint test test-seedguide bench run down cluster cluster-down test-cluster clean
+.PHONY: help venv lock kube-assets helm virtiofsd console-assets wireguard-go versitygw standin-vmm debian-vm-root generate lint test test-seedguide bench run down cluster cluster-down test-cluster clean

@@ -68,6 +68,14 @@ def wireguard_go_path() -> Path:
     return _built_by("build-wireguard-go.sh", timeout=900)
 
 
+def standin_vmm_path() -> Path:
+    """The stand-in for cloud-hypervisor (tests/bench/standin_vmm.c, runs no guest) that the
+    tests and the scale benchmark give agents as --vmm-binary, built (cached by its source's
+    hash) by hack/build-standin-vmm.sh. Resolved, as the agent resolves --vmm-binary: its
+    VMMs' argv[0] is this path."""
+    return _built_by("build-standin-vmm.sh", timeout=300).resolve()
+
+
 def _built_by(script: str, timeout: float) -> Path:
     """The path a hack/ build script prints last (its cached output)."""
     result = subprocess.run(

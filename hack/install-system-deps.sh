@@ -14,6 +14,7 @@ packages=(
   e2fsprogs mount                        # root images: mkfs.ext4, resize2fs; mount -o loop, losetup
   util-linux procps openssl              # nsenter, blkid; pgrep in tests; the local control plane's PKI
   libcap-ng-dev libseccomp-dev           # the Rust virtiofsd's build (hack/build-virtiofsd.sh)
+  gcc libc6-dev                          # the stand-in VMM's build (hack/build-standin-vmm.sh)
   openssh-client                         # the real ssh-keygen the guest-boot tests put in a root
   nodejs                                 # npm ci of the console page's xterm.js (hack/build-console-assets.sh)
   chromium                               # the console page's browser test (Playwright drives it)

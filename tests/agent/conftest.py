@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller.agent.rpc.tls import write_dev_pki
-from hack.controlplane import guest_kernel_dir, virtiofsd_path
+from hack.controlplane import guest_kernel_dir, standin_vmm_path, virtiofsd_path
 from tests.agent.agent_harness import AgentProcess
 from tests.netns import bridged_netns
 
@@ -111,9 +111,6 @@ def agent_process(
     return AgentProcess(state, pki, extra)
 
 
-STANDIN_VMM = Path(__file__).resolve().parents[1] / "bench" / "standin_vmm.py"
-
-
 @pytest.fixture(scope="session")
 def agent_standin_guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Container-mode assets for the stand-in VMM, which boots nothing: placeholders."""
@@ -126,11 +123,11 @@ def agent_standin_guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def standin_agent_process(
     state: Path, pki: Path, netns: str | None, guest_dir: Path, flist_dir: Path, *more: str
 ) -> AgentProcess:
-    """An agent whose VMM is the stand-in for cloud-hypervisor (tests/bench/standin_vmm.py):
+    """An agent whose VMM is the stand-in for cloud-hypervisor (tests/bench/standin_vmm.c):
     real FUSE, overlay, taps and virtiofsd; no guest."""
     return agent_process(
         state, pki, netns, guest_dir, flist_dir,
-        "--hypervisor", "cloud-hypervisor", "--vmm-binary", str(STANDIN_VMM), *more,
+        "--hypervisor", "cloud-hypervisor", "--vmm-binary", str(standin_vmm_path()), *more,
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""The stand-in VMM (tests/bench/standin_vmm.py): on its own, as cloud-hypervisor's API
+"""The stand-in VMM (tests/bench/standin_vmm.c): on its own, as cloud-hypervisor's API
 describes it, and under a real agent (container mode: real FUSE flist mount, overlay,
 virtiofsd and tap; the stand-in is the only part that is not real)."""
 
@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -19,8 +20,9 @@ import pytest
 from controller.agent.hypervisor.ch_api import CloudHypervisorAPI, CloudHypervisorAPIError
 from controller.agent.rpc.proto.zmachine.agent.v1 import agent_pb2 as pb
 from controller.agent.runtime.procs import cmdline
+from hack.controlplane import standin_vmm_path
 from tests.agent.agent_harness import AgentProcess
-from tests.agent.conftest import STANDIN_VMM, standin_agent_process
+from tests.agent.conftest import standin_agent_process
 from tests.agent.test_agent_vm import wait_for
 from tests.faults.invariants import leaks
 
@@ -35,7 +37,7 @@ def start_standin(tmp: Path, *more: str) -> subprocess.Popen[bytes]:
     (tmp / "initramfs.img").write_text("i")
     (tmp / "disk.img").write_text("")
     argv = [
-        str(STANDIN_VMM), "--api-socket", f"path={tmp / 'api.sock'}",
+        str(standin_vmm_path()), "--api-socket", f"path={tmp / 'api.sock'}",
         "--kernel", str(tmp / "vmlinuz"), "--initramfs", str(tmp / "initramfs.img"),
         "--cmdline", "console=ttyS0", "--cpus", "boot=2", "--memory", "size=256M,shared=on",
         "--fs", f"tag=vroot,socket={tmp / 'fs.sock'},id=fs0",
@@ -49,8 +51,6 @@ def start_standin(tmp: Path, *more: str) -> subprocess.Popen[bytes]:
 
 def raw_request(sock: Path, request: bytes) -> bytes:
     """One HTTP exchange, byte for byte (the header block is what is checked)."""
-    import socket
-
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(sock))
         s.sendall(request)
@@ -166,9 +166,86 @@ def test_vmm_shutdown_answers_then_exits_0(tmp_path: Path) -> None:
     assert "zm-init: switching root" in (tmp_path / "console.log").read_text()
 
 
+def test_one_connection_carries_several_requests_and_the_standin_stays_small(
+    tmp_path: Path,
+) -> None:
+    """Keep-alive as CH's micro_http: requests in order on one connection, one split across
+    two sends with a body, two in one send; the connection ends when the client says so."""
+    proc = start_standin(tmp_path, "--serial", "null")
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(tmp_path / "api.sock"))
+            s.sendall(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head, _, body = _read_until(s, b"}").partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["pid"] == proc.pid
+            s.sendall(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{")
+            time.sleep(0.2)  # the body's second half comes later: nothing is answered yet
+            s.sendall(
+                b"}GET /api/v1/nothing HTTP/1.1\r\n\r\n"
+                b"GET /api/v1/vm.info HTTP/1.1\r\nconnection: Close\r\n\r\n"
+            )
+            rest = _read_until(s, b"")  # the stand-in closes after the third reply
+        replies = rest.split(b"HTTP/1.1 ")[1:]
+        assert [r[:3] for r in replies] == [b"204", b"404", b"200"], rest
+        assert b"content-length" not in replies[0].lower()
+        assert b"\r\nContent-Length: 0\r\n" in replies[1]
+        assert b"\r\nConnection: close\r\n" in replies[2]
+        assert json.loads(replies[2].split(b"\r\n\r\n", 1)[1])["state"] == "Paused"
+        # What makes thousands of stand-in VMs fit one host (the scale benchmark): the
+        # memory each holds alone (its binary's text is shared between them).
+        rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines()
+        dirty = next(int(line.split()[1]) for line in rollup if line.startswith("Private_Dirty:"))
+        assert dirty < 1024, f"one stand-in holds {dirty} KiB of private dirty memory"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _read_until(s: socket.socket, end: bytes) -> bytes:
+    """What the peer sends until ``end`` (b"": until it closes)."""
+    data = b""
+    while not (end and data.endswith(end)):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_api_socket_and_event_monitor_handed_over_as_fds(tmp_path: Path) -> None:
+    """``--api-socket fd=N`` (bound and listening) and ``--event-monitor fd=N`` (a pipe)."""
+    (tmp_path / "vmlinuz").write_text("k")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "api.sock"))
+    listener.listen()
+    events_r, events_w = os.pipe()
+    argv = [
+        str(standin_vmm_path()), "--api-socket", f"fd={listener.fileno()}",
+        "--event-monitor", f"fd={events_w}", "--kernel", str(tmp_path / "vmlinuz"),
+        "--serial", "null",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(), events_w))
+    listener.close()
+    os.close(events_w)
+    try:
+        api = CloudHypervisorAPI(tmp_path / "api.sock")
+        assert asyncio.run(api.info())["config"]["payload"] == {"kernel": str(tmp_path / "vmlinuz")}
+        asyncio.run(api.vmm_shutdown())
+        assert proc.wait(5) == 0
+        with os.fdopen(events_r, "rb") as pipe:
+            text = pipe.read().decode()  # EOF: the stand-in held the only write end
+    finally:
+        proc.kill()
+        proc.wait()
+    names = [f"{e['source']}/{e['event']}" for e in _json_stream(text)]
+    assert names == ["vmm/starting", "vm/booting", "vm/booted", "vmm/shutdown"]
+
+
 def test_a_missing_disk_fails_the_start_like_cloud_hypervisor(tmp_path: Path) -> None:
     out = subprocess.run(
-        [str(STANDIN_VMM), "--api-socket", str(tmp_path / "api.sock"),
+        [str(standin_vmm_path()), "--api-socket", str(tmp_path / "api.sock"),
          "--kernel", str(tmp_path / "none"), "--serial", "null"],
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
@@ -222,7 +299,7 @@ def test_agent_runs_a_machine_on_the_standin(
     m = wait_for("Running", lambda: in_state(agent, UID, pb.MACHINE_STATE_RUNNING), timeout=60)
     assert m.hypervisor == "cloud-hypervisor"
     argv = cmdline(m.pid)
-    assert argv[0] == str(STANDIN_VMM) and "--api-socket" in argv, argv
+    assert argv[0] == str(standin_vmm_path()) and "--api-socket" in argv, argv
     # virtiofsd runs for the root and the share; the stand-in leaves them waiting.
     # (The Rust virtiofsd sandboxes itself in a child process: count sockets, not pids.)
     sockets = {

@@ -3,7 +3,7 @@
 Run as root: ``.venv/bin/python -m tests.bench scale --objects N --nodes M --rate R --json PATH``.
 The real kube-apiserver (hack/controlplane.py), the real controller and M real agents, each
 with its own state directory and port, on this machine; the VMM is the stand-in
-(tests/bench/standin_vmm.py: starts at once, answers cloud-hypervisor's API, runs no guest),
+(tests/bench/standin_vmm.c: starts at once, answers cloud-hypervisor's API, runs no guest),
 so what is measured is the control plane and the agents' own work, not guest boots.
 
 Phases: one apply of N Zmachines until all are Running; a minute at rest; delete all; then
@@ -36,14 +36,19 @@ from kubernetes import client, watch
 from controller.agent.rpc.tls import write_dev_pki
 from controller.flist.pack import pack
 from controller.kube import api_client
-from hack.controlplane import ControlPlane, free_port, guest_kernel_dir, virtiofsd_path
+from hack.controlplane import (
+    ControlPlane,
+    free_port,
+    guest_kernel_dir,
+    standin_vmm_path,
+    virtiofsd_path,
+)
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import guest_busybox_root
 from tests.bench.report import write_section
 from tests.netns import bridged_netns
 
 NS = "scale"
-STANDIN = Path(__file__).resolve().parent / "standin_vmm.py"
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
 GROUP, VERSION, PLURAL = "zos.threefold.io", "v1alpha1", "zmachines"
 MEMORY = "256Mi"  # the smallest memory admission takes (250Mi) rounded up
@@ -232,6 +237,7 @@ def environment(
         flist = work / "flists" / "busybox.fl"
         flist.parent.mkdir()
         pack(guest_busybox_root(work / "root"), flist, [f"dir://{work / 'store'}"])
+        standin_vmm = standin_vmm_path()
         with bridged_netns("zmscl", "zmbr0", "10.200.0.1/16") as netns:
             for i in range(nodes):
                 name = f"scale-{i}"
@@ -248,7 +254,7 @@ def environment(
                     "--kubeconfig", str(cluster.kubeconfig),
                     "--advertise-address", agent.address, "--lease-namespace", NS,
                     "--virtiofsd", str(virtiofsd_path()),
-                    "--hypervisor", "cloud-hypervisor", "--vmm-binary", str(STANDIN),
+                    "--hypervisor", "cloud-hypervisor", "--vmm-binary", str(standin_vmm),
                     "--memory-capacity", str(PRETEND_MEMORY),
                     "--monitor-interval", "2",
                 ]  # fmt: skip

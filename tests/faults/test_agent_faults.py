@@ -1,6 +1,6 @@
 """Faults around the agent's provisioning and supervision, on a real agent process with
 real FUSE, overlay, root image, taps and virtiofsd, and the stand-in VMM
-(tests/bench/standin_vmm.py: no guest boot is needed here). Faults come from the agent's
+(tests/bench/standin_vmm.c: no guest boot is needed here). Faults come from the agent's
 test-only ``ZM_AGENT_FAULTS`` (controller/agent/faults.py) or from signals sent to the
 agent or its VMM. Every test ends with the host leak scan, under the one-VMM-per-uid
 sampler."""

@@ -1,6 +1,6 @@
 """The controller and the agents broken mid-work, with the real API server and real agents.
 
-The VMM is the stand-in (tests/bench/standin_vmm.py): what is tested here is placement,
+The VMM is the stand-in (tests/bench/standin_vmm.c): what is tested here is placement,
 deployment and deletion under faults, which does not depend on a guest booting, and 100
 QEMU guests would not fit this machine. Every test runs under the one-VMM-per-uid sampler;
 the module ends with the leak check.
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hack.controlplane import ControlPlane, free_port
+from hack.controlplane import ControlPlane, free_port, standin_vmm_path
 from tests.agent.agent_harness import AgentProcess
 from tests.agent.conftest import agent_busybox_flist, agent_guest_dir, agent_pki
 from tests.e2e.conftest import NODES, node_agent
@@ -35,7 +35,6 @@ from tests.operator.conftest import wait_for
 __all__ = ["agent_busybox_flist", "agent_guest_dir", "agent_pki"]
 pytestmark = [pytest.mark.faults, pytest.mark.fuse]
 
-STANDIN = Path(__file__).resolve().parents[1] / "bench" / "standin_vmm.py"
 BURST = int(os.environ.get("ZM_FAULT_BURST", "50"))
 
 
@@ -136,13 +135,14 @@ def fleet(
     agent_busybox_flist: Path,
 ) -> Iterator[Fleet]:
     base = tmp_path_factory.mktemp("faults")
+    standin = str(standin_vmm_path())
     with bridged_netns("zmflt", "zmbr0", "10.233.0.1/16") as netns:
         agents = {}
         for name in NODES:
             agent = node_agent(
                 name, cluster, base, agent_pki, netns, agent_guest_dir, agent_busybox_flist.parent
             )
-            agent.extra += ["--hypervisor", "cloud-hypervisor", "--vmm-binary", str(STANDIN)]
+            agent.extra += ["--hypervisor", "cloud-hypervisor", "--vmm-binary", standin]
             agents[name] = agent
         fleet = Fleet(cluster, ns, agents, agent_pki, agent_busybox_flist, base / "controller.log")
         try:
