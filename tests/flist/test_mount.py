@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import signal
@@ -269,6 +270,21 @@ def test_unmount_cleans_up_after_a_killed_server(
     unmount(dead.mountpoint)
     assert not is_mounted(dead.mountpoint)
     assert os.listdir(dead.mountpoint) == []
+
+
+def test_a_frozen_server_does_not_block_the_mount_check(
+    packed: tuple[Path, Path, Path], mount_flist: MountFn
+) -> None:
+    """The agent asks "is it mounted?" of FUSE mounts whose server may hang: the answer
+    comes from the kernel's mount, never from the server."""
+    frozen = mount_flist(packed[1])
+    os.listdir(frozen.mountpoint)  # attributes cached, as on any mount in use
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(is_mounted, frozen.mountpoint).result(timeout=5)
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
 
 
 def test_mount_refuses_a_mountpoint_in_use(
