@@ -73,9 +73,11 @@ def test_the_image_is_a_quota_that_grows_and_unmounts_cleanly(tmp_path: Path) ->
     assert image.stat().st_size == 64 * MIB
     assert image.stat().st_blocks * 512 < 8 * MIB, "the image must be sparse"
     assert rootlayer.fs_size(image) == 64 * MIB
+    assert rootlayer.attached_loop(image) is None  # new: nothing to look for
     rootlayer.mount(image, layer)
     try:
-        assert len(rootlayer.loop_devices(image)) == 1
+        [device] = rootlayer.loop_devices(image)  # every device looked at, as losetup does
+        assert rootlayer.attached_loop(image) == device  # the one its note names
         big = layer / "big"
         with open(big, "wb") as f, pytest.raises(OSError) as err:
             os.posix_fallocate(f.fileno(), 0, 70 * MIB)
@@ -96,6 +98,27 @@ def test_the_image_is_a_quota_that_grows_and_unmounts_cleanly(tmp_path: Path) ->
         rootlayer.unmount(image, layer)
     assert str(image) not in loop_backing_files()
     assert str(layer) not in Path("/proc/mounts").read_text()
+    assert rootlayer.attached_loop(image) is None
+
+
+@pytest.mark.fuse  # root: loop devices and mount
+def test_an_image_attached_by_an_older_agent_is_found_and_reused(tmp_path: Path) -> None:
+    """An image without a note (attached by ``mount -o loop`` before the notes): every
+    device is looked at, and the one found is reused, never a second on the same file."""
+    image, layer = tmp_path / "rootfs.ext4", tmp_path / "layer"
+    rootlayer.create(image, 16 * MIB)
+    (tmp_path / "rootfs.ext4.loop").unlink()
+    held = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        assert rootlayer.attached_loop(image) == held
+        rootlayer.mount(image, layer)
+        assert rootlayer.loop_devices(image) == [held]
+        rootlayer.unmount(image, layer)
+    finally:
+        subprocess.run(["losetup", "-d", held], check=False)
+    assert rootlayer.loop_devices(image) == []
 
 
 @pytest.mark.fuse  # root: loop devices, mknod, trusted.* xattrs

@@ -3,8 +3,8 @@
 zos puts the overlay's upper layer on a btrfs subvolume with a quota of RootSize(). The
 agent gets the same limit from a filesystem of exactly that size: a sparse file formatted
 ext4 (no journal: the guest's writes already go through the host page cache and virtiofsd,
-and it keeps the image small), mounted with ``mount -o loop`` (autoclear: the loop device
-goes away with the last unmount). The overlay's upper and work dirs live inside it, so a
+and it keeps the image small), mounted through a loop device that goes away with the last
+unmount (autoclear). The overlay's upper and work dirs live inside it, so a
 guest that fills it gets ENOSPC. Growing is done offline (truncate, e2fsck, resize2fs):
 online resizing needs EXT4_IOC_RESIZE_FS, which container runtimes commonly deny.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from controller.agent.errors import Unavailable
+from controller.agent.guest import loopdev
 from controller.flist import syscalls
 
 TIMEOUT = 600.0  # e2fsck/resize2fs of a large, full image take a while
@@ -48,6 +49,7 @@ def create(image: Path, size: int) -> None:
     os.truncate(tmp, size)
     # -m 0: no blocks reserved for root, so every guest user gets the whole size.
     _run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-L", "zmroot", str(tmp)])
+    _loop_note(image).write_text("")  # never attached: no loop device to look for
     tmp.rename(image)
 
 
@@ -69,11 +71,11 @@ def grow(image: Path, size: int) -> None:
     loop device is still attached (another mount namespace kept a copy of the mount, see
     ``unmount``): resizing under a mounted filesystem corrupts it, and the next mount would
     reuse that device at its old size. The caller's retry finds it released."""
-    attached = loop_devices(image)
+    attached = attached_loop(image)
     if attached:
         raise Unavailable(
             f"{image}: cannot grow it while it is still mounted in another mount namespace "
-            f"(through {', '.join(attached)}); retried once that namespace lets it go"
+            f"(through {attached}); retried once that namespace lets it go"
         )
     if image.stat().st_size < size:
         os.truncate(image, size)
@@ -83,21 +85,58 @@ def grow(image: Path, size: int) -> None:
 
 
 def loop_devices(image: Path) -> list[str]:
-    """Loop devices backed by ``image`` (``losetup -j``)."""
+    """Every loop device backed by ``image`` (``losetup -j``). It walks every loop device
+    on the host: for images from before the loop notes, and for tests."""
     out = _run(["losetup", "-j", str(image)])
     return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
 
 
+def _loop_note(image: Path) -> Path:
+    """Beside the image: the loop device it was last attached to (empty: never)."""
+    return image.with_name(image.name + ".loop")
+
+
+def attached_loop(image: Path) -> str | None:
+    """The loop device still backed by ``image``, from its note, checked in sysfs: looking
+    at every loop device instead (``mount -o loop``, ``losetup -j``) costs O(devices) per
+    call, and at 700 VMs the agents' mounts spent most of the host's CPU doing just that.
+    Without a note (an image attached by an older agent), every device is looked at."""
+    try:
+        name = _loop_note(image).read_text().strip()
+    except FileNotFoundError:
+        found = loop_devices(image)
+        return found[0] if found else None
+    if not name:
+        return None
+    try:
+        backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None  # detached
+    return f"/dev/{name}" if backing == os.path.realpath(image) else None
+
+
 def mount(image: Path, target: Path) -> None:
     """Mount ``image`` at ``target``. A loop device still attached to it (an unmount the
-    kernel has not finished) is reused: a second device on the same file would be a second
-    ext4 instance writing the same blocks."""
+    kernel has not finished, or a copy of the mount in another mount namespace) is reused:
+    a second device on the same file would be a second ext4 instance writing the same
+    blocks."""
     target.mkdir(mode=0o700, exist_ok=True)
-    attached = loop_devices(image)
-    if attached:
-        _run(["mount", "-o", "noatime", attached[0], str(target)])
-    else:
-        _run(["mount", "-o", "loop,noatime", str(image), str(target)])
+    device = attached_loop(image)
+    if device is not None:
+        _mount_ext4(device, target)
+        return
+    with loopdev.attach(image, autoclear=True) as device:
+        _loop_note(image).write_text(device.removeprefix("/dev/"))
+        # The device goes with our last reference: this one if the mount fails, else the
+        # filesystem's at its unmount.
+        _mount_ext4(device, target)
+
+
+def _mount_ext4(device: str, target: Path) -> None:
+    try:
+        syscalls.mount(device, str(target), "ext4", syscalls.MS_NOATIME, "")
+    except OSError as exc:
+        raise Unavailable(f"mounting {device} on {target} failed: {exc.strerror}") from None
 
 
 def unmount(image: Path, target: Path) -> None:
@@ -115,9 +154,9 @@ def unmount(image: Path, target: Path) -> None:
                 raise Unavailable(f"{target}: unmount failed: {exc.strerror}") from None
             time.sleep(0.1)
     # The kernel detaches an autoclear device asynchronously after the unmount; detach
-    # leftovers ourselves (losetup -d fails harmlessly on one already going away) and wait
+    # leftovers ourselves (a detach is harmless on one already going away) and wait
     # until none is left, so a deleted image never stays alive behind a loop device.
-    while image.exists() and (attached := loop_devices(image)):
+    while image.exists() and (attached := attached_loop(image)):
         if time.monotonic() >= deadline:
             holders = foreign_holders(text)
             if holders:
@@ -132,9 +171,8 @@ def unmount(image: Path, target: Path) -> None:
                     holders=holders[:5],
                 )
                 return
-            raise Unavailable(f"{image}: loop device {', '.join(attached)} still attached")
-        for dev in attached:
-            _run(["losetup", "-d", dev], ok=(0, 1))
+            raise Unavailable(f"{image}: loop device {attached} still attached")
+        loopdev.detach(attached)
         time.sleep(0.1)
 
 
